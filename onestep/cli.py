@@ -1,0 +1,97 @@
+"""Argument groups shared by the train/ scripts (diffusers-examples names), and their error handling."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import UserError
+from .trainer import TrainerConfig
+
+
+def positive_int(value: str) -> int:
+    try:
+        v = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return v
+
+
+def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
+    g = p.add_argument_group("training loop")
+    g.add_argument("--output_dir", default=output_dir, help="Where the exported pipeline, checkpoints, sample grids and logs go.")
+    g.add_argument("--max_train_steps", type=positive_int, default=None, help="Optimisation iterations (DMD2: critic steps).")
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Autocast dtype (bf16 recommended on CUDA).")
+    g.add_argument("--max_grad_norm", type=float, default=None)
+    g.add_argument("--lr_scheduler", choices=["constant", "linear", "cosine"], default="constant")
+    g.add_argument("--lr_warmup_steps", type=int, default=None)
+    g.add_argument("--ema_decay", type=float, default=None, help="Weight EMA of the student (0 = off).")
+    g.add_argument("--checkpointing_steps", type=positive_int, default=None)
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder.")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--validation_steps", type=positive_int, default=None, help="Iterations between PNG sample grids.")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNets.")
+    g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                   help="Use xformers attention (CUDA only; SDPA is used otherwise).")
+
+
+def trainer_config(args, defaults: dict, run_config: dict) -> TrainerConfig:
+    """Command-line values override the preset's defaults, which override TrainerConfig's."""
+    def pick(name):
+        value = getattr(args, name, None)
+        return value if value is not None else defaults.get(name, getattr(TrainerConfig, name))
+    ema = pick("ema_decay")
+    return TrainerConfig(
+        output_dir=args.output_dir,
+        max_train_steps=pick("max_train_steps"),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=pick("mixed_precision"),
+        max_grad_norm=pick("max_grad_norm"),
+        lr_scheduler=args.lr_scheduler,
+        lr_warmup_steps=pick("lr_warmup_steps"),
+        ema_decay=ema if ema else None,
+        checkpointing_steps=pick("checkpointing_steps"),
+        checkpoints_total_limit=args.checkpoints_total_limit,
+        resume_from_checkpoint=args.resume_from_checkpoint,
+        report_to=args.report_to,
+        validation_steps=pick("validation_steps"),
+        seed=args.seed,
+        run_config=run_config,
+    )
+
+
+def apply_memory_options(unets, args, device) -> None:
+    """Gradient checkpointing and the attention backend for every diffusers UNet in `unets`."""
+    import warnings
+    for unet in unets:
+        if args.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
+    if args.enable_xformers_memory_efficient_attention:
+        if device.type != "cuda":
+            warnings.warn("xformers needs CUDA; using PyTorch SDPA attention instead.")
+            return
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            warnings.warn("xformers is not installed (pip install 'onestep[xformers]'); using PyTorch SDPA attention instead.")
+            return
+        for unet in unets:
+            unet.enable_xformers_memory_efficient_attention()
+
+
+def run_main(main) -> None:
+    """Run a script's main; bad input ends as one sentence on stderr and exit status 2. A run stopped by
+    SIGTERM/SIGINT (after writing its checkpoint) exits with 128 + the signal number."""
+    try:
+        result = main()
+        if isinstance(result, dict) and result.get("interrupted"):
+            sys.exit(128 + int(result.get("signal", 15)))
+    except UserError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,139 @@
+"""Datasets and batch sources.
+
+A batch source returns the batch for (step, micro-step, rank) deterministically: indices are drawn
+with replacement from a generator seeded by those numbers, so a resumed run sees exactly the batches an
+uninterrupted one would, and no sampler state needs checkpointing.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .denoiser import Cond
+from .errors import UserError
+from .utils import seed_for
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+@dataclass
+class Batch:
+    images: torch.Tensor          # (B, C, H, W) in [-1, 1]
+    cond: Cond | None = None
+
+
+def load_digits_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 8x8 digits as (N, 1, size, size) images in [-1, 1], and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    if size != 8:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.clamp(0, 1) * 2 - 1), torch.tensor(digits.target, dtype=torch.long)
+
+
+class TensorBatches:
+    """Random batches from in-memory images (and optional class labels)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int, seed: int = 0):
+        if len(images) == 0:
+            raise UserError("The training data holds no images.")
+        self.images, self.labels = images, labels
+        self.batch_size, self.seed = batch_size, seed
+
+    def __len__(self):
+        return len(self.images)
+
+    def indices(self, step: int, micro: int, rank: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed_for(self.seed, "data", rank, step, micro))
+        return torch.randint(len(self.images), (self.batch_size,), generator=g)
+
+    def batch(self, step: int, micro: int, rank: int, device) -> Batch:
+        idx = self.indices(step, micro, rank)
+        cond = Cond(class_labels=self.labels[idx].to(device)) if self.labels is not None else None
+        return Batch(self.images[idx].to(device), cond)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Images under a folder (recursively), resized and centre-cropped to `resolution`.
+
+    Sub-folder names become class labels when `class_folders` is set (torchvision's ImageFolder
+    convention). Every file is checked once up front so that a corrupt image is reported by name
+    before training starts, not hours into it."""
+
+    def __init__(self, root: str, resolution: int, channels: int = 3, class_folders: bool = False, verify: bool = True):
+        if not os.path.isdir(root):
+            raise UserError(f"The data folder {root} does not exist.")
+        self.paths = sorted(
+            os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+        if not self.paths:
+            raise UserError(f"The data folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+        self.resolution, self.channels = resolution, channels
+        self.labels = None
+        if class_folders:
+            names = sorted({os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in self.paths})
+            self.class_names = names
+            self.labels = torch.tensor([names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths])
+        if verify:
+            for p in self.paths:
+                self._open(p)
+
+    @staticmethod
+    def _open(path):
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return img.copy()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file.") from None
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        img = self._open(self.paths[i]).convert("L" if self.channels == 1 else "RGB")
+        r = self.resolution
+        scale = r / min(img.size)
+        img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
+        left, top = (img.width - r) // 2, (img.height - r) // 2
+        img = img.crop((left, top, left + r, top + r))
+        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+        x = torch.from_numpy(arr).reshape(r, r, -1).permute(2, 0, 1)
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return x, label
+
+
+class DatasetBatches:
+    """Random batches from a map-style dataset, loaded by DataLoader workers in the background."""
+
+    def __init__(self, dataset: ImageFolder, batch_size: int, seed: int = 0, num_workers: int = 0, micro_steps: int = 1):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.num_workers, self.micro_steps = num_workers, micro_steps
+        self._iter, self._expected = None, None
+
+    def _index_lists(self, step: int, micro: int, rank: int):
+        while True:
+            g = torch.Generator().manual_seed(seed_for(self.seed, "data", rank, step, micro))
+            yield torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
+            micro += 1
+            if micro == self.micro_steps:
+                step, micro = step + 1, 0
+
+    def batch(self, step: int, micro: int, rank: int, device) -> Batch:
+        if self._expected != (step, micro):
+            # (Re)start the loader here: the first call, or after a resume.
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self._index_lists(step, micro, rank),
+                                                 num_workers=self.num_workers)
+            self._iter = iter(loader)
+        images, labels = next(self._iter)
+        self._expected = (step, micro + 1) if micro + 1 < self.micro_steps else (step + 1, 0)
+        cond = Cond(class_labels=labels.to(device)) if self.dataset.labels is not None else None
+        return Batch(images.to(device), cond)

@@ -1,0 +1,180 @@
+"""Denoiser: any network + schedule + parametrisation -> x0_hat(x_t, t, cond).
+
+Everything below this layer speaks x0-space through `Denoiser`; the network-specific call lives in a
+small adapter (diffusers UNet2DModel, UNet2DConditionModel, or a plain module). Conditioning travels as
+one `Cond` object so that methods never care whether a teacher takes class labels or text.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import nn
+
+from .schedules import NoiseSchedule, _expand
+
+
+@dataclass
+class Cond:
+    """Per-sample conditioning. Every tensor field has the batch on dim 0; None means absent."""
+
+    class_labels: torch.Tensor | None = None          # (B,) long
+    encoder_hidden_states: torch.Tensor | None = None  # (B, L, D) text embeddings
+    text_embeds: torch.Tensor | None = None            # (B, D) SDXL pooled embeddings
+    time_ids: torch.Tensor | None = None               # (B, 6) SDXL added time ids
+    image: torch.Tensor | None = None                  # (B, C, H, W) concatenated on channels (SR)
+
+    def _map(self, fn) -> "Cond":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+
+    def to(self, device) -> "Cond":
+        return self._map(lambda v: v.to(device))
+
+    def __getitem__(self, index) -> "Cond":
+        return self._map(lambda v: v[index])
+
+    def cat(self, other: "Cond") -> "Cond":
+        kw = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if (a is None) != (b is None):
+                raise ValueError(f"Cannot batch conditions: {f.name} is set on one side only.")
+            kw[f.name] = None if a is None else torch.cat([a, b])
+        return Cond(**kw)
+
+    def __len__(self) -> int:
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is not None:
+                return v.shape[0]
+        return 0
+
+
+class NetworkAdapter(nn.Module):
+    """Calls a network with (x, model_time, cond) and returns its native output tensor."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+        return self.net(x, time, cond)
+
+    # Where the GAN head reads features (DMD2: the UNet mid block).
+    bottleneck_name: str | None = None
+
+
+class UNet2DAdapter(NetworkAdapter):
+    """diffusers UNet2DModel, with optional class labels and channel-concatenated image conditioning."""
+
+    bottleneck_name = "mid_block"
+
+    def forward(self, x, time, cond):
+        cond = cond or Cond()
+        if cond.image is not None:
+            x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
+        out = self.net(x, time, class_labels=cond.class_labels).sample
+        return out[:, : self.out_channels]
+
+    @property
+    def out_channels(self) -> int:
+        # ADM-style "learned sigma" UNets return 2C channels; the first C are the prediction.
+        c = self.net.config.out_channels
+        return c // 2 if c == 2 * self.net.config.in_channels else c
+
+
+class UNet2DConditionAdapter(NetworkAdapter):
+    """diffusers UNet2DConditionModel: text embeddings, and SDXL's pooled embeddings + time ids."""
+
+    bottleneck_name = "mid_block"
+
+    def forward(self, x, time, cond):
+        if cond is None or cond.encoder_hidden_states is None:
+            raise ValueError("A UNet2DConditionModel teacher needs encoder_hidden_states in its conditioning.")
+        added = None
+        if cond.text_embeds is not None:
+            added = {"text_embeds": cond.text_embeds, "time_ids": cond.time_ids}
+        if cond.image is not None:
+            x = torch.cat([x, cond.image.to(x.dtype)], dim=1)
+        hidden = cond.encoder_hidden_states.to(x.dtype) if x.is_floating_point() else cond.encoder_hidden_states
+        return self.net(x, time, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
+
+
+def adapt(net: nn.Module) -> NetworkAdapter:
+    """Wrap a network in the adapter matching its class (diffusers UNets, else a plain module)."""
+    if isinstance(net, NetworkAdapter):
+        return net
+    name = type(net).__name__
+    if name == "UNet2DModel":
+        return UNet2DAdapter(net)
+    if name == "UNet2DConditionModel":
+        return UNet2DConditionAdapter(net)
+    return NetworkAdapter(net)
+
+
+class Denoiser(nn.Module):
+    """x0_hat(x_t, t, cond) for a network of a given parametrisation (EDM spec: preconditioning as a
+    wrapper separate from the architecture). `t` is an integer index tensor of shape (B,)."""
+
+    def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+        super().__init__()
+        self.adapter = adapt(net)
+        self.schedule = schedule
+        self.prediction_type = prediction_type
+
+    @property
+    def net(self) -> nn.Module:
+        return self.adapter.net
+
+    def raw(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """The network's native output (eps, v, velocity or x0), as its training loss sees it."""
+        return self(x_t, t, cond, native=True)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, native: bool = False) -> torch.Tensor:
+        """x0_hat, or with native=True the network's own output (one forward either way, so a
+        DDP-wrapped Denoiser can serve both)."""
+        if self.prediction_type == "edm":
+            return self._edm_x0(x_t, t, cond)
+        out = self.adapter(x_t, self.schedule.model_time(t), cond)
+        if native:
+            return out
+        return self.schedule.to_x0(out.float(), x_t.float(), t, self.prediction_type)
+
+    def _edm_x0(self, x_t, t, cond):
+        # Karras et al. 2022, Table 1: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
+        _, sigma = self.schedule.coefficients(t, x_t.device)
+        sd = self.schedule.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        out = self.adapter((_expand(c_in, x_t) * x_t.double()).to(x_t.dtype), self.schedule.model_time(t), cond)
+        x0 = _expand(c_skip, x_t) * x_t.double() + _expand(c_out, x_t) * out.double()
+        return x0.float()
+
+    def denoising_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
+        """(target for `raw`, per-sample weight or None): the network's own denoising objective
+        (DMD2 spec 4.2: eps-MSE unweighted for eps teachers; EDM x0-MSE with 1/sigma^2 + 1/sigma_data^2)."""
+        kind = self.prediction_type
+        if kind == "epsilon":
+            return eps, None
+        if kind == "sample":
+            return x0, None
+        a, s = self.schedule.coefficients(t, x0.device)
+        if kind == "edm":
+            return x0, (1 / s**2 + 1 / self.schedule.sigma_data**2).float()
+        a, s = _expand(a, x0).float(), _expand(s, x0).float()
+        if kind == "v_prediction":
+            return a * eps - s * x0, None
+        if kind == "flow":
+            return eps - x0, None
+        raise ValueError(f"Unknown prediction type {kind!r}.")
+
+    def guided(self, x_t, t, cond: Cond, uncond: Cond | None, scale: float) -> torch.Tensor:
+        """Classifier-free guidance in x0-space: uncond + w (cond - uncond), one batched forward.
+
+        All conversions are affine in the network output, so guiding x0 equals guiding eps or v."""
+        if uncond is None or scale == 1.0:
+            return self(x_t, t, cond)
+        both = self(torch.cat([x_t, x_t]), torch.cat([t, t]), uncond.cat(cond))
+        x0_u, x0_c = both.chunk(2)
+        return x0_u + scale * (x0_c - x0_u)

@@ -1,0 +1,43 @@
+"""GAN heads. DMD2's head reads the fake-score critic's bottleneck features (DMD2 spec 4.3)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    groups = math.gcd(32, channels)  # GroupNorm(32) where the width allows it
+    return nn.GroupNorm(groups, channels)
+
+
+class DMD2Head(nn.Module):
+    """Per-sample logit from bottleneck features, keeping the channel width C throughout.
+
+    Spatial (C, S, S) features: [Conv4x4 s2 p1 -> GN -> SiLU] until 4x4, then one conv that covers the
+    remaining map (4x4 s4 at the published sizes) -> GN -> SiLU, then Conv1x1 -> 1 channel.
+    Vector (C,) features (MLP critics in the toy test bed): Linear(C, 64) -> SiLU -> Linear(64, 1).
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...]):
+        super().__init__()
+        if len(feature_shape) == 1:
+            (c,) = feature_shape
+            self.net = nn.Sequential(nn.Linear(c, 64), nn.SiLU(), nn.Linear(64, 1))
+            return
+        if len(feature_shape) != 3:
+            raise ValueError(f"GAN head expects (C,) or (C, H, W) features, got shape {tuple(feature_shape)}.")
+        c, h, w = feature_shape
+        if h != w:
+            raise ValueError(f"GAN head expects square bottleneck features, got {h}x{w}.")
+        layers: list[nn.Module] = []
+        size = h
+        while size > 4:
+            layers += [nn.Conv2d(c, c, 4, stride=2, padding=1), _group_norm(c), nn.SiLU()]
+            size //= 2
+        layers += [nn.Conv2d(c, c, size, stride=size), _group_norm(c), nn.SiLU(), nn.Conv2d(c, 1, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.net(features.float()).reshape(features.shape[0])

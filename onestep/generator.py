@@ -1,0 +1,76 @@
+"""One- and few-step generators: a Denoiser queried at fixed conditioning timesteps.
+
+DMD2 spec 3 and 5: G reads pure noise at t_c (scaled by the schedule's prior std: 1 for VP and flow,
+sigma_max for EDM) and returns x0. Few-step generation re-noises each x0 to the next listed timestep
+with fresh noise; training uses backward simulation to reach the inputs the sampler will produce.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .denoiser import Cond, Denoiser
+
+GeneratorCall = Callable[[torch.Tensor, torch.Tensor, Cond | None], torch.Tensor]
+
+
+class OneStepGenerator(nn.Module):
+    """G(x_t, t, cond) -> x0, trained at the timesteps in `timesteps` (descending, first = pure noise)."""
+
+    def __init__(self, denoiser: Denoiser, timesteps: list[int]):
+        super().__init__()
+        if not timesteps or list(timesteps) != sorted(timesteps, reverse=True):
+            raise ValueError(f"Generator timesteps must be a non-empty descending list, got {timesteps}.")
+        if max(timesteps) >= denoiser.schedule.num_timesteps or min(timesteps) < 0:
+            raise ValueError(f"Generator timesteps {timesteps} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}.")
+        self.denoiser = denoiser
+        self.timesteps = [int(t) for t in timesteps]
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        return self.denoiser(x_t, t, cond)
+
+    def noise_input(self, z: torch.Tensor) -> torch.Tensor:
+        """Pure noise z ~ N(0, I) as the input at the first timestep."""
+        return z * self.schedule.prior_std(self.timesteps[0])
+
+    def _t(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        return torch.full((like.shape[0],), self.timesteps[index], dtype=torch.long, device=like.device)
+
+    @torch.no_grad()
+    def sample(self, z: torch.Tensor, cond: Cond | None = None, num_steps: int | None = None,
+               call: GeneratorCall | None = None, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Run the trained chain: G at t_0 -> x0 -> re-noise to t_1 with fresh noise -> ... -> x0."""
+        call = call or self
+        noise_fn = noise_fn or torch.randn_like
+        steps = num_steps or len(self.timesteps)
+        x = self.noise_input(z)
+        for i in range(steps):
+            x0 = call(x, self._t(i, x), cond)
+            if i + 1 < steps:
+                x = self.schedule.add_noise(x0, noise_fn(x0), self._t(i + 1, x0))
+        return x0
+
+    @torch.no_grad()
+    def backward_simulate(self, z: torch.Tensor, cond: Cond | None, k: int,
+                          call: GeneratorCall | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """DMD2 spec 5, multi-step: the generator input at list entry k, made by the current G itself.
+
+        k = 0: pure noise z. k > 0: from fresh pure noise run G through the first k entries (each x0
+        re-noised to the next entry with fresh, independent noise), then noise the last x0 to t_k with
+        this iteration's noise z. Dataset samples are never touched."""
+        call = call or self
+        if k == 0:
+            return self.noise_input(z), self._t(0, z)
+        x = self.noise_input(torch.randn_like(z))
+        for i in range(k):
+            x0 = call(x, self._t(i, x), cond)
+            if i + 1 < k:
+                x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(i + 1, x0))
+        t_k = self._t(k, z)
+        return self.schedule.add_noise(x0, z, t_k), t_k

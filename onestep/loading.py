@@ -1,0 +1,92 @@
+"""Loading teachers from a diffusers folder or hub id into a Denoiser, with one-sentence errors."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .denoiser import Denoiser
+from .errors import UserError
+from .schedules import schedule_from_scheduler_config
+
+SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
+BUNDLED_TEACHERS = {"digits": os.path.join(os.path.dirname(__file__), "assets", "digits-teacher")}
+
+
+@dataclass
+class Teacher:
+    denoiser: Denoiser
+    unet_class: str
+    unet_config: dict
+    scheduler_config: dict
+    source: str
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserError(f"Cannot read {path} ({err.__class__.__name__}); is this a diffusers model folder?") from None
+
+
+def resolve_teacher_path(name_or_path: str) -> str:
+    return BUNDLED_TEACHERS.get(name_or_path, name_or_path)
+
+
+def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Teacher:
+    """A diffusers pipeline folder (unet/ + scheduler/) or hub id -> frozen teacher Denoiser."""
+    path = resolve_teacher_path(name_or_path)
+    if os.path.isdir(path):
+        unet_cfg_path = os.path.join(path, "unet", "config.json")
+        sched_cfg_path = os.path.join(path, "scheduler", "scheduler_config.json")
+        if not os.path.exists(unet_cfg_path):
+            raise UserError(f"{path} is not a diffusers pipeline folder: it has no unet/config.json.")
+        if not os.path.exists(sched_cfg_path):
+            raise UserError(f"{path} has no scheduler/scheduler_config.json; the teacher's noise schedule is needed.")
+        unet_cfg, sched_cfg = _read_json(unet_cfg_path), _read_json(sched_cfg_path)
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise UserError(f"Teacher {name_or_path} is neither an existing diffusers folder nor a hub id (owner/name).")
+    else:
+        unet_cfg, sched_cfg = _hub_configs(path, revision)
+    cls_name = unet_cfg.get("_class_name")
+    if cls_name not in SUPPORTED_UNETS:
+        raise UserError(f"Teacher UNet type {cls_name!r} is not supported; expected one of {', '.join(SUPPORTED_UNETS)}.")
+    import diffusers
+    cls = getattr(diffusers, cls_name)
+    try:
+        unet = cls.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, torch_dtype=torch.float32)
+    except (OSError, ValueError, EnvironmentError) as err:
+        raise UserError(f"Cannot load the teacher UNet from {path}: {str(err).splitlines()[0]}") from None
+    try:
+        spec = schedule_from_scheduler_config(sched_cfg)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    denoiser = Denoiser(unet, spec.schedule, spec.prediction_type)
+    denoiser.eval().requires_grad_(False)
+    return Teacher(denoiser, cls_name, dict(unet.config), sched_cfg, name_or_path)
+
+
+CLASS_INFO_FILE = "onestep.json"
+
+
+def read_class_info(name_or_path: str, unet_config: dict) -> dict:
+    """Class layout of a class-conditional teacher: {"num_classes": C, "null_class": index or None}.
+
+    Teachers made by train/teacher.py record it in onestep.json; other folders may not have it."""
+    path = os.path.join(resolve_teacher_path(name_or_path), CLASS_INFO_FILE)
+    if os.path.exists(path):
+        return _read_json(path)
+    return {}
+
+
+def _hub_configs(repo_id: str, revision: str | None):
+    from huggingface_hub import hf_hub_download
+    try:
+        unet_cfg = _read_json(hf_hub_download(repo_id, "unet/config.json", revision=revision))
+        sched_cfg = _read_json(hf_hub_download(repo_id, "scheduler/scheduler_config.json", revision=revision))
+    except Exception as err:  # network, auth, missing repo: one sentence whatever the cause
+        raise UserError(f"Cannot fetch teacher {repo_id} from the hub ({err.__class__.__name__}); check the id, your network, or pass a local folder.") from None
+    return unet_cfg, sched_cfg

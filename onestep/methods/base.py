@@ -1,0 +1,76 @@
+"""What a method tells the trainer: its models, their optimisers, which updates run when, and one step."""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Update:
+    """One optimiser step of `model` on the loss named `name`, due when step % every == 0."""
+
+    name: str
+    model: str
+    every: int = 1
+
+
+@dataclass
+class StepInfo:
+    step: int                        # optimisation iterations completed so far
+    due: tuple[str, ...]             # update names that run this iteration
+    shared_generator: torch.Generator  # same stream on every rank (e.g. DMD2's k for backward simulation)
+    device: torch.device
+
+
+class _NullTimer:
+    def phase(self, name):
+        return nullcontext()
+
+
+class Method:
+    """Base class. Subclasses set `updates`, implement `models`, `optimizers`, `start_iteration`, `loss`."""
+
+    updates: list[Update] = []
+    ema_models: tuple[str, ...] = ()   # models whose weight EMA the trainer may keep (and exports)
+    needs_data: bool = True
+
+    def __init__(self):
+        self.timer = _NullTimer()
+        self.prepared: dict[str, nn.Module] = {}
+        self.unwrap = lambda m: m
+
+    # -- set-up --------------------------------------------------------------------------------
+    def models(self) -> dict[str, nn.Module]:
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        raise NotImplementedError
+
+    def attach(self, prepared: dict[str, nn.Module], unwrap) -> None:
+        """The trainer hands back the prepared (possibly DDP-wrapped) models."""
+        self.prepared = prepared
+        self.unwrap = unwrap
+
+    def to(self, device) -> "Method":
+        """Move frozen, non-trained parts (the teacher) to the device."""
+        return self
+
+    # -- one iteration -------------------------------------------------------------------------
+    def start_iteration(self, batch: Any, info: StepInfo) -> Any:
+        raise NotImplementedError
+
+    def loss(self, name: str, state: Any) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    # -- outputs -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, models: dict[str, nn.Module], num: int, seed: int, device) -> torch.Tensor:
+        """Images in [-1, 1] for the validation grid (same seed -> same images)."""
+        raise NotImplementedError
+
+    def export(self, models: dict[str, nn.Module], output_dir: str, extra_card: dict) -> None:
+        raise NotImplementedError

@@ -1,0 +1,75 @@
+"""Plain diffusion training (the teacher's own objective), used by train/teacher.py.
+
+DDPM (Ho et al. 2020, Eq. 14) generalised to the Denoiser's parametrisation, with condition dropout so
+the trained teacher supports classifier-free guidance (Ho & Salimans 2022)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import Batch
+from ..denoiser import Cond, Denoiser
+from ..losses import denoising_loss
+from ..sampling import ddim_sample
+from .base import Method, Update
+
+
+@dataclass
+class DenoisingConfig:
+    learning_rate: float = 2e-4
+    adam_weight_decay: float = 0.0
+    cond_dropout: float = 0.1          # probability of the null class (enables CFG)
+    null_class: int | None = None       # class index used as "no condition"
+
+
+class DiffusionTraining(Method):
+    updates = [Update("denoise", "model")]
+    ema_models = ("model",)
+
+    def __init__(self, denoiser: Denoiser, config: DenoisingConfig, sample_shape: tuple[int, ...],
+                 scheduler_config: dict, num_classes: int | None = None):
+        super().__init__()
+        self.scheduler_config = scheduler_config
+        self.denoiser = denoiser
+        self.config = config
+        self.sample_shape = sample_shape
+        self.num_classes = num_classes
+
+    def models(self):
+        return {"model": self.denoiser}
+
+    def optimizers(self):
+        return {"model": torch.optim.AdamW(self.denoiser.parameters(), lr=self.config.learning_rate,
+                                           weight_decay=self.config.adam_weight_decay)}
+
+    def start_iteration(self, batch: Batch, info):
+        return batch
+
+    def loss(self, name, batch: Batch):
+        x0, cond = batch.images, batch.cond
+        if cond is not None and cond.class_labels is not None and self.config.null_class is not None and self.config.cond_dropout > 0:
+            drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_dropout
+            labels = torch.where(drop, torch.full_like(cond.class_labels, self.config.null_class), cond.class_labels)
+            cond = Cond(class_labels=labels, image=cond.image)
+        sched = self.denoiser.schedule
+        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), device=x0.device)
+        eps = torch.randn_like(x0)
+        x_t = sched.add_noise(x0, eps, t)
+        target, weight = self.denoiser.denoising_target(x0, eps, t)
+        loss = denoising_loss(self.prepared["model"](x_t, t, cond, native=True), target, weight)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def sample_grid(self, models, num, seed, device):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(num, *self.sample_shape, generator=g).to(device)
+        cond = None
+        if self.num_classes:
+            cond = Cond(class_labels=(torch.arange(num) % self.num_classes).to(device))
+        return ddim_sample(models["model"], z, cond, num_steps=50).clamp(-1, 1)
+
+    def export(self, models, output_dir, extra_card):
+        from ..export import save_teacher
+        info = {"num_classes": self.num_classes, "null_class": self.config.null_class} if self.num_classes else None
+        save_teacher(models["model"].net, self.scheduler_config, output_dir, extra_card, info)

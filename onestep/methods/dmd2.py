@@ -1,0 +1,201 @@
+"""DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
+
+Follows shared/methods/dmd2.md. Per iteration (section 5): x = G(z); every R-th iteration a generator
+update on L_G = lambda_DM L_DM + lambda_Ggan L_Ggan; every iteration a critic update on
+L_C = L_fake + lambda_Dgan L_D, with the GAN head on the critic's bottleneck.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..critic import Critic
+from ..data import Batch
+from ..denoiser import Cond, Denoiser
+from ..generator import OneStepGenerator
+from ..losses import denoising_loss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
+from .base import Method, Update
+
+CondSampler = Callable[[int, torch.device], Cond | None]
+
+
+@dataclass
+class DMD2Config:
+    learning_rate: float = 1e-4           # same for G and critic (spec 7)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 0.01
+    train_batch_size: int = 32            # generator samples per iteration (and real images for the GAN)
+    ttur_ratio: int = 5                   # R: critic updates per generator update
+    guidance_scale: float = 1.0           # real-score CFG w (applied only if w > 1)
+    conditioning_timesteps: list[int] = field(default_factory=lambda: [999])  # 1 entry: one-step
+    dm_t_min: int = 20                    # DM-loss t ~ U{t_min..t_max}, inclusive (0.02 T, 0.98 T)
+    dm_t_max: int = 980
+    dm_weight: float = 1.0
+    gan: bool = True
+    gan_generator_weight: float = 3e-3
+    gan_discriminator_weight: float = 1e-2
+    feature_module: str | None = None     # critic submodule for GAN features (default: the UNet mid block)
+    fake_score: str = "critic"            # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
+    fake_score_fp32: bool = True          # run the DM-loss critic query without autocast
+
+
+class DMD2(Method):
+    ema_models = ("generator",)
+
+    def __init__(self, teacher: Denoiser, config: DMD2Config, sample_shape: tuple[int, ...],
+                 cond_sampler: CondSampler | None = None, uncond: Callable[[Cond], Cond] | None = None,
+                 export_info: dict | None = None, student_init: Denoiser | None = None):
+        """`student_init` (default: the teacher) is the network G and F start from; the toy recipe
+        uses an analytic teacher for the real score and a fitted teacher-net to initialise them."""
+        super().__init__()
+        if config.ttur_ratio < 1:
+            raise ValueError("ttur_ratio must be at least 1.")
+        if config.fake_score not in ("critic", "none"):
+            raise ValueError(f"fake_score must be 'critic' or 'none', got {config.fake_score!r}.")
+        T = teacher.schedule.num_timesteps
+        if not 0 <= config.dm_t_min <= config.dm_t_max < T:
+            raise ValueError(f"DM timestep range {config.dm_t_min}..{config.dm_t_max} must lie within 0..{T - 1}.")
+        self.config, self.sample_shape = config, tuple(sample_shape)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cond_sampler = cond_sampler or (lambda n, device: None)
+        self.uncond = uncond
+        self.export_info = export_info or {}
+        self.needs_data = config.gan
+        self.updates = [Update("generator", "generator", every=config.ttur_ratio), Update("critic", "critic", every=1)]
+
+        # G and F start as exact copies of the teacher (spec 2); the head is new.
+        init = student_init if student_init is not None else teacher
+        self.generator = OneStepGenerator(self._trainable_copy(init), config.conditioning_timesteps)
+        self.critic = Critic(self._trainable_copy(init), feature_module=config.feature_module, with_head=config.gan,
+                             sample_shape=self.sample_shape, example_cond=self.cond_sampler(1, torch.device("cpu")))
+
+    @staticmethod
+    def _trainable_copy(teacher: Denoiser) -> Denoiser:
+        return copy.deepcopy(teacher).train().requires_grad_(True)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def models(self):
+        return {"generator": self.generator, "critic": self.critic}
+
+    def optimizers(self):
+        c = self.config
+
+        def adamw(module):
+            return torch.optim.AdamW(module.parameters(), lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
+        return {"generator": adamw(self.generator), "critic": adamw(self.critic)}
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    # -- one iteration -------------------------------------------------------------------------
+    def start_iteration(self, batch: Batch | None, info):
+        B, device = self.config.train_batch_size, info.device
+        cond = self.cond_sampler(B, device)
+        z = torch.randn(B, *self.sample_shape, device=device)
+        gen = self.prepared["generator"]
+        plain = self.unwrap(gen)
+        with self.timer.phase("generator"):
+            if len(plain.timesteps) > 1:
+                # Backward simulation: one k for the whole global batch (same stream on every rank).
+                k = int(torch.randint(len(plain.timesteps), (1,), generator=info.shared_generator))
+                x_in, t_in = plain.backward_simulate(z, cond, k)
+            else:
+                x_in, t_in = plain.noise_input(z), plain._t(0, z)
+            with torch.set_grad_enabled("generator" in info.due):
+                x = gen(x_in, t_in, cond)
+        return {"x": x, "cond": cond, "real": batch}
+
+    def _noised(self, x: torch.Tensor, t_low: int, t_high: int):
+        t = torch.randint(t_low, t_high + 1, (x.shape[0],), device=x.device)
+        eps = torch.randn_like(x)
+        return self.teacher.schedule.add_noise(x, eps, t), t, eps
+
+    def loss(self, name, s):
+        return self._generator_loss(s) if name == "generator" else self._critic_loss(s)
+
+    def _generator_loss(self, s):
+        c, x, cond = self.config, s["x"], s["cond"]
+        critic = self.unwrap(self.prepared["critic"])
+        # Spec 4.1: all of steps 1-5 without gradient.
+        with torch.no_grad():
+            x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
+            with self.timer.phase("teacher"):
+                uncond = self.uncond(cond) if (self.uncond is not None and c.guidance_scale != 1.0) else None
+                x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
+            if c.fake_score == "none":
+                x0_fake = x.detach()
+            else:
+                with torch.autocast(x.device.type, enabled=not c.fake_score_fp32):
+                    x0_fake = critic.denoiser(x_t.float(), t, cond)
+            grad = dm_gradient(x.detach().float(), x0_real.float(), x0_fake.float())
+        loss_dm = dm_loss(x, grad)
+        loss = c.dm_weight * loss_dm
+        logs = {"loss_dm": loss_dm.detach(), "dm_grad_abs": (x0_fake - x0_real).abs().mean()}
+        if c.gan:
+            # Gradient flows through F and the head into G; F and the head are not updated by it.
+            critic.requires_grad_(False)
+            try:
+                x_d, t_d, _ = self._noised(x, 0, self.teacher.schedule.num_timesteps - 1)
+                loss_g_gan = gan_generator_loss(critic.logits(x_d, t_d, cond))
+            finally:
+                critic.requires_grad_(True)
+            loss = loss + c.gan_generator_weight * loss_g_gan
+            logs["loss_g_gan"] = loss_g_gan.detach()
+        return loss, logs
+
+    def _critic_loss(self, s):
+        c, x, cond = self.config, s["x"].detach(), s["cond"]
+        critic = self.prepared["critic"]
+        T = self.teacher.schedule.num_timesteps
+        # Spec 4.2: t over the full range, fresh noise, no CFG.
+        x_t, t, eps = self._noised(x, 0, T - 1)
+        target, weight = self.unwrap(critic).denoiser.denoising_target(x, eps, t)
+        if not c.gan:
+            raw, _ = critic(x_t, t, cond)
+            loss = denoising_loss(raw, target, weight)
+            return loss, {"loss_fake": loss.detach()}
+        # Spec 4.3 with real and fake batched through F in one pass. The fake half is the denoising
+        # input itself: it is already noised at its own t ~ U{0..T-1} with fresh noise, exactly the
+        # distribution D's fake input is specified to have, so a second fake pass would add nothing.
+        real: Batch = s["real"]
+        x_r, t_r, _ = self._noised(real.images, 0, T - 1)
+        raw, logits = critic(torch.cat([x_t, x_r]), torch.cat([t, t_r]), _cat(cond, real.cond), with_logits=True)
+        B = x.shape[0]
+        loss_fake = denoising_loss(raw[:B], target, weight)
+        loss_d = gan_discriminator_loss(logits_real=logits[B:], logits_fake=logits[:B])
+        loss = loss_fake + c.gan_discriminator_weight * loss_d
+        return loss, {"loss_fake": loss_fake.detach(), "loss_d": loss_d.detach(),
+                      "d_real": logits[B:].detach().mean(), "d_fake": logits[:B].detach().mean()}
+
+    # -- outputs -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_grid(self, models, num, seed, device):
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(num, *self.sample_shape, generator=g).to(device)
+        num_classes = self.export_info.get("num_classes")
+        cond = Cond(class_labels=(torch.arange(num) % num_classes).to(device)) if num_classes else self.cond_sampler(num, device)
+        noise = lambda like: torch.randn(like.shape, generator=g).to(like.device)  # noqa: E731
+        return models["generator"].sample(z, cond, noise_fn=noise).clamp(-1, 1)
+
+    def export(self, models, output_dir, extra_card):
+        from ..export import export_one_step
+        info = self.export_info
+        if "scheduler_config" not in info:
+            raise ValueError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
+        gen = models["generator"]
+        card = {"method": "DMD2 (Yin et al. 2024)", "teacher": info.get("teacher", "?"),
+                "real-score guidance scale": self.config.guidance_scale, "TTUR ratio": self.config.ttur_ratio,
+                "GAN": self.config.gan, **extra_card}
+        export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, card, info.get("num_classes"))
+
+
+def _cat(a: Cond | None, b: Cond | None) -> Cond | None:
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        raise ValueError("Real and generated batches must both carry conditions or both carry none.")
+    return a.cat(b)

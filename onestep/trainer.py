@@ -1,0 +1,385 @@
+"""The one accelerate training loop. It knows nothing about any method: a Method declares its models,
+optimisers and update schedule, and computes one loss at a time; the trainer does everything else
+(prepare, mixed precision, accumulation, clipping, EMA, checkpoints, resume, trackers, grids, NaN
+guard, signals, timing, export)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from .ema import EMA
+from .errors import UserError
+from .methods.base import Method, StepInfo
+from .timing import PhaseTimer, format_summary
+from .utils import save_image_grid, seed_for
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainerConfig:
+    output_dir: str = "outputs/run"
+    max_train_steps: int = 1000              # optimisation iterations (DMD2: critic steps)
+    gradient_accumulation_steps: int = 1     # micro-batches per iteration
+    mixed_precision: str = "no"              # no | fp16 | bf16
+    max_grad_norm: float | None = 10.0       # per-model gradient-norm clip; None = off
+    lr_scheduler: str = "constant"           # constant | linear | cosine (after warm-up)
+    lr_warmup_steps: int = 0                 # iterations
+    ema_decay: float | None = None           # weight EMA of the method's ema_models; None = off
+    checkpointing_steps: int | None = None   # iterations between checkpoints; None = only at the end
+    checkpoints_total_limit: int | None = None
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    report_to: str = "none"                  # none | tensorboard | wandb | all
+    tracker_project_name: str = "onestep"
+    validation_steps: int | None = None      # iterations between sample grids; None = start and end only
+    num_validation_images: int = 16
+    log_every: int = 10                      # iterations between tracker/CSV log rows
+    seed: int = 0
+    nan_patience: int = 20                   # consecutive non-finite losses before the run stops
+    export: bool = True
+    run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
+
+
+class _TrainState:
+    """Checkpointed loop counters (registered with accelerate)."""
+
+    def __init__(self):
+        self.step = 0
+        self.nonfinite = 0
+
+    def state_dict(self):
+        return {"step": self.step, "nonfinite": self.nonfinite}
+
+    def load_state_dict(self, state):
+        self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+
+
+def _lr_lambda(kind: str, warmup: int, total: int):
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(max(step - warmup, 0) / max(total - warmup, 1), 1.0)
+        if kind == "linear":
+            return 1.0 - progress
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        raise UserError(f"Unknown --lr_scheduler {kind!r}; use constant, linear or cosine.")
+    return fn
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoints, oldest first (temporary '.tmp' folders are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
+
+
+class Trainer:
+    def __init__(self, config: TrainerConfig):
+        if config.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"Unknown --mixed_precision {config.mixed_precision!r}; use no, fp16 or bf16.")
+        if config.max_train_steps < 1:
+            raise UserError("--max_train_steps must be at least 1.")
+        self.config = config
+        report_to = None if config.report_to == "none" else config.report_to
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=report_to,
+            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+        )
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        torch.manual_seed(config.seed)  # identical model construction (e.g. a fresh GAN head) on every rank
+        self.timer = PhaseTimer(synchronize=self.device.type == "cuda")
+        self._stop_signal = None
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def _resolve_resume(self) -> str | None:
+        value = self.config.resume_from_checkpoint
+        if not value:
+            return None
+        if value == "latest":
+            found = list_checkpoints(self.config.output_dir)
+            if not found:
+                self.log(f"No checkpoint in {self.config.output_dir}; starting a new run.")
+                return None
+            return found[-1]
+        if not os.path.isdir(value):
+            raise UserError(f"--resume_from_checkpoint {value} is not a folder; pass 'latest' or an existing checkpoint-<step> folder.")
+        return value
+
+    def save_checkpoint(self, step: int) -> str:
+        """Write to checkpoint-<step>.tmp and rename, so an interrupted save never replaces a good one."""
+        acc, out = self.accelerator, self.config.output_dir
+        final = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
+        tmp = final + ".tmp"
+        if self.is_main and os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(tmp)
+        acc.wait_for_everyone()
+        if self.is_main:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            limit = self.config.checkpoints_total_limit
+            if limit:
+                for old in list_checkpoints(out)[:-limit]:
+                    shutil.rmtree(old)
+        acc.wait_for_everyone()
+        return final
+
+    # -- signals -----------------------------------------------------------------------------------
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signum
+        self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _restore_signal_handlers(self):
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+
+    def _any_rank(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self, method: Method, data=None) -> dict:
+        cfg, acc = self.config, self.accelerator
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        method.timer = self.timer
+        method.to(self.device)
+
+        names = list(method.models())
+        models = method.models()
+        optimizers = method.optimizers()
+        schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
+                      for n, o in optimizers.items()}
+        # Schedulers stay outside prepare(): accelerate would step them once per process per call,
+        # and warm-up here counts iterations whatever the number of processes.
+        prepared = acc.prepare(*[models[n] for n in names], *[optimizers[n] for n in names])
+        models = dict(zip(names, prepared[:len(names)]))
+        optimizers = dict(zip(names, prepared[len(names):]))
+        for sched in schedulers.values():
+            acc.register_for_checkpointing(sched)
+        method.attach(models, acc.unwrap_model)
+
+        emas = {}
+        if cfg.ema_decay:
+            for n in method.ema_models:
+                emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay)
+                acc.register_for_checkpointing(emas[n])
+        state = _TrainState()
+        acc.register_for_checkpointing(state)
+
+        resume = self._resolve_resume()
+        if resume:
+            self.log(f"Resuming from {resume}")
+            acc.load_state(resume)
+        if self.is_main and cfg.report_to != "none":
+            acc.init_trackers(cfg.tracker_project_name, config=_flat(cfg.run_config))
+
+        log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
+        history = _read_history(log_path, state.step) if self.is_main else []
+        grids_dir = os.path.join(cfg.output_dir, "samples")
+        trained = [models[n] for n in names]
+        model_of = {u.name: u.model for u in method.updates}
+
+        self._install_signal_handlers()
+        progress = tqdm(total=cfg.max_train_steps, initial=state.step, disable=not self.is_main, desc="train")
+        start, start_step = time.perf_counter(), state.step
+        interrupted = False
+        if state.step == 0:
+            self._validate(method, models, emas, grids_dir, 0)
+        try:
+            while state.step < cfg.max_train_steps:
+                step = self._step_for_log = state.step
+                due = tuple(u.name for u in method.updates if step % u.every == 0)
+                shared = torch.Generator().manual_seed(seed_for(cfg.seed, "shared", step))
+                info = StepInfo(step=step, due=due, shared_generator=shared, device=self.device)
+                logs: dict[str, float] = {}
+                finite = True
+                for micro in range(cfg.gradient_accumulation_steps):
+                    # Every random draw of this micro-step follows from (seed, rank, step, micro), so a
+                    # resumed run replays exactly what an uninterrupted one would have done.
+                    torch.manual_seed(seed_for(cfg.seed, acc.process_index, step, micro))
+                    with acc.accumulate(*trained), acc.autocast():
+                        with self.timer.phase("data"):
+                            batch = data.batch(step, micro, acc.process_index, self.device) if (data is not None and method.needs_data) else None
+                        it = method.start_iteration(batch, info)
+                        for name in due:
+                            with self.timer.phase(name):
+                                ok, out = self._update(name, it, method, models[model_of[name]], optimizers[model_of[name]])
+                            finite, _ = finite and ok, logs.update(out)
+                state.nonfinite = 0 if finite else state.nonfinite + 1
+                if state.nonfinite >= cfg.nan_patience:
+                    raise RuntimeError(f"{state.nonfinite} iterations in a row had non-finite losses; stopping. Lower the "
+                                       f"learning rate or use bf16 instead of fp16, and resume from the last checkpoint.")
+                state.step += 1
+                for sched in schedulers.values():
+                    sched.step()
+                for n, ema in emas.items():
+                    ema.update(acc.unwrap_model(models[n]))
+                progress.update(1)
+                if self.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.max_train_steps):
+                    logs["lr"] = next(iter(schedulers.values())).get_last_lr()[0] if schedulers else 0.0
+                    history.append({"step": state.step, **logs})
+                    progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
+                    if cfg.report_to != "none":
+                        acc.log(logs, step=state.step)
+                if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
+                    self._validate(method, models, emas, grids_dir, state.step)
+                stop = self._any_rank(self._stop_signal is not None)
+                at_interval = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
+                if (at_interval or stop) and state.step < cfg.max_train_steps:
+                    with self.timer.phase("checkpoint"):
+                        path = self.save_checkpoint(state.step)
+                    self.log(f"Saved {path}")
+                if stop and state.step < cfg.max_train_steps:
+                    interrupted = True
+                    break
+        finally:
+            progress.close()
+            self._restore_signal_handlers()
+
+        elapsed = time.perf_counter() - start
+        summary = self.timer.summary(elapsed, state.step - start_step)
+        result = {"step": state.step, "interrupted": interrupted, "signal": self._stop_signal, "timing": summary}
+        if self.is_main:
+            _write_history(log_path, history)
+            _plot_history(history, os.path.join(cfg.output_dir, "loss_curves.png"))
+            with open(os.path.join(cfg.output_dir, "timing.json"), "w") as f:
+                json.dump(summary, f, indent=2)
+        if interrupted:
+            self.log(f"Stopped by signal {self._stop_signal} at step {state.step}; resume with --resume_from_checkpoint latest.")
+            acc.end_training()
+            return result
+        path = self.save_checkpoint(state.step)
+        self.log(f"Saved {path}")
+        self._write_weight_digests(models)
+        self._validate(method, models, emas, grids_dir, state.step)
+        if cfg.export:
+            acc.wait_for_everyone()
+            if self.is_main:
+                with _ema_weights(emas, acc, models):
+                    method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir,
+                                  {"training_steps": state.step, "ema_decay": cfg.ema_decay, **cfg.run_config})
+            acc.wait_for_everyone()
+        self.log(format_summary(summary))
+        acc.end_training()
+        return result
+
+    def _update(self, name, it, method, model, optimizer) -> tuple[bool, dict[str, float]]:
+        """One loss -> backward -> clip -> step, skipped on every rank if any rank's loss is not finite."""
+        cfg, acc = self.config, self.accelerator
+        loss, logs = method.loss(name, it)
+        if self._any_rank(not bool(torch.isfinite(loss.detach()))):
+            self.log(f"Non-finite {name} loss at step {self._step_for_log}; update skipped.")
+            optimizer.zero_grad(set_to_none=True)
+            return False, {}
+        acc.backward(loss)
+        if acc.sync_gradients and cfg.max_grad_norm:
+            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return True, {k: float(v) for k, v in logs.items()}
+
+    def _write_weight_digests(self, models) -> None:
+        """Each rank records a hash of its trained weights: replicas must agree after a DDP run."""
+        import hashlib
+        digests = {}
+        for name, model in models.items():
+            h = hashlib.sha256()
+            for key, tensor in sorted(self.accelerator.unwrap_model(model).state_dict().items()):
+                h.update(key.encode())
+                h.update(tensor.detach().float().cpu().numpy().tobytes())
+            digests[name] = h.hexdigest()
+        path = os.path.join(self.config.output_dir, "logs", f"weights-rank{self.accelerator.process_index}.json")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(digests, f, indent=2)
+
+    def _validate(self, method, models, emas, grids_dir, step):
+        if not self.is_main or self.config.num_validation_images <= 0:
+            return
+        with self.timer.phase("validation"), _ema_weights(emas, self.accelerator, models):
+            unwrapped = {n: self.accelerator.unwrap_model(m) for n, m in models.items()}
+            images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
+            save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
+
+
+class _ema_weights:
+    """Context: swap EMA weights into the live models (validation, export), then swap back."""
+
+    def __init__(self, emas, acc, models):
+        self.pairs = [(ema, acc.unwrap_model(models[n])) for n, ema in emas.items()]
+
+    def __enter__(self):
+        for ema, model in self.pairs:
+            ema.swap(model)
+
+    def __exit__(self, *exc):
+        for ema, model in self.pairs:
+            ema.swap(model)
+
+
+def _flat(d: dict) -> dict:
+    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
+
+
+def _read_history(path: str, upto: int) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    import csv
+    with open(path) as f:
+        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+    return [r for r in rows if r["step"] <= upto]
+
+
+def _write_history(path: str, history: list[dict]) -> None:
+    import csv
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    keys = sorted({k for r in history for k in r} - {"step"})
+    with open(path + ".tmp", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["step", *keys])
+        w.writeheader()
+        w.writerows(history)
+    os.replace(path + ".tmp", path)
+
+
+def _plot_history(history: list[dict], path: str) -> None:
+    if not history:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = sorted({k for r in history for k in r} - {"step", "lr"})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * max(len(keys), 1)), squeeze=False, sharex=True)
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in history if key in r]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        ax.set_ylabel(key, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

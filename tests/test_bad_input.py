@@ -1,0 +1,88 @@
+"""Bad input: one clear sentence on stderr, a non-zero exit, and nothing already written touched."""
+import hashlib
+import os
+
+import pytest
+
+from tests.helpers import PY, run, save_tiny_teacher
+
+
+def dmd2(*args, out):
+    return run([PY, "train/dmd2.py", "--output_dir", str(out), "--max_train_steps", "1", *args], timeout=300)
+
+
+def one_sentence(stderr):
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, stderr[-2000:]
+    return lines[0]
+
+
+def digest(folder):
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for f in sorted(files):
+            h.update(f.encode())
+            h.update(open(os.path.join(root, f), "rb").read())
+    return h.hexdigest()
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    """An output folder holding a checkpoint that bad input must leave untouched."""
+    out = tmp_path / "run"
+    ckpt = out / "checkpoint-5"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.safetensors").write_bytes(b"precious")
+    return out
+
+
+def _images(folder, n=3, size=8, corrupt=False):
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("L", (size, size), color=i * 40).save(folder / f"{i}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    return folder
+
+
+CASES = {
+    "missing teacher": (lambda tmp: ["--pretrained_model_name_or_path", str(tmp / "nope")], "neither an existing"),
+    "non-diffusers folder": (lambda tmp: ["--pretrained_model_name_or_path", str((tmp / "plain").mkdir() or tmp / "plain")], "not a diffusers pipeline folder"),
+    "resolution": (lambda tmp: ["--resolution", "18"], "not divisible"),
+    "unknown preset": (lambda tmp: ["--preset", "imagenet-9000"], "Unknown preset"),
+    "empty data folder": (lambda tmp: ["--train_data_dir", str((tmp / "empty").mkdir() or tmp / "empty")], "holds no images"),
+    "corrupt image": (lambda tmp: ["--pretrained_model_name_or_path", save_tiny_teacher(str(tmp / "teacher"), num_classes=1, null_class=1),
+                                   "--train_data_dir", str(_images(tmp / "data" / "a", corrupt=True).parent)], "Cannot read image"),
+    "bad timesteps": (lambda tmp: ["--conditioning_timesteps", "249,999"], "descending"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_sentence_and_leaves_checkpoints_alone(case, tmp_path, existing_run):
+    make_args, expected = CASES[case]
+    before = digest(existing_run)
+    r = dmd2(*make_args(tmp_path), out=existing_run)
+    assert r.returncode != 0
+    line = one_sentence(r.stderr)
+    assert line.startswith("error: ") and expected in line
+    assert digest(existing_run) == before
+
+
+def test_invalid_flag_value_is_rejected_by_the_parser(tmp_path, existing_run):
+    before = digest(existing_run)
+    r = dmd2("--mixed_precision", "fp8", out=existing_run)
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = dmd2("--train_batch_size", "0", out=existing_run)
+    assert r.returncode == 2 and "positive integer" in r.stderr
+    assert digest(existing_run) == before
+
+
+def test_unknown_model_type_is_rejected(tmp_path, existing_run):
+    teacher = tmp_path / "weird"
+    (teacher / "unet").mkdir(parents=True)
+    (teacher / "scheduler").mkdir()
+    (teacher / "unet" / "config.json").write_text('{"_class_name": "UNet3DConditionModel"}')
+    (teacher / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
+    r = dmd2("--pretrained_model_name_or_path", str(teacher), out=existing_run)
+    assert r.returncode == 2 and "UNet3DConditionModel" in one_sentence(r.stderr)

@@ -1,0 +1,113 @@
+"""End-to-end runs of the real train/dmd2.py: accelerate launch, export, reload, resume, signals, DDP."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.helpers import PY, ROOT, run
+
+SMALL = ["--train_batch_size", "4", "--validation_steps", "1000"]
+
+
+def launch(args, out, num_processes=1, timeout=600):
+    cmd = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1", "--dynamo_backend", "no",
+           "--mixed_precision", "no"]
+    env = {"ACCELERATE_USE_CPU": "true"}
+    if num_processes > 1:
+        cmd.append("--multi_gpu")
+    return run(cmd + ["train/dmd2.py", "--output_dir", str(out), *SMALL, *args], env=env, timeout=timeout)
+
+
+LOAD_IN_FRESH_PROCESS = r"""
+import sys, hashlib, torch, numpy as np
+sys.path = [p for p in sys.path if p not in ('', '.')]
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)
+out = pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0), output_type="np").images
+assert 'onestep' not in sys.modules, 'the export must load without importing onestep'
+print(type(pipe).__name__, out.shape, hashlib.sha256(np.ascontiguousarray(out).tobytes()).hexdigest())
+"""
+
+
+def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
+    out = tmp_path / "run"
+    r = launch(["--max_train_steps", "3"], out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for name in ("model_index.json", "one_step.py", "README.md", "unet", "scheduler", "checkpoint-3", "samples", "timing.json",
+                 "loss_curves.png"):
+        assert (out / name).exists(), name
+    assert "Load it" in r.stdout + r.stderr
+    card = (out / "README.md").read_text()
+    for field in ("teacher", "DMD2", "conditioning timesteps", "training_steps"):
+        assert field in card
+    # Fresh processes (cwd elsewhere, onestep not imported): same seed -> same images, twice.
+    first = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))
+    second = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))
+    assert first.returncode == 0, first.stderr[-3000:]
+    name, *_ , digest = first.stdout.split()
+    assert name == "OneStepPipeline" and "(2, 16, 16, 1)" in first.stdout
+    assert first.stdout == second.stdout
+    # The frozen teacher is not in the checkpoint: exactly the generator and the critic (+ head) are.
+    ckpt = out / "checkpoint-3"
+    models = sorted(p.name for p in ckpt.glob("model*.safetensors"))
+    assert models == ["model.safetensors", "model_1.safetensors"]
+    gen_keys, critic_keys = load_file(ckpt / models[0]).keys(), load_file(ckpt / models[1]).keys()
+    assert all(k.startswith("denoiser.") for k in gen_keys)
+    assert any(k.startswith("head.") for k in critic_keys) and not any("teacher" in k for k in list(gen_keys) + list(critic_keys))
+
+
+def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
+    out = tmp_path / "ddp"
+    r = launch(["--max_train_steps", "4"], out, num_processes=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ranks = [json.loads((out / "logs" / f"weights-rank{i}.json").read_text()) for i in range(2)]
+    assert ranks[0] == ranks[1] and set(ranks[0]) == {"generator", "critic"}
+
+
+def _weights(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_resume_after_sigkill_is_exact(tmp_path):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = launch(["--max_train_steps", "6", "--checkpointing_steps", "3"], ref)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # A long run killed with SIGKILL right after its first checkpoint lands.
+    cmd = [PY, "train/dmd2.py", "--output_dir", str(cut), *SMALL, "--max_train_steps", "1000", "--checkpointing_steps", "3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (cut / "checkpoint-3").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (cut / "checkpoint-3").exists()
+    r = launch(["--max_train_steps", "6", "--checkpointing_steps", "3", "--resume_from_checkpoint", "latest"], cut)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = _weights(ref), _weights(cut)
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    for i in (0, 1):  # generator and critic checkpoints agree too
+        ca, cb = load_file(ref / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors"), load_file(cut / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors")
+        assert max(float((ca[k] - cb[k]).abs().max()) for k in ca) <= 1e-6
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path):
+    out = tmp_path / "term"
+    cmd = [PY, "train/dmd2.py", "--output_dir", str(out), *SMALL, "--max_train_steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not (out / "samples" / "step-000000.png").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    ckpts = [p for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
+    assert "resume with --resume_from_checkpoint latest" in output
+    assert not (out / "model_index.json").exists()  # an interrupted run does not export

@@ -1,0 +1,112 @@
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from onestep.methods.base import Method, Update
+from onestep.trainer import Trainer, TrainerConfig, list_checkpoints
+
+
+class Counting(Method):
+    """Two linear 'models' on a quadratic loss; records which updates ran at which step."""
+
+    needs_data = False
+
+    def __init__(self, ratio=3, nan_at=()):
+        super().__init__()
+        self.updates = [Update("generator", "generator", every=ratio), Update("critic", "critic", every=1)]
+        self.gen, self.crit = nn.Linear(2, 2), nn.Linear(2, 2)
+        self.calls, self.nan_at = [], set(nan_at)
+
+    def models(self):
+        return {"generator": self.gen, "critic": self.crit}
+
+    def optimizers(self):
+        return {"generator": torch.optim.SGD(self.gen.parameters(), lr=0.1), "critic": torch.optim.SGD(self.crit.parameters(), lr=0.1)}
+
+    def start_iteration(self, batch, info):
+        self.step = info.step
+        return torch.randn(4, 2)
+
+    def loss(self, name, x):
+        self.calls.append((self.step, name))
+        model = self.prepared[name]
+        loss = model(x).square().mean()
+        if (self.step, name) in self.nan_at:
+            loss = loss * float("nan")
+        return loss, {f"loss_{name}": loss.detach()}
+
+    def sample_grid(self, models, num, seed, device):
+        return torch.zeros(num, 1, 2, 2)
+
+    def export(self, models, output_dir, extra_card):
+        pass
+
+
+def test_update_ratio_one_generator_step_per_r_critic_steps(tmp_path):
+    m = Counting(ratio=5)
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=23, num_validation_images=0)).fit(m)
+    gen_steps = [s for s, n in m.calls if n == "generator"]
+    crit_steps = [s for s, n in m.calls if n == "critic"]
+    assert crit_steps == list(range(23))
+    assert gen_steps == [0, 5, 10, 15, 20] and len(gen_steps) == math.ceil(23 / 5)
+    # Within an iteration the generator update runs before the critic's (DMD2 spec 5).
+    assert m.calls[:2] == [(0, "generator"), (0, "critic")]
+
+
+def test_gradient_accumulation_counts_iterations_not_micro_batches(tmp_path):
+    m = Counting(ratio=2)
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, gradient_accumulation_steps=3, num_validation_images=0)).fit(m)
+    assert [s for s, n in m.calls if n == "generator"] == [0, 0, 0, 2, 2, 2]
+    assert len([1 for s, n in m.calls if n == "critic"]) == 12
+
+
+def test_nan_guard_skips_the_update_and_keeps_weights_finite(tmp_path):
+    m = Counting(ratio=1, nan_at={(2, "critic")})
+    before = {}
+
+    class Spy(Counting):
+        pass
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=5, num_validation_images=0)).fit(m)
+    assert all(torch.isfinite(p).all() for p in m.crit.parameters())
+    assert before == {}
+
+
+def test_nan_guard_stops_after_patience(tmp_path):
+    m = Counting(ratio=1, nan_at={(s, "critic") for s in range(100)})
+    with pytest.raises(RuntimeError, match="non-finite"):
+        Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=50, nan_patience=3, num_validation_images=0)).fit(m)
+
+
+def test_checkpoints_total_limit_and_no_temporary_leftovers(tmp_path):
+    m = Counting()
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2,
+                          num_validation_images=0)).fit(m)
+    names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    assert names == ["checkpoint-8", "checkpoint-10"]
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_ema_is_checkpointed_and_swapped_for_export(tmp_path):
+    exported = {}
+
+    class Exporting(Counting):
+        ema_models = ("generator",)
+
+        def export(self, models, output_dir, extra_card):
+            exported["w"] = models["generator"].weight.detach().clone()
+    m = Exporting()
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=6, ema_decay=0.5, num_validation_images=0)).fit(m)
+    assert not torch.allclose(exported["w"], m.gen.weight)   # export saw the EMA weights ...
+    ckpt = list_checkpoints(str(tmp_path))[-1]
+    assert os.path.exists(os.path.join(ckpt, "custom_checkpoint_0.pkl"))  # ... and the EMA is in the checkpoint
+
+
+def test_timing_summary_names_every_phase(tmp_path):
+    m = Counting()
+    result = Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, num_validation_images=0)).fit(m)
+    phases = result["timing"]["phases"]
+    assert {"generator", "critic", "data", "other"} <= set(phases)
+    assert os.path.exists(tmp_path / "timing.json") and os.path.exists(tmp_path / "loss_curves.png")

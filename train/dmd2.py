@@ -1,0 +1,154 @@
+"""DMD2 distillation (Yin et al. 2024): one-step or few-step students from a diffusers teacher.
+
+With no arguments it distils the bundled digits teacher on the CPU in a few minutes:
+
+    accelerate launch train/dmd2.py
+
+Options follow the diffusers training examples; every option left out comes from --preset.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+
+from onestep.cli import add_trainer_args, positive_int, run_main, trainer_config
+
+
+def parse_args(argv=None):
+    from onestep.presets import PRESETS
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits-cpu", help=f"Named recipe: {', '.join(PRESETS)}.")
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="Teacher: a diffusers folder (unet/ + scheduler/), a hub id, or 'digits' (bundled).")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None)
+    p.add_argument("--train_data_dir", default=None,
+                   help="Real images for the GAN (sub-folders = classes for class-conditional teachers); "
+                        "default for the digits teacher: the scikit-learn digits.")
+    p.add_argument("--resolution", type=positive_int, default=None, help="Image size (default: the teacher's sample_size).")
+    p.add_argument("--train_batch_size", type=positive_int, default=None, help="Generator samples per process per iteration.")
+    p.add_argument("--dataloader_num_workers", type=int, default=2)
+    p.add_argument("--learning_rate", type=float, default=None, help="Same for generator and critic.")
+    p.add_argument("--adam_weight_decay", type=float, default=0.01)
+    p.add_argument("--ttur_ratio", type=positive_int, default=None, help="Critic updates per generator update (R).")
+    p.add_argument("--guidance_scale", type=float, default=None, help="Real-score CFG scale (1 = off).")
+    p.add_argument("--conditioning_timesteps", default=None, help="Comma-separated, e.g. 999 or 999,749,499,249.")
+    p.add_argument("--gan", action=argparse.BooleanOptionalAction, default=None, help="GAN head on the critic (--no-gan: DM only).")
+    p.add_argument("--gan_generator_weight", type=float, default=None)
+    p.add_argument("--gan_discriminator_weight", type=float, default=None)
+    p.add_argument("--dm_t_min", type=int, default=20)
+    p.add_argument("--dm_t_max", type=int, default=980)
+    p.add_argument("--num_classes", type=int, default=None, help="Real classes of a class-conditional teacher.")
+    p.add_argument("--null_class", type=int, default=None, help="Class index the teacher was trained with as 'no class' (enables CFG).")
+    add_trainer_args(p, output_dir="outputs/dmd2-digits")
+    return p.parse_args(argv)
+
+
+def parse_timesteps(text: str, num_timesteps: int) -> list[int]:
+    from onestep.errors import UserError
+    try:
+        steps = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise UserError(f"--conditioning_timesteps must be comma-separated integers, got {text!r}.") from None
+    if steps != sorted(set(steps), reverse=True) or steps[0] >= num_timesteps or steps[-1] < 0:
+        raise UserError(f"--conditioning_timesteps must be distinct, descending and within 0..{num_timesteps - 1}, got {text!r}.")
+    return steps
+
+
+def main(argv=None):
+    import torch
+
+    from onestep.data import DatasetBatches, ImageFolder, TensorBatches, load_digits_images
+    from onestep.denoiser import Cond
+    from onestep.errors import UserError
+    from onestep.loading import load_teacher, read_class_info
+    from onestep.methods.dmd2 import DMD2, DMD2Config
+    from onestep.presets import get_preset
+    from onestep.trainer import Trainer
+
+    args = parse_args(argv)
+    preset = get_preset(args.preset)
+    teacher_id = args.pretrained_model_name_or_path or preset.teacher
+    if teacher_id.startswith("<"):
+        raise UserError(f"Preset {preset.name} needs --pretrained_model_name_or_path (its teacher: {teacher_id}).")
+    teacher = load_teacher(teacher_id, revision=args.revision, variant=args.variant)
+    if teacher.unet_class != "UNet2DModel":
+        raise UserError(f"train/dmd2.py does not yet distil {teacher.unet_class} (text-to-image) teachers; "
+                        "only UNet2DModel teachers are supported in this release.")
+    unet_cfg = teacher.unet_config
+    depth = len(unet_cfg["block_out_channels"]) - 1
+    resolution = args.resolution or unet_cfg["sample_size"]
+    if resolution % (2 ** depth):
+        raise UserError(f"Resolution {resolution} is not divisible by {2 ** depth}, the teacher UNet's downsampling factor.")
+    channels = unet_cfg["in_channels"]
+
+    info = read_class_info(teacher_id, unet_cfg)
+    num_classes = args.num_classes or info.get("num_classes")
+    null_class = args.null_class if args.null_class is not None else info.get("null_class")
+    if unet_cfg.get("num_class_embeds") and not num_classes:
+        raise UserError("The teacher is class-conditional; pass --num_classes (and --null_class if it supports CFG).")
+
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(preset, name)  # noqa: E731
+    timesteps = parse_timesteps(args.conditioning_timesteps, teacher.denoiser.schedule.num_timesteps) \
+        if args.conditioning_timesteps else list(preset.conditioning_timesteps)
+    guidance = pick("guidance_scale")
+    if guidance != 1.0 and null_class is None:
+        raise UserError("--guidance_scale needs a teacher trained with a null class; pass --null_class or use --guidance_scale 1.")
+    config = DMD2Config(
+        learning_rate=pick("learning_rate"), adam_weight_decay=args.adam_weight_decay,
+        train_batch_size=pick("train_batch_size"), ttur_ratio=pick("ttur_ratio"), guidance_scale=guidance,
+        conditioning_timesteps=timesteps, dm_t_min=args.dm_t_min, dm_t_max=args.dm_t_max, gan=pick("gan"),
+        gan_generator_weight=pick("gan_generator_weight"), gan_discriminator_weight=pick("gan_discriminator_weight"),
+    )
+    run_config = {"preset": preset.name, "teacher": teacher_id, "train_batch_size": config.train_batch_size,
+                  "learning_rate": config.learning_rate, "ttur_ratio": config.ttur_ratio,
+                  "guidance_scale": config.guidance_scale, "conditioning_timesteps": timesteps, "gan": config.gan}
+    defaults = {k: getattr(preset, k) for k in ("max_train_steps", "mixed_precision", "lr_warmup_steps", "max_grad_norm",
+                                                "ema_decay", "validation_steps", "checkpointing_steps")}
+    trainer = Trainer(trainer_config(args, defaults, run_config))
+
+    data = None
+    if config.gan:
+        if args.train_data_dir:
+            ds = ImageFolder(args.train_data_dir, resolution, channels=channels, class_folders=bool(num_classes))
+            if num_classes and len(ds.class_names) != num_classes:
+                raise UserError(f"{args.train_data_dir} has {len(ds.class_names)} class folders but the teacher has {num_classes} classes.")
+            data = DatasetBatches(ds, config.train_batch_size, seed=args.seed, num_workers=args.dataloader_num_workers,
+                                  micro_steps=args.gradient_accumulation_steps)
+        elif teacher_id == "digits":
+            images, labels = load_digits_images(resolution)
+            data = TensorBatches(images, labels, config.train_batch_size, seed=args.seed)
+        else:
+            raise UserError("The GAN needs real images: pass --train_data_dir, or --no-gan for distribution matching only.")
+
+    def cond_sampler(n, device):
+        if not num_classes:
+            return None
+        return Cond(class_labels=torch.randint(0, num_classes, (n,), device=device))
+
+    uncond = (lambda c: Cond(class_labels=torch.full_like(c.class_labels, null_class))) if null_class is not None else None
+    method = DMD2(teacher.denoiser, config, sample_shape=(channels, resolution, resolution), cond_sampler=cond_sampler,
+                  uncond=uncond, export_info={"scheduler_config": teacher.scheduler_config, "num_classes": num_classes,
+                                              "teacher": teacher_id})
+    from onestep.cli import apply_memory_options
+    apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
+    result = trainer.fit(method, data)
+    if trainer.is_main and not result["interrupted"]:
+        out = os.path.abspath(args.output_dir)
+        trainer.log(
+            f"\nDone. Everything is under {out}:\n"
+            f"  student pipeline  {out} (model_index.json, unet/, scheduler/, one_step.py, README.md)\n"
+            f"  checkpoints       {out}/checkpoint-<step>\n"
+            f"  sample grids      {out}/samples/\n"
+            f"  loss curves       {out}/loss_curves.png, {out}/logs/losses.csv\n"
+            f"  timing            {out}/timing.json\n"
+            f"Load it: DiffusionPipeline.from_pretrained({args.output_dir!r}, trust_remote_code=True)"
+            f"(class_labels=[3, 7]).images"
+        )
+    return result
+
+
+if __name__ == "__main__":
+    run_main(main)
