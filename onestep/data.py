@@ -78,11 +78,23 @@ class ImageFolder(torch.utils.data.Dataset):
         self.labels = None
         if class_folders:
             names = sorted({os.path.relpath(os.path.dirname(p), root).split(os.sep)[0] for p in self.paths})
+            if all(n.isdigit() for n in names):
+                names = sorted(names, key=int)  # folders "0".."10" are class ids, not strings
             self.class_names = names
             self.labels = torch.tensor([names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths])
         if verify:
             for p in self.paths:
-                self._open(p)
+                self._verify(p)
+
+    @staticmethod
+    def _verify(path):
+        """Header and structure check (cheaper than decoding every image)."""
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as img:
+                img.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+            raise UserError(f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file.") from None
 
     @staticmethod
     def _open(path):

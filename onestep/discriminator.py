@@ -40,4 +40,5 @@ class DMD2Head(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.net(features.float()).reshape(features.shape[0])
+        with torch.autocast(features.device.type, enabled=False):  # the head runs in fp32 (DMD2 spec 4.3)
+            return self.net(features.float()).reshape(features.shape[0])

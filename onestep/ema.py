@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import UserError
+
 
 class EMA:
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
-            raise ValueError(f"EMA decay must be in (0, 1), got {decay}.")
+            raise UserError(f"EMA decay must be in (0, 1), got {decay}.")
         self.decay = decay
         self.shadow = {n: p.detach().clone().float() for n, p in model.named_parameters() if p.requires_grad}
 

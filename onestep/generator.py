@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .denoiser import Cond, Denoiser
+from .errors import UserError
 
 GeneratorCall = Callable[[torch.Tensor, torch.Tensor, Cond | None], torch.Tensor]
 
@@ -22,9 +23,9 @@ class OneStepGenerator(nn.Module):
     def __init__(self, denoiser: Denoiser, timesteps: list[int]):
         super().__init__()
         if not timesteps or list(timesteps) != sorted(timesteps, reverse=True):
-            raise ValueError(f"Generator timesteps must be a non-empty descending list, got {timesteps}.")
+            raise UserError(f"Generator timesteps must be a non-empty descending list, got {timesteps}.")
         if max(timesteps) >= denoiser.schedule.num_timesteps or min(timesteps) < 0:
-            raise ValueError(f"Generator timesteps {timesteps} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}.")
+            raise UserError(f"Generator timesteps {timesteps} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}.")
         self.denoiser = denoiser
         self.timesteps = [int(t) for t in timesteps]
 

@@ -36,11 +36,20 @@ class NoiseSchedule:
     def num_timesteps(self) -> int:
         return int(self.alphas.shape[0])
 
+    def _tables(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """alphas and sigmas on `device`, copied once (no host round trip per call)."""
+        cache = self.__dict__.setdefault("_device_tables", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = (self.alphas.to(device), self.sigmas.to(device))
+        return cache[key]
+
     def coefficients(self, t: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) in float64 for integer indices t of shape (B,)."""
-        idx = t.long().cpu()
         device = device if device is not None else t.device
-        return self.alphas[idx].to(device), self.sigmas[idx].to(device)
+        alphas, sigmas = self._tables(device)
+        idx = t.long().to(device)
+        return alphas[idx], sigmas[idx]
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.coefficients(t, x0.device)
@@ -142,7 +151,7 @@ class KarrasSchedule(NoiseSchedule):
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         # EDM's c_noise = ln(sigma) / 4, which diffusers' EDM schedulers also feed the UNet.
-        return (self.sigmas[t.long().cpu()].to(t.device).log() / 4).float()
+        return (self._tables(t.device)[1][t.long()].log() / 4).float()
 
     def prior_std(self, t: int) -> float:
         return float(self.sigmas[t])
@@ -159,7 +168,7 @@ class RectifiedFlowSchedule(NoiseSchedule):
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         # diffusers' flow-matching schedulers feed the network sigma * num_train_timesteps.
-        return (self.sigmas[t.long().cpu()].to(t.device) * self.num_timesteps).float()
+        return (self._tables(t.device)[1][t.long()] * self.num_timesteps).float()
 
 
 @dataclass

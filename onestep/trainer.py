@@ -102,6 +102,12 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
         )
         self.device = self.accelerator.device
+        if self.device.type == "cpu":
+            # `accelerate launch` pins CPU jobs to one thread (OMP_NUM_THREADS=1) unless told
+            # --num_cpu_threads_per_process; share the cores among the processes instead.
+            share = max(1, (os.cpu_count() or 1) // self.accelerator.num_processes)
+            if torch.get_num_threads() < share and os.environ.get("ONESTEP_KEEP_THREADS") != "1":
+                torch.set_num_threads(share)
         self.is_main = self.accelerator.is_main_process
         torch.manual_seed(config.seed)  # identical model construction (e.g. a fresh GAN head) on every rank
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda")
@@ -137,9 +143,15 @@ class Trainer:
         acc.save_state(tmp)
         acc.wait_for_everyone()
         if self.is_main:
+            # Move any previous copy aside before the rename, so a good checkpoint exists at every moment.
+            old = final + ".old"
             if os.path.exists(final):
-                shutil.rmtree(final)
+                os.replace(final, old)
             os.replace(tmp, final)
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            if getattr(self, "_history", None):
+                _write_history(*self._history)
             limit = self.config.checkpoints_total_limit
             if limit:
                 for old in list_checkpoints(out)[:-limit]:
@@ -150,7 +162,10 @@ class Trainer:
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self):
         def handler(signum, frame):
+            if self._stop_signal is not None:  # a second signal: stop now, without a checkpoint
+                raise KeyboardInterrupt
             self._stop_signal = signum
+            self.log(f"Signal {signum}: finishing this step, then writing a checkpoint (repeat to abort at once).")
         self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _restore_signal_handlers(self):
@@ -166,6 +181,13 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self, method: Method, data=None) -> dict:
         cfg, acc = self.config, self.accelerator
+        if list_checkpoints(cfg.output_dir) and not cfg.resume_from_checkpoint:
+            raise UserError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
+                            f"latest to continue it, or choose another --output_dir.")
+        if method.needs_data and data is None:
+            raise UserError("This method needs real training data; pass --train_data_dir.")
+        if acc.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
+            raise UserError(f"Distributed type {acc.distributed_type.name} is not supported yet; use DDP (accelerate launch --multi_gpu).")
         os.makedirs(cfg.output_dir, exist_ok=True)
         method.timer = self.timer
         method.to(self.device)
@@ -180,6 +202,8 @@ class Trainer:
         prepared = acc.prepare(*[models[n] for n in names], *[optimizers[n] for n in names])
         models = dict(zip(names, prepared[:len(names)]))
         optimizers = dict(zip(names, prepared[len(names):]))
+        state = _TrainState()
+        acc.register_for_checkpointing(state)
         for sched in schedulers.values():
             acc.register_for_checkpointing(sched)
         method.attach(models, acc.unwrap_model)
@@ -189,18 +213,22 @@ class Trainer:
             for n in method.ema_models:
                 emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay)
                 acc.register_for_checkpointing(emas[n])
-        state = _TrainState()
-        acc.register_for_checkpointing(state)
 
         resume = self._resolve_resume()
         if resume:
             self.log(f"Resuming from {resume}")
-            acc.load_state(resume)
+            try:
+                acc.load_state(resume)
+            except (OSError, RuntimeError, KeyError, ValueError) as err:
+                raise UserError(f"Cannot resume from {resume} ({err.__class__.__name__}): it is not a checkpoint of this "
+                                f"configuration (same method options, --ema_decay on/off).") from None
         if self.is_main and cfg.report_to != "none":
             acc.init_trackers(cfg.tracker_project_name, config=_flat(cfg.run_config))
 
         log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
         history = _read_history(log_path, state.step) if self.is_main else []
+        self._history = (log_path, history)
+        latest: dict[str, float] = {}  # last value of every logged quantity (G losses appear every R-th step)
         grids_dir = os.path.join(cfg.output_dir, "samples")
         trained = [models[n] for n in names]
         model_of = {u.name: u.model for u in method.updates}
@@ -215,11 +243,10 @@ class Trainer:
             while state.step < cfg.max_train_steps:
                 step = self._step_for_log = state.step
                 due = tuple(u.name for u in method.updates if step % u.every == 0)
-                shared = torch.Generator().manual_seed(seed_for(cfg.seed, "shared", step))
-                info = StepInfo(step=step, due=due, shared_generator=shared, device=self.device)
-                logs: dict[str, float] = {}
                 finite = True
                 for micro in range(cfg.gradient_accumulation_steps):
+                    shared = torch.Generator().manual_seed(seed_for(cfg.seed, "shared", step))
+                    info = StepInfo(step=step, due=due, shared_generator=shared, device=self.device)
                     # Every random draw of this micro-step follows from (seed, rank, step, micro), so a
                     # resumed run replays exactly what an uninterrupted one would have done.
                     torch.manual_seed(seed_for(cfg.seed, acc.process_index, step, micro))
@@ -230,19 +257,20 @@ class Trainer:
                         for name in due:
                             with self.timer.phase(name):
                                 ok, out = self._update(name, it, method, models[model_of[name]], optimizers[model_of[name]])
-                            finite, _ = finite and ok, logs.update(out)
+                            finite, _ = finite and ok, latest.update(out)
                 state.nonfinite = 0 if finite else state.nonfinite + 1
                 if state.nonfinite >= cfg.nan_patience:
-                    raise RuntimeError(f"{state.nonfinite} iterations in a row had non-finite losses; stopping. Lower the "
-                                       f"learning rate or use bf16 instead of fp16, and resume from the last checkpoint.")
+                    raise UserError(f"{state.nonfinite} iterations in a row had non-finite losses or gradients; stopping. "
+                                    f"Lower the learning rate or use bf16 instead of fp16, and resume from the last checkpoint.")
                 state.step += 1
                 for sched in schedulers.values():
                     sched.step()
                 for n, ema in emas.items():
-                    ema.update(acc.unwrap_model(models[n]))
+                    if any(model_of[u] == n for u in due):  # average the model's updates, not idle iterations
+                        ema.update(acc.unwrap_model(models[n]))
                 progress.update(1)
                 if self.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.max_train_steps):
-                    logs["lr"] = next(iter(schedulers.values())).get_last_lr()[0] if schedulers else 0.0
+                    logs = dict(latest, lr=next(iter(schedulers.values())).get_last_lr()[0] if schedulers else 0.0)
                     history.append({"step": state.step, **logs})
                     progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
                     if cfg.report_to != "none":
@@ -266,7 +294,7 @@ class Trainer:
         summary = self.timer.summary(elapsed, state.step - start_step)
         result = {"step": state.step, "interrupted": interrupted, "signal": self._stop_signal, "timing": summary}
         if self.is_main:
-            _write_history(log_path, history)
+            _write_history(*self._history)
             _plot_history(history, os.path.join(cfg.output_dir, "loss_curves.png"))
             with open(os.path.join(cfg.output_dir, "timing.json"), "w") as f:
                 json.dump(summary, f, indent=2)
@@ -299,7 +327,11 @@ class Trainer:
             return False, {}
         acc.backward(loss)
         if acc.sync_gradients and cfg.max_grad_norm:
-            acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            if self._any_rank(not bool(torch.isfinite(torch.as_tensor(norm)))):
+                self.log(f"Non-finite {name} gradient at step {self._step_for_log}; update skipped.")
+                optimizer.zero_grad(set_to_none=True)
+                return False, {}
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return True, {k: float(v) for k, v in logs.items()}
@@ -324,7 +356,14 @@ class Trainer:
             return
         with self.timer.phase("validation"), _ema_weights(emas, self.accelerator, models):
             unwrapped = {n: self.accelerator.unwrap_model(m) for n, m in models.items()}
-            images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
+            modes = {n: m.training for n, m in unwrapped.items()}
+            for m in unwrapped.values():
+                m.eval()
+            try:
+                images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
+            finally:
+                for n, m in unwrapped.items():
+                    m.train(modes[n])
             save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
 
 

@@ -14,7 +14,6 @@ import json
 import os
 from typing import List, Optional, Union
 
-import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor

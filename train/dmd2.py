@@ -87,8 +87,13 @@ def main(argv=None):
     info = read_class_info(teacher_id, unet_cfg)
     num_classes = args.num_classes or info.get("num_classes")
     null_class = args.null_class if args.null_class is not None else info.get("null_class")
-    if unet_cfg.get("num_class_embeds") and not num_classes:
+    embeds = unet_cfg.get("num_class_embeds")
+    if embeds and not num_classes:
         raise UserError("The teacher is class-conditional; pass --num_classes (and --null_class if it supports CFG).")
+    if num_classes and (not embeds or num_classes > embeds):
+        raise UserError(f"--num_classes {num_classes} does not fit the teacher, which embeds {embeds or 0} classes.")
+    if null_class is not None and not (embeds and 0 <= null_class < embeds):
+        raise UserError(f"--null_class {null_class} is not one of the teacher's {embeds or 0} class embeddings.")
 
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(preset, name)  # noqa: E731
     timesteps = parse_timesteps(args.conditioning_timesteps, teacher.denoiser.schedule.num_timesteps) \
@@ -133,6 +138,7 @@ def main(argv=None):
                   uncond=uncond, export_info={"scheduler_config": teacher.scheduler_config, "num_classes": num_classes,
                                               "teacher": teacher_id})
     from onestep.cli import apply_memory_options
+    args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
     apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
     result = trainer.fit(method, data)
     if trainer.is_main and not result["interrupted"]:

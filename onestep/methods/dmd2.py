@@ -7,6 +7,7 @@ L_C = L_fake + lambda_Dgan L_D, with the GAN head on the critic's bottleneck.
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -15,6 +16,7 @@ import torch
 from ..critic import Critic
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
+from ..errors import UserError
 from ..generator import OneStepGenerator
 from ..losses import denoising_loss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
 from .base import Method, Update
@@ -52,12 +54,14 @@ class DMD2(Method):
         uses an analytic teacher for the real score and a fitted teacher-net to initialise them."""
         super().__init__()
         if config.ttur_ratio < 1:
-            raise ValueError("ttur_ratio must be at least 1.")
+            raise UserError("The TTUR ratio must be at least 1.")
         if config.fake_score not in ("critic", "none"):
-            raise ValueError(f"fake_score must be 'critic' or 'none', got {config.fake_score!r}.")
+            raise UserError(f"fake_score must be 'critic' or 'none', got {config.fake_score!r}.")
         T = teacher.schedule.num_timesteps
         if not 0 <= config.dm_t_min <= config.dm_t_max < T:
-            raise ValueError(f"DM timestep range {config.dm_t_min}..{config.dm_t_max} must lie within 0..{T - 1}.")
+            raise UserError(f"The DM timestep range {config.dm_t_min}..{config.dm_t_max} must lie within 0..{T - 1}.")
+        if config.guidance_scale > 1 and uncond is None:
+            raise UserError("Real-score guidance needs the teacher's unconditional input (a null class or empty prompt).")
         self.config, self.sample_shape = config, tuple(sample_shape)
         self.teacher = teacher.eval().requires_grad_(False)
         self.cond_sampler = cond_sampler or (lambda n, device: None)
@@ -99,12 +103,10 @@ class DMD2(Method):
         gen = self.prepared["generator"]
         plain = self.unwrap(gen)
         with self.timer.phase("generator"):
-            if len(plain.timesteps) > 1:
-                # Backward simulation: one k for the whole global batch (same stream on every rank).
-                k = int(torch.randint(len(plain.timesteps), (1,), generator=info.shared_generator))
-                x_in, t_in = plain.backward_simulate(z, cond, k)
-            else:
-                x_in, t_in = plain.noise_input(z), plain._t(0, z)
+            # Backward simulation: one k for the whole global batch (same stream on every rank); k = 0
+            # (always, for one-step students) is plain noise at the first timestep.
+            k = int(torch.randint(len(plain.timesteps), (1,), generator=info.shared_generator)) if len(plain.timesteps) > 1 else 0
+            x_in, t_in = plain.backward_simulate(z, cond, k)
             with torch.set_grad_enabled("generator" in info.due):
                 x = gen(x_in, t_in, cond)
         return {"x": x, "cond": cond, "real": batch}
@@ -124,12 +126,12 @@ class DMD2(Method):
         with torch.no_grad():
             x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
             with self.timer.phase("teacher"):
-                uncond = self.uncond(cond) if (self.uncond is not None and c.guidance_scale != 1.0) else None
+                uncond = self.uncond(cond) if c.guidance_scale > 1 else None
                 x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
             if c.fake_score == "none":
                 x0_fake = x.detach()
             else:
-                with torch.autocast(x.device.type, enabled=not c.fake_score_fp32):
+                with torch.autocast(x.device.type, enabled=False) if c.fake_score_fp32 else nullcontext():
                     x0_fake = critic.denoiser(x_t.float(), t, cond)
             grad = dm_gradient(x.detach().float(), x0_real.float(), x0_fake.float())
         loss_dm = dm_loss(x, grad)
@@ -137,12 +139,14 @@ class DMD2(Method):
         logs = {"loss_dm": loss_dm.detach(), "dm_grad_abs": (x0_fake - x0_real).abs().mean()}
         if c.gan:
             # Gradient flows through F and the head into G; F and the head are not updated by it.
+            flags = [(p, p.requires_grad) for p in critic.parameters()]
             critic.requires_grad_(False)
             try:
                 x_d, t_d, _ = self._noised(x, 0, self.teacher.schedule.num_timesteps - 1)
                 loss_g_gan = gan_generator_loss(critic.logits(x_d, t_d, cond))
             finally:
-                critic.requires_grad_(True)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
             loss = loss + c.gan_generator_weight * loss_g_gan
             logs["loss_g_gan"] = loss_g_gan.detach()
         return loss, logs
@@ -185,8 +189,11 @@ class DMD2(Method):
         from ..export import export_one_step
         info = self.export_info
         if "scheduler_config" not in info:
-            raise ValueError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
+            raise UserError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
         gen = models["generator"]
+        if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in ("epsilon", "v_prediction", "sample"):
+            raise UserError(f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
+                            f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student.")
         card = {"method": "DMD2 (Yin et al. 2024)", "teacher": info.get("teacher", "?"),
                 "real-score guidance scale": self.config.guidance_scale, "TTUR ratio": self.config.ttur_ratio,
                 "GAN": self.config.gan, **extra_card}

@@ -72,21 +72,37 @@ def evaluate_generator(gen_sample, gmm: GaussianMixture, n: int = 5000, seed: in
     return ToyResult(energy_distance(x, ref), mode_stats(gmm, x), x)
 
 
+class ToyDMD2(DMD2):
+    """DMD2 whose 'validation grid' measures the generator on the mixture (metrics over training)."""
+
+    gmm: GaussianMixture
+    history: list
+
+    @torch.no_grad()
+    def sample_grid(self, models, num, seed, device):
+        res = evaluate_generator(lambda z: models["generator"].sample(z), self.gmm, n=2000)
+        self.history.append({"energy_distance": res.energy_distance, **res.modes})
+        return torch.zeros(1, 1, 1, 1)
+
+
 def run_dmd2_gmm(config: DMD2Config, steps: int, gmm: GaussianMixture | None = None, teacher_gmm: GaussianMixture | None = None,
                  teacher_net: Denoiser | None = None, seed: int = 0, ema_decay: float | None = None,
-                 output_dir: str | None = None) -> tuple[ToyResult, DMD2]:
+                 output_dir: str | None = None, eval_every: int | None = None, real_score: str = "analytic",
+                 mixed_precision: str = "no") -> tuple[ToyResult, DMD2]:
     """Train DMD2 on the mixture: analytic real score from `teacher_gmm` (default: the true mixture),
     G and F initialised from `teacher_net`, GAN real data from the true mixture."""
     gmm = gmm or GaussianMixture.circle()
     schedule = sd_schedule()
-    teacher = Denoiser(AnalyticDenoiser(teacher_gmm or gmm, schedule), schedule, "sample")
     net = teacher_net or fit_teacher_net(gmm, schedule)
+    teacher = Denoiser(AnalyticDenoiser(teacher_gmm or gmm, schedule), schedule, "sample") if real_score == "analytic" else net
     if config.gan and config.feature_module is None:
         config.feature_module = "blocks.1"
-    method = DMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
+    method = ToyDMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
+    method.gmm, method.history = gmm, []
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(TrainerConfig(output_dir=output_dir or tmp, max_train_steps=steps, seed=seed, ema_decay=ema_decay,
-                                        num_validation_images=0, export=False, log_every=100))
+                                        num_validation_images=1 if eval_every else 0, validation_steps=eval_every,
+                                        export=False, log_every=100, mixed_precision=mixed_precision))
         trainer.fit(method, GMMBatches(gmm, config.train_batch_size, seed))
     gen = method.generator
     return evaluate_generator(lambda z: gen.sample(z), gmm), method
