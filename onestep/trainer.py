@@ -95,6 +95,10 @@ class Trainer:
             raise UserError("--max_train_steps must be at least 1.")
         self.config = config
         report_to = None if config.report_to == "none" else config.report_to
+        # accelerate keeps its settings in a process-wide singleton; a second Trainer in the same
+        # process (tests, notebooks, sweeps) may ask for another precision. The process group stays.
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,

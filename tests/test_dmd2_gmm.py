@@ -24,7 +24,7 @@ def trained():
     return before, after
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_dmd2_one_step_generator_matches_the_mixture(trained):
     _, after = trained
     assert after.modes["modes_covered"] == 8          # every mode covered

@@ -194,9 +194,15 @@ class DMD2(Method):
         if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
                             f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student.")
-        card = {"method": "DMD2 (Yin et al. 2024)", "teacher": info.get("teacher", "?"),
-                "real-score guidance scale": self.config.guidance_scale, "TTUR ratio": self.config.ttur_ratio,
-                "GAN": self.config.gan, **extra_card}
+        c = self.config
+        card = {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)", "teacher": info.get("teacher", "?"),
+                "preset": extra_card.get("preset", "-"), "training_steps": f"{extra_card.get('training_steps')} critic iterations",
+                "generator updates": -(-int(extra_card.get("training_steps", 0)) // c.ttur_ratio),
+                "real-score guidance scale": c.guidance_scale, "TTUR ratio": c.ttur_ratio,
+                "GAN (G / D weight)": f"{c.gan_generator_weight} / {c.gan_discriminator_weight}" if c.gan else "off",
+                "learning rate": c.learning_rate, "batch per process": c.train_batch_size,
+                "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+                "metrics": "not measured in training; see the README of the onestep checkout"}
         export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, card, info.get("num_classes"))
 
 
