@@ -20,6 +20,12 @@ from .utils import seed_for
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def random_indices(n: int, batch_size: int, seed: int, rank: int, step: int, micro: int) -> torch.Tensor:
+    """The dataset indices of one micro-batch: a pure function of (seed, rank, step, micro)."""
+    g = torch.Generator().manual_seed(seed_for(seed, "data", rank, step, micro))
+    return torch.randint(n, (batch_size,), generator=g)
+
+
 @dataclass
 class Batch:
     images: torch.Tensor          # (B, C, H, W) in [-1, 1]
@@ -49,12 +55,8 @@ class TensorBatches:
     def __len__(self):
         return len(self.images)
 
-    def indices(self, step: int, micro: int, rank: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed_for(self.seed, "data", rank, step, micro))
-        return torch.randint(len(self.images), (self.batch_size,), generator=g)
-
     def batch(self, step: int, micro: int, rank: int, device) -> Batch:
-        idx = self.indices(step, micro, rank)
+        idx = random_indices(len(self.images), self.batch_size, self.seed, rank, step, micro)
         cond = Cond(class_labels=self.labels[idx].to(device)) if self.labels is not None else None
         return Batch(self.images[idx].to(device), cond)
 
@@ -133,8 +135,7 @@ class DatasetBatches:
 
     def _index_lists(self, step: int, micro: int, rank: int):
         while True:
-            g = torch.Generator().manual_seed(seed_for(self.seed, "data", rank, step, micro))
-            yield torch.randint(len(self.dataset), (self.batch_size,), generator=g).tolist()
+            yield random_indices(len(self.dataset), self.batch_size, self.seed, rank, step, micro).tolist()
             micro += 1
             if micro == self.micro_steps:
                 step, micro = step + 1, 0

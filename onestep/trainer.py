@@ -322,18 +322,21 @@ class Trainer:
         return result
 
     def _update(self, name, it, method, model, optimizer) -> tuple[bool, dict[str, float]]:
-        """One loss -> backward -> clip -> step, skipped on every rank if any rank's loss is not finite."""
+        """One loss -> backward -> clip -> step, skipped on every rank if any rank's loss or gradient
+        is not finite. With clipping on, the gradient norm is the one check (a non-finite loss gives a
+        non-finite norm), so an update costs a single cross-rank reduction."""
         cfg, acc = self.config, self.accelerator
         loss, logs = method.loss(name, it)
-        if self._any_rank(not bool(torch.isfinite(loss.detach()))):
+        clip = acc.sync_gradients and cfg.max_grad_norm
+        if not clip and self._any_rank(not bool(torch.isfinite(loss.detach()))):
             self.log(f"Non-finite {name} loss at step {self._step_for_log}; update skipped.")
             optimizer.zero_grad(set_to_none=True)
             return False, {}
         acc.backward(loss)
-        if acc.sync_gradients and cfg.max_grad_norm:
+        if clip:
             norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             if self._any_rank(not bool(torch.isfinite(torch.as_tensor(norm)))):
-                self.log(f"Non-finite {name} gradient at step {self._step_for_log}; update skipped.")
+                self.log(f"Non-finite {name} loss or gradient at step {self._step_for_log}; update skipped.")
                 optimizer.zero_grad(set_to_none=True)
                 return False, {}
         optimizer.step()
