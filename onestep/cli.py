@@ -35,6 +35,13 @@ def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
     g.add_argument("--validation_steps", type=positive_int, default=None, help="Iterations between PNG sample grids.")
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--eval_steps", type=positive_int, default=None,
+                   help="Iterations between in-training FID evaluations (EMA weights, fixed noise); logged to logs/eval.csv and trackers.")
+    g.add_argument("--eval_samples", type=positive_int, default=500, help="Samples per in-training evaluation.")
+    g.add_argument("--eval_features", choices=["digits", "inception", "clip"], default=None,
+                   help="Feature extractor for in-training FID (default: digits for the digits teacher, else inception).")
+    g.add_argument("--eval_reference", default=None, help="Reference for in-training FID: image folder, statistics .npz, or 'digits'.")
+    g.add_argument("--inception_weights", default=None, help="Local copy of clean-fid's Inception weights (offline machines).")
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNets.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention (CUDA only; SDPA is used otherwise).")
@@ -60,6 +67,7 @@ def trainer_config(args, defaults: dict, run_config: dict) -> TrainerConfig:
         resume_from_checkpoint=args.resume_from_checkpoint,
         report_to=args.report_to,
         validation_steps=pick("validation_steps"),
+        eval_steps=pick("eval_steps"),
         seed=args.seed,
         run_config=run_config,
     )

@@ -150,3 +150,30 @@ class DatasetBatches:
         self._expected = (step, micro + 1) if micro + 1 < self.micro_steps else (step + 1, 0)
         cond = Cond(class_labels=labels.to(device)) if self.dataset.labels is not None else None
         return Batch(images.to(device), cond)
+
+
+def read_prompts(path: str) -> list[str]:
+    """A prompt file: plain text (one prompt per line, blank lines skipped) or JSON lines with a
+    "text", "caption" or "prompt" field."""
+    import json
+    if not os.path.isfile(path):
+        raise UserError(f"The prompt file {path} does not exist.")
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.endswith(".jsonl"):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    raise UserError(f"{path} line {n} is not valid JSON.") from None
+                text = next((row[k] for k in ("text", "caption", "prompt") if k in row), None)
+                if not isinstance(text, str):
+                    raise UserError(f"{path} line {n} has no \"text\", \"caption\" or \"prompt\" string.")
+                line = text
+            prompts.append(line)
+    if not prompts:
+        raise UserError(f"The prompt file {path} holds no prompts.")
+    return prompts

@@ -29,6 +29,7 @@ class DMD2Preset:
     max_grad_norm: float = 10.0
     ema_decay: float = 0.0             # 0 = off (the reference uses none)
     validation_steps: int = 1000
+    eval_steps: int | None = None      # in-training FID (needs a reference the teacher comes with)
     checkpointing_steps: int = 1000
     gradient_checkpointing: bool = False
     lora_rank: int = 0                 # LoRA on G only (text-to-image presets)
@@ -45,7 +46,7 @@ PRESETS: dict[str, DMD2Preset] = {
             teacher="digits", learning_rate=2e-4, ttur_ratio=5, guidance_scale=1.0, conditioning_timesteps=(399,),
             gan=True, gan_generator_weight=3e-3, gan_discriminator_weight=1e-2, train_batch_size=16,
             max_train_steps=1200, mixed_precision="no", lr_warmup_steps=0, ema_decay=0.99,
-            validation_steps=300, checkpointing_steps=600,
+            validation_steps=300, checkpointing_steps=600, eval_steps=300,
             notes="Conditioning timestep 399 (as SDXL one-step): at 999 the eps->x0 conversion multiplies the "
                   "network's error by 1/alpha_999 = 14.6 and a CPU budget does not train it away (README).",
         ),

@@ -4,6 +4,7 @@ optimisers and update schedule, and computes one loss at a time; the trainer doe
 guard, signals, timing, export)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -43,6 +44,7 @@ class TrainerConfig:
     tracker_project_name: str = "onestep"
     validation_steps: int | None = None      # iterations between sample grids; None = start and end only
     num_validation_images: int = 16
+    eval_steps: int | None = None            # iterations between in-training evaluations (needs an evaluator)
     log_every: int = 10                      # iterations between tracker/CSV log rows
     seed: int = 0
     nan_patience: int = 20                   # consecutive non-finite losses before the run stops
@@ -183,7 +185,9 @@ class Trainer:
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
     # -- the loop ----------------------------------------------------------------------------------
-    def fit(self, method: Method, data=None) -> dict:
+    def fit(self, method: Method, data=None, evaluator=None) -> dict:
+        """evaluator(sample_fn) -> {name: value}, called every eval_steps iterations and at the end with
+        the EMA weights, sample_fn(n, seed) giving n student samples in [-1, 1] (e.g. onestep.eval's FID)."""
         cfg, acc = self.config, self.accelerator
         if list_checkpoints(cfg.output_dir) and not cfg.resume_from_checkpoint:
             raise UserError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
@@ -232,6 +236,9 @@ class Trainer:
         log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
         history = _read_history(log_path, state.step) if self.is_main else []
         self._history = (log_path, history)
+        eval_path = os.path.join(cfg.output_dir, "logs", "eval.csv")
+        self._evals = (eval_path, _read_history(eval_path, state.step) if self.is_main else [])
+        self._evaluator = evaluator
         latest: dict[str, float] = {}  # last value of every logged quantity (G losses appear every R-th step)
         grids_dir = os.path.join(cfg.output_dir, "samples")
         trained = [models[n] for n in names]
@@ -243,6 +250,7 @@ class Trainer:
         interrupted = False
         if state.step == 0:
             self._validate(method, models, emas, grids_dir, 0)
+            self._evaluate(method, models, emas, 0)
         try:
             while state.step < cfg.max_train_steps:
                 step = self._step_for_log = state.step
@@ -281,6 +289,8 @@ class Trainer:
                         acc.log(logs, step=state.step)
                 if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
                     self._validate(method, models, emas, grids_dir, state.step)
+                if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_train_steps:
+                    self._evaluate(method, models, emas, state.step)
                 stop = self._any_rank(self._stop_signal is not None)
                 at_interval = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
                 if (at_interval or stop) and state.step < cfg.max_train_steps:
@@ -310,12 +320,13 @@ class Trainer:
         self.log(f"Saved {path}")
         self._write_weight_digests(models)
         self._validate(method, models, emas, grids_dir, state.step)
+        result["eval"] = self._evaluate(method, models, emas, state.step)
         if cfg.export:
             acc.wait_for_everyone()
             if self.is_main:
                 with _ema_weights(emas, acc, models):
                     method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir,
-                                  {"training_steps": state.step, "ema_decay": cfg.ema_decay, **cfg.run_config})
+                                  {"training_steps": state.step, "ema_decay": cfg.ema_decay, "eval": result["eval"], **cfg.run_config})
             acc.wait_for_everyone()
         self.log(format_summary(summary))
         acc.end_training()
@@ -358,20 +369,42 @@ class Trainer:
         with open(path, "w") as f:
             json.dump(digests, f, indent=2)
 
+    def _evaluate(self, method, models, emas, step) -> dict:
+        """In-training metrics on the main process (other ranks go on and wait at the next reduction)."""
+        if self._evaluator is None or not self.is_main:
+            return {}
+        with self.timer.phase("evaluation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
+            values = self._evaluator(lambda n, seed: method.sample_grid(unwrapped, n, seed, self.device))
+        path, rows = self._evals
+        rows[:] = [r for r in rows if r["step"] != step] + [{"step": step, **values}]
+        _write_history(path, rows)
+        _plot_history(rows, os.path.join(os.path.dirname(path), "eval.png"))
+        if self.config.report_to != "none":
+            self.accelerator.log(values, step=step)
+        self.log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
+        return values
+
     def _validate(self, method, models, emas, grids_dir, step):
         if not self.is_main or self.config.num_validation_images <= 0:
             return
-        with self.timer.phase("validation"), _ema_weights(emas, self.accelerator, models):
-            unwrapped = {n: self.accelerator.unwrap_model(m) for n, m in models.items()}
-            modes = {n: m.training for n, m in unwrapped.items()}
-            for m in unwrapped.values():
-                m.eval()
-            try:
-                images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
-            finally:
-                for n, m in unwrapped.items():
-                    m.train(modes[n])
+        with self.timer.phase("validation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
+            images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
             save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
+
+
+@contextlib.contextmanager
+def _sampling_models(emas, acc, models):
+    """The unwrapped models with EMA weights swapped in and in eval mode; everything restored after."""
+    with _ema_weights(emas, acc, models):
+        unwrapped = {n: acc.unwrap_model(m) for n, m in models.items()}
+        modes = {n: m.training for n, m in unwrapped.items()}
+        for m in unwrapped.values():
+            m.eval()
+        try:
+            yield unwrapped
+        finally:
+            for n, m in unwrapped.items():
+                m.train(modes[n])
 
 
 class _ema_weights:

@@ -45,6 +45,10 @@ def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
     card = (out / "README.md").read_text()
     for field in ("teacher", "DMD2", "conditioning timesteps", "training_steps"):
         assert field in card
+    # The preset's in-training FID (digits features) ran at the start and at the end, with EMA weights.
+    rows = (out / "logs" / "eval.csv").read_text().splitlines()
+    assert rows[0].split(",")[0] == "step" and [r.split(",")[0] for r in rows[1:]] == ["0", "3"]
+    assert "fid_digits_500" in rows[0] and "fid_digits_500" in card and (out / "logs" / "eval.png").exists()
     # Fresh processes (cwd elsewhere, onestep not imported): same seed -> same images, twice.
     first = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))
     second = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))

@@ -111,7 +111,7 @@ def main(argv=None):
                   "learning_rate": config.learning_rate, "ttur_ratio": config.ttur_ratio,
                   "guidance_scale": config.guidance_scale, "conditioning_timesteps": timesteps, "gan": config.gan}
     defaults = {k: getattr(preset, k) for k in ("max_train_steps", "mixed_precision", "lr_warmup_steps", "max_grad_norm",
-                                                "ema_decay", "validation_steps", "checkpointing_steps")}
+                                                "ema_decay", "validation_steps", "checkpointing_steps", "eval_steps")}
     trainer = Trainer(trainer_config(args, defaults, run_config))
 
     data = None
@@ -140,7 +140,10 @@ def main(argv=None):
     from onestep.cli import apply_memory_options
     args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
     apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
-    result = trainer.fit(method, data)
+    from onestep.eval.intraining import build_evaluator
+    args.eval_steps = args.eval_steps or preset.eval_steps
+    evaluator = build_evaluator(args, teacher_id, trainer.device) if trainer.is_main else None
+    result = trainer.fit(method, data, evaluator)
     if trainer.is_main and not result["interrupted"]:
         out = os.path.abspath(args.output_dir)
         trainer.log(
@@ -149,6 +152,7 @@ def main(argv=None):
             f"  checkpoints       {out}/checkpoint-<step>\n"
             f"  sample grids      {out}/samples/\n"
             f"  loss curves       {out}/loss_curves.png, {out}/logs/losses.csv\n"
+            f"  in-training FID   {out}/logs/eval.csv, {out}/logs/eval.png\n"
             f"  timing            {out}/timing.json\n"
             f"Load it: DiffusionPipeline.from_pretrained({args.output_dir!r}, trust_remote_code=True)"
             f"(class_labels=[3, 7]).images"

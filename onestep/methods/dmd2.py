@@ -202,7 +202,7 @@ class DMD2(Method):
                 "GAN (G / D weight)": f"{c.gan_generator_weight} / {c.gan_discriminator_weight}" if c.gan else "off",
                 "learning rate": c.learning_rate, "batch per process": c.train_batch_size,
                 "weight EMA (exported)": extra_card.get("ema_decay") or "off",
-                "metrics": "not measured in training; see the README of the onestep checkout"}
+                "metrics": _metrics_line(extra_card.get("eval"))}
         export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, card, info.get("num_classes"))
 
 
@@ -212,3 +212,9 @@ def _cat(a: Cond | None, b: Cond | None) -> Cond | None:
     if a is None or b is None:
         raise ValueError("Real and generated batches must both carry conditions or both carry none.")
     return a.cat(b)
+
+
+def _metrics_line(values: dict | None) -> str:
+    if not values:
+        return "not measured in training; measure with onestep-eval fid (README of the onestep checkout)"
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + " (in-training, EMA weights, fixed noise; see logs/eval.csv)"

@@ -1,0 +1,235 @@
+"""Where evaluated images come from: a pipeline folder, a teacher sampled with DDIM, or an image folder.
+
+Seeds never depend on the number of processes or the batch size: image i is drawn from its own
+torch.Generator seeded with sha256(seed, "sample", i), and its class label is fixed by i as well. The
+work is split into batches of fixed content; with P processes, batch b runs on process b mod P and the
+features are gathered back in batch order, so 1 and 2 processes give identical numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from onestep.data import IMAGE_EXTENSIONS
+from onestep.errors import UserError
+from onestep.utils import seed_for
+
+SEED_SCHEME = "image i uses torch.Generator('cpu').manual_seed(sha256-seed(seed, 'sample', i)); independent of batch size and process count"
+
+
+@dataclass
+class SamplePlan:
+    num_samples: int
+    batch_size: int
+    seed: int = 0
+    class_sampling: str = "uniform"      # uniform: label i mod C (equal counts); random: i.i.d. from the seed
+    num_classes: int | None = None
+
+    def labels(self) -> np.ndarray | None:
+        if not self.num_classes:
+            return None
+        if self.class_sampling == "uniform":
+            return np.arange(self.num_samples) % self.num_classes
+        if self.class_sampling == "random":
+            return np.random.RandomState(seed_for(self.seed, "labels") % (2 ** 32)).randint(0, self.num_classes, self.num_samples)
+        raise UserError(f"Unknown class sampling {self.class_sampling!r}; choose uniform or random.")
+
+    def batches(self) -> list[range]:
+        return [range(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
+
+    def describe(self) -> dict:
+        return {"num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed, "seed_scheme": SEED_SCHEME,
+                "class_sampling": self.class_sampling if self.num_classes else "unconditional", "num_classes": self.num_classes}
+
+
+def generators(seed: int, indices) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(seed_for(seed, "sample", int(i))) for i in indices]
+
+
+def to_uint8(images) -> np.ndarray:
+    """Pipeline output (np/pt in [0, 1], NHWC or NCHW) -> uint8 NHWC, rounded as when saved to PNG."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().float().cpu().numpy()
+        if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
+            images = images.transpose(0, 2, 3, 1)
+    if isinstance(images, list):
+        return np.stack([np.asarray(im.convert("RGB")) for im in images])
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def weights_sha256(folder: str) -> str:
+    """One hash over every weight file in a model folder (relative path + content)."""
+    from .features import file_sha256
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name.endswith((".safetensors", ".bin", ".pt", ".pth", ".ckpt")):
+                path = os.path.join(root, name)
+                h.update(os.path.relpath(path, folder).encode())
+                h.update(file_sha256(path).encode())
+    return h.hexdigest()
+
+
+# --- pipeline folders ---------------------------------------------------------------------------------
+
+def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False):
+    """Any folder DiffusionPipeline.from_pretrained loads. Our own OneStepPipeline folders load with the
+    installed class, so they need no --trust-remote-code."""
+    index_path = os.path.join(path, "model_index.json")
+    if not os.path.isdir(path):
+        raise UserError(f"No pipeline folder at {path}.")
+    if not os.path.isfile(index_path):
+        raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json).")
+    with open(index_path) as f:
+        try:
+            class_name = json.load(f).get("_class_name")
+        except json.JSONDecodeError:
+            raise UserError(f"{index_path} is not valid JSON.") from None
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    try:
+        if class_name == ["one_step", "OneStepPipeline"]:
+            from onestep.pipelines import OneStepPipeline
+            pipe = OneStepPipeline.from_pretrained(path, **kwargs)
+        else:
+            from diffusers import DiffusionPipeline
+            pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
+        hint = " (its pipeline class is custom code: pass --trust-remote-code if you trust it)" if isinstance(class_name, list) and not trust_remote_code else ""
+        raise UserError(f"Cannot load the pipeline at {path}{hint}: {str(err).splitlines()[0][:200]}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+class PipelineSampler:
+    """Calls a diffusers pipeline with per-image generators and whatever conditioning it takes."""
+
+    def __init__(self, path: str, device, steps: int | None = None, guidance_scale: float | None = None,
+                 dtype=None, trust_remote_code: bool = False):
+        self.path, self.steps, self.guidance_scale = path, steps, guidance_scale
+        self.pipe = load_pipeline(path, device, dtype, trust_remote_code)
+        self.params = inspect.signature(self.pipe.__call__).parameters
+        cfg = self.pipe.config
+        self.num_classes = cfg.get("num_classes") if "class_labels" in self.params else None
+        if self.num_classes is None and "class_labels" in self.params and hasattr(self.pipe, "transformer"):
+            self.num_classes = getattr(self.pipe.transformer.config, "num_embeds_ada_norm", None)  # DiT
+        self.takes_prompt = "prompt" in self.params
+
+    def describe(self) -> dict:
+        return {"kind": "pipeline", "path": os.path.abspath(self.path), "class": type(self.pipe).__name__,
+                "weights_sha256": weights_sha256(self.path), "num_inference_steps": self.steps or "pipeline default",
+                "guidance_scale": self.guidance_scale}
+
+    def __call__(self, indices, seed: int, labels=None, prompts=None) -> np.ndarray:
+        kwargs = {"generator": generators(seed, indices), "output_type": "np"}
+        if prompts is not None:
+            if not self.takes_prompt:
+                raise UserError(f"The pipeline {type(self.pipe).__name__} takes no prompt; --prompts needs a text-to-image pipeline.")
+            kwargs["prompt"] = list(prompts)
+        elif labels is not None:
+            kwargs["class_labels"] = [int(c) for c in labels]
+        elif "batch_size" in self.params:
+            kwargs["batch_size"] = len(indices)
+        elif "num_images_per_prompt" in self.params:
+            raise UserError(f"{type(self.pipe).__name__} is a text-to-image pipeline; pass --prompts FILE.")
+        if self.steps is not None:
+            kwargs["num_inference_steps"] = self.steps
+        if self.guidance_scale is not None and "guidance_scale" in self.params:
+            kwargs["guidance_scale"] = self.guidance_scale
+        return to_uint8(self.pipe(**kwargs).images)
+
+
+class TeacherSampler:
+    """A teacher folder (or "digits") sampled with deterministic DDIM, trailing spacing."""
+
+    def __init__(self, name: str, steps: int, device, guidance_scale: float = 1.0):
+        from onestep.loading import load_teacher, read_class_info
+        self.name, self.steps, self.guidance_scale, self.device = name, steps, guidance_scale, device
+        self.teacher = load_teacher(name)
+        if self.teacher.unet_class != "UNet2DModel":
+            raise UserError("Teacher sampling here covers pixel-space UNet2DModel teachers; export text-to-image teachers as a pipeline and pass --pipeline.")
+        self.teacher.denoiser.to(device)
+        self.info = read_class_info(name, self.teacher.unet_config)
+        self.num_classes = self.info.get("num_classes")
+
+    def describe(self) -> dict:
+        from onestep.loading import resolve_teacher_path
+        path = resolve_teacher_path(self.name)
+        return {"kind": "teacher", "path": os.path.abspath(path), "weights_sha256": weights_sha256(path),
+                "sampler": "DDIM eta=0, trailing spacing", "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale}
+
+    @torch.no_grad()
+    def __call__(self, indices, seed: int, labels=None, prompts=None) -> np.ndarray:
+        from onestep.denoiser import Cond
+        from onestep.sampling import ddim_sample
+        cfg = self.teacher.unet_config
+        size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
+        z = torch.cat([torch.randn(1, cfg["in_channels"], size, size, generator=g) for g in generators(seed, indices)]).to(self.device)
+        cond = uncond = None
+        if labels is not None:
+            cond = Cond(class_labels=torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device))
+            null = self.info.get("null_class")
+            if self.guidance_scale != 1.0:
+                if null is None:
+                    raise UserError("This teacher has no null class, so it cannot be sampled with guidance; use --guidance-scale 1.")
+                uncond = Cond(class_labels=torch.full((len(indices),), null, dtype=torch.long, device=self.device))
+        x0 = ddim_sample(self.teacher.denoiser, z, cond, self.steps, self.guidance_scale, uncond)
+        return to_uint8((x0.clamp(-1, 1) + 1) / 2)
+
+
+# --- image folders ------------------------------------------------------------------------------------
+
+def list_images(folder: str) -> list[str]:
+    if not os.path.isdir(folder):
+        raise UserError(f"The image folder {folder} does not exist.")
+    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise UserError(f"The image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
+    return files
+
+
+def read_image(path: str) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (UnidentifiedImageError, OSError) as err:
+        raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
+
+
+def read_images(files: list[str], same_size: bool = True) -> np.ndarray | list[np.ndarray]:
+    images = [read_image(p) for p in files]
+    if same_size:
+        sizes = {im.shape[:2] for im in images}
+        if len(sizes) > 1:
+            first = images[0].shape[:2]
+            odd = next(p for p, im in zip(files, images) if im.shape[:2] != first)
+            raise UserError(f"The images have mixed sizes ({files[0]} is {first[1]}x{first[0]}, {odd} is "
+                            f"{images[files.index(odd)].shape[1]}x{images[files.index(odd)].shape[0]}); resize them to one size first.")
+        return np.stack(images)
+    return images
+
+
+def digits_reference_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 digits at 16x16 as uint8 (N, 16, 16, 1), the bundled default's training set."""
+    from onestep.data import load_digits_images
+    x, y = load_digits_images(16)
+    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), y.numpy()
+
+
+# --- processes ----------------------------------------------------------------------------------------
+
+def run_sharded(plan_batches: list, work, state=None) -> list:
+    """work(batch) for the batches of this process (b mod P); every process gets all results in order."""
+    if state is None or state.num_processes == 1:
+        return [work(b) for b in plan_batches]
+    from accelerate.utils import gather_object
+    mine = [(i, work(b)) for i, b in enumerate(plan_batches) if i % state.num_processes == state.process_index]
+    gathered = gather_object([mine])
+    results = dict(pair for part in gathered for pair in part)
+    return [results[i] for i in range(len(plan_batches))]
