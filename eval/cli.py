@@ -12,6 +12,7 @@ With several processes (seeds do not depend on the process count):
 from __future__ import annotations
 
 import argparse
+import sys
 
 from onestep.cli import positive_int, run_main
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("fid", "Frechet Inception (or other feature) distance"), ("kid", "kernel Inception distance")):
         s = sub.add_parser(name, help=what)
         _source_args(s)
+        s.add_argument("--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl); N images cycle over it")
         s.add_argument("--stats", help="evaluate a statistics .npz saved earlier (--save-stats) instead of sampling")
         _feature_args(s)
         _ref_args(s)
@@ -74,13 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="save feature statistics of a source (clean-fid make_custom_stats equivalent)")
     _source_args(s, "an image folder, or 'digits' for the bundled dataset")
+    s.add_argument("--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl)")
     _feature_args(s)
     s.add_argument("--cleanfid-name", help="also register them as clean-fid custom statistics under this name")
     s.add_argument("--output", required=True)
 
     s = sub.add_parser("clip", help="CLIP score of a text-to-image pipeline (or captioned images)")
     _source_args(s, "an image folder paired with --prompts in sorted order, or with its metadata.jsonl")
-    s.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (text/caption/prompt)")
+    s.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (text/caption/prompt); with --images, "
+                                      "line i pairs with the i-th image in sorted file-name order (10.png sorts before 2.png)")
     s.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or a JSON model config file")
     s.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag, a local checkpoint file, or none (random)")
     s.add_argument("--prefix", default=DEFAULT_PREFIX, help="prepended to every caption")
@@ -131,6 +135,7 @@ def main(argv=None):
     from . import commands
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded, shell-quoted, in every JSON
     _check_sources(args, parser)
     if getattr(args, "crop_size", None) == 0:
         args.crop_size = None

@@ -70,8 +70,16 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
     """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file)."""
     if getattr(args, "stats", None):
         stats = metrics.FeatureStats.load(args.stats)
+        _check_same_features(stats, extractor, args.stats)
         return stats, {"kind": "statistics file", "path": os.path.abspath(args.stats), "sha256": file_sha256(args.stats), **stats.meta}
     sampler = _sampler(args, device)
+    if prompts is None and getattr(args, "prompts", None):
+        from onestep.data import read_prompts
+        if sampler is None:
+            raise UserError("--prompts applies to generated images (--pipeline); an image folder is evaluated as it is.")
+        prompts = read_prompts(args.prompts)
+    if prompts is not None and args.num_samples:
+        prompts = [prompts[i % len(prompts)] for i in range(args.num_samples)]  # N images cycle over the prompts
     classify = isinstance(extractor, DigitsFeatures)
     if sampler is None:
         files = list_images(args.images)
@@ -81,7 +89,7 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
             files = files[: args.num_samples]
         _folder_shapes_check(files)
         plan = SamplePlan(len(files), args.batch_size)
-        source = {"kind": "image folder", "path": os.path.abspath(args.images), "num_images": len(files)}
+        source = {"kind": "image folder", "path": os.path.abspath(args.images), "num_images": len(files), "sha256": files_sha256(files)}
         def work(b):
             images = read_images(files[b.start:b.stop])
             return extractor(images), None, images if b.start == 0 else None
@@ -92,6 +100,8 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
         plan = SamplePlan(args.num_samples, args.batch_size, args.seed, args.class_sampling, num_classes)
         labels = plan.labels()
         source = sampler.describe()
+        if prompts is not None:
+            source["prompts_file"] = {"path": os.path.abspath(args.prompts), "sha256": file_sha256(args.prompts)}
         def work(b):
             lab = labels[b.start:b.stop] if labels is not None else None
             images = sampler(b, args.seed, lab, prompts[b.start:b.stop] if prompts is not None else None)
@@ -108,8 +118,27 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
     return stats, meta
 
 
+def _check_same_features(stats: metrics.FeatureStats, extractor, path: str) -> None:
+    made_with, mine = stats.meta.get("features", {}), extractor.describe()
+    if made_with and any(made_with.get(k) != mine[k] for k in ("name", "weights_sha256", "resize")):
+        raise UserError(f"{path} was made with other features ({made_with.get('name')}, weights {str(made_with.get('weights_sha256'))[:12]}) "
+                        f"than this run ({mine['name']}, weights {str(mine['weights_sha256'])[:12]}); remake it or pass the matching --features.")
+
+
+def files_sha256(files: list[str]) -> str:
+    """One hash over a list of image files (names and contents), so a folder reference is pinned."""
+    import hashlib
+    h = hashlib.sha256()
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        h.update(file_sha256(path).encode())
+    return h.hexdigest()
+
+
 def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, dict]:
     if args.ref_name:
+        if args.ref_res is None and args.ref_split != "custom":
+            raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
         if not extractor.name.startswith("inception"):
             raise UserError("clean-fid's named statistics are Inception statistics; use --features inception with --ref-name.")
         from cleanfid.features import get_reference_statistics
@@ -129,21 +158,20 @@ def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, di
     if ref == "digits":
         images, _ = digits_reference_images()
         stats = metrics.FeatureStats.from_features(extractor(images))
-        return stats, {"kind": "bundled dataset", "name": "scikit-learn digits, all 1,797 images at 16x16", "num_images": len(images)}
+        import hashlib
+        return stats, {"kind": "bundled dataset", "name": "scikit-learn digits, all 1,797 images at 16x16", "num_images": len(images),
+                       "sha256": hashlib.sha256(images.tobytes()).hexdigest()}
     if os.path.isfile(ref):
         stats = metrics.FeatureStats.load(ref)
-        made_with = stats.meta.get("features", {})
-        mine = extractor.describe()
-        if made_with and any(made_with.get(k) != mine[k] for k in ("name", "weights_sha256", "resize")):
-            raise UserError(f"{ref} was made with other features ({made_with.get('name')}, weights {str(made_with.get('weights_sha256'))[:12]}) "
-                            f"than this run ({mine['name']}, weights {str(mine['weights_sha256'])[:12]}); remake it or pass the matching --features.")
+        _check_same_features(stats, extractor, ref)
         return stats, {"kind": "statistics file", "path": os.path.abspath(ref), "sha256": file_sha256(ref),
                        "num_images": stats.meta.get("num_images")}
     files = list_images(ref)
     _folder_shapes_check(files)
     plan = SamplePlan(len(files), args.batch_size)
     feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop])), state))
-    return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files)}
+    return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files),
+                                                       "sha256": files_sha256(files)}
 
 
 def _extractor(args, device):
@@ -166,7 +194,7 @@ def distance(args) -> dict:
     extractor = _extractor(args, device)
     ref, ref_info = reference_features(args, extractor, state)
     gen, gen_info = generated_features(args, extractor, state, device)
-    record = new_record(args.command, device, state.num_processes if state else 1)
+    record = new_record(args.command, device, state.num_processes if state else 1, args)
     if args.command == "fid":
         value = metrics.fid(gen, ref)
     else:
@@ -202,6 +230,8 @@ def make_stats(args) -> dict:
         stats, _ = generated_features(args, extractor, state, device)
     if not _is_main(state):
         return {}
+    if args.cleanfid_name and not extractor.name.startswith("inception"):
+        raise UserError("clean-fid custom statistics are Inception statistics; use --features inception with --cleanfid-name.")
     stats.save(args.output)
     if args.cleanfid_name:
         _write_cleanfid_custom(stats, args.cleanfid_name, args.mode, extractor)
@@ -229,19 +259,23 @@ def clip_score(args) -> dict:
     state = _state()
     device = _device(args, state)
     start = time.perf_counter()
-    clip = load_open_clip(args.model, args.pretrained, device)
+    clip = None  # loaded after the inputs are checked: a ViT-g-14 takes a while
     if args.images:
         files = list_images(args.images)
         prompts = read_prompts(args.prompts) if args.prompts else _folder_captions(args.images, files)
         if len(prompts) != len(files):
             raise UserError(f"{args.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order.")
         n = args.num_samples or len(files)
+        if n > len(files):
+            raise UserError(f"--num-samples {n} is more than the {len(files)} images in {args.images}.")
         files, prompts = files[:n], prompts[:n]
         plan = SamplePlan(n, args.batch_size)
         work = lambda b: clip_scores(clip, [read_image(p) for p in files[b.start:b.stop]],  # noqa: E731
                                      prompts[b.start:b.stop], args.prefix, args.crop_size)
         source = {"kind": "image folder", "path": os.path.abspath(args.images)}
     else:
+        if args.teacher:
+            raise UserError("clip scores text-to-image pipelines (--pipeline) or captioned images (--images), not --teacher.")
         if not args.prompts:
             raise UserError("--prompts FILE is required with --pipeline.")
         all_prompts = read_prompts(args.prompts)
@@ -252,9 +286,10 @@ def clip_score(args) -> dict:
         work = lambda b: clip_scores(clip, sampler(b, args.seed, None, prompts[b.start:b.stop]), prompts[b.start:b.stop],  # noqa: E731
                                      args.prefix, args.crop_size)
         source = sampler.describe()
+    clip = load_open_clip(args.model, args.pretrained, device)
     cos = np.concatenate(run_sharded(plan.batches(), work, state))
     value = float(np.mean(scale_scores(cos, args.scale)))
-    record = new_record("clip", device, state.num_processes if state else 1)
+    record = new_record("clip", device, state.num_processes if state else 1, args)
     record.update({"clip_score": value, "scale": {"raw": "raw cosine (DMD2's convention, ~0.3)",
                                                    "100": "100 * max(cosine, 0) (torchmetrics' convention, ~30)"}[args.scale],
                    "prompt_prefix": args.prefix, "prompts_file": os.path.abspath(args.prompts) if args.prompts else None,
@@ -276,10 +311,13 @@ def _folder_captions(folder: str, files: list[str]) -> list[str]:
         raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {folder}.")
     captions = {}
     with open(meta) as f:
-        for line in f:
+        for n, line in enumerate(f, 1):
             if line.strip():
-                row = json.loads(line)
-                captions[os.path.normpath(os.path.join(folder, row["file_name"]))] = row.get("text") or row.get("caption")
+                try:
+                    row = json.loads(line)
+                    captions[os.path.normpath(os.path.join(folder, row["file_name"]))] = row.get("text") or row.get("caption")
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise UserError(f"{meta} line {n} is not a JSON object with file_name and text.") from None
     missing = [p for p in files if os.path.normpath(p) not in captions]
     if missing:
         raise UserError(f"{meta} has no caption for {missing[0]}.")
@@ -325,7 +363,7 @@ def super_resolution(args) -> dict:
         ya, yb = metrics.rgb_to_y(a), metrics.rgb_to_y(b)
         rows.append({"image": name, "psnr_rgb": metrics.psnr(a, b), "ssim_rgb": metrics.ssim(a, b),
                      "psnr_y": metrics.psnr(ya, yb), "ssim_y": metrics.ssim(ya, yb)})
-    record = new_record("sr", device)
+    record = new_record("sr", device, 1, args)
     for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y"):
         record[key] = float(np.mean([r[key] for r in rows]))
     record["lpips"] = None
@@ -393,7 +431,7 @@ def bench(args) -> dict:
                      "images_per_s": args.batch_size / med})
     for r in rows[1:]:
         r["student_speedup"] = rows[0]["images_per_s"] and rows[0]["images_per_s"] / r["images_per_s"]
-    record = new_record("bench", device)
+    record = new_record("bench", device, 1, args)
     record.update({"batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
                    "timing": "wall clock per pipeline call (noise, network, decode to uint8), median of repeats", "results": rows})
     if args.run:

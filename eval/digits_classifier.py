@@ -5,7 +5,7 @@ trained on the digits themselves gives features that separate what matters (shap
 works offline. FID/KID on its 64-d penultimate features are comparable only with each other, never with
 Inception FIDs.
 
-Train (about a minute on 2 CPU cores) and write the shipped weights:
+Train (about 3 minutes on 2 CPU cores) and write the shipped weights:
 
     python -m onestep.eval.digits_classifier --output onestep/assets/digits-classifier
 """

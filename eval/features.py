@@ -48,7 +48,9 @@ def _offline() -> bool:
 
 
 def _install_weights(given: str | None, target: str, matches, url: str, what: str) -> str:
-    """Put verified weights at `target` (the user cache): from `given`, an earlier copy, or a download."""
+    """Put verified weights at `target` (the user cache): from `given`, an earlier copy, or a download.
+    Temporary names are per process, so several ranks installing at once each end with an atomic rename."""
+    tmp = f"{target}.{os.getpid()}.tmp"
     if given:
         if not os.path.isfile(given):
             raise UserError(f"--inception-weights {given} does not exist.")
@@ -56,27 +58,28 @@ def _install_weights(given: str | None, target: str, matches, url: str, what: st
         if not matches(digest):
             raise UserError(f"{given} is not {what} (SHA-256 {digest[:16]}... does not match); download it from {url}.")
         if os.path.abspath(given) != os.path.abspath(target):
-            shutil.copyfile(given, target + ".tmp")
-            os.replace(target + ".tmp", target)
+            shutil.copyfile(given, tmp)
+            os.replace(tmp, target)
         return digest
     if os.path.isfile(target):
         digest = file_sha256(target)
         if matches(digest):
             return digest
-        os.remove(target)  # a corrupt or partial cache entry: fetch again below
+        os.replace(target, tmp)  # a corrupt cache entry: set it aside (atomic, other ranks may look too) ...
+        os.remove(tmp)           # ... and fetch again below
     hint = f"download {url} on a machine with internet and pass --inception-weights PATH"
     if _offline():
         raise UserError(f"{what} is not in the cache ({target}) and downloads are off (HF_HUB_OFFLINE); {hint}.")
     try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(target + ".tmp", "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as f:
             shutil.copyfileobj(resp, f)
     except OSError as err:
         raise UserError(f"Cannot download {what} ({err.__class__.__name__}); {hint}.") from None
-    digest = file_sha256(target + ".tmp")
+    digest = file_sha256(tmp)
     if not matches(digest):
-        os.remove(target + ".tmp")
+        os.remove(tmp)
         raise UserError(f"The downloaded {what} has the wrong SHA-256 ({digest[:16]}...); {hint}.")
-    os.replace(target + ".tmp", target)
+    os.replace(tmp, target)
     return digest
 
 

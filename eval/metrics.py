@@ -74,22 +74,31 @@ def fid(a: FeatureStats, b: FeatureStats) -> float:
     """Frechet distance between two Gaussians fitted to features (clean-fid's frechet_distance)."""
     from cleanfid.fid import frechet_distance
     _check_dims(a, b)
-    return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    try:
+        return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
+    except ValueError as err:  # clean-fid: "Imaginary component" when the covariances are too singular
+        n = min(a.meta.get("num_images", 0) or 0, b.meta.get("num_images", 0) or 0)
+        raise UserError(f"The Frechet distance is numerically undefined ({err}); with {n or 'few'} images for "
+                        f"{a.dim}-d features the covariance is singular: use more samples.") from None
 
 
-def kid(a: FeatureStats, b: FeatureStats, seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000) -> float:
-    """Unbiased MMD^2 with the cubic polynomial kernel over random subsets (clean-fid's kernel_distance).
+def kid(gen: FeatureStats, ref: FeatureStats, seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000) -> float:
+    """Unbiased MMD^2 with the cubic polynomial kernel over random subsets (clean-fid's kernel_distance,
+    called as its compute_kid does: reference first). The estimator is unbiased, so it can dip below 0
+    when the two sets are close.
 
     clean-fid draws the subsets from numpy's global generator; seed it here and restore it after, so
     the figure is reproducible from the recorded seed without disturbing the caller."""
     from cleanfid.fid import kernel_distance
-    _check_dims(a, b)
-    if a.feats is None or b.feats is None:
+    _check_dims(gen, ref)
+    if gen.feats is None or ref.feats is None:
         raise UserError("KID needs the features themselves, not only mu/sigma; make the statistics with onestep-eval stats.")
+    if max_subset_size < 2:
+        raise UserError("--kid-subset-size must be at least 2.")
     state = np.random.get_state()
     np.random.seed(seed)
     try:
-        return float(kernel_distance(a.feats, b.feats, num_subsets=num_subsets, max_subset_size=max_subset_size))
+        return float(kernel_distance(ref.feats, gen.feats, num_subsets=num_subsets, max_subset_size=max_subset_size))
     finally:
         np.random.set_state(state)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import math
 import platform
-import sys
+import shlex
 
 
 def library_versions() -> dict:
@@ -19,10 +20,12 @@ def library_versions() -> dict:
     return out
 
 
-def new_record(metric: str, device, num_processes: int = 1) -> dict:
+def new_record(metric: str, device, num_processes: int = 1, args=None) -> dict:
+    argv = getattr(args, "argv", None) or []
     return {
         "metric": metric,
-        "command": "onestep-eval " + " ".join(sys.argv[1:]) if os.path.basename(sys.argv[0]).startswith("onestep-eval") else " ".join(sys.argv),
+        "command": shlex.join(["onestep-eval", *argv]),
+        "arguments": {k: v for k, v in vars(args).items() if k != "argv"} if args is not None else {},
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "num_processes": num_processes,
@@ -35,6 +38,17 @@ def write_record(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, default=str)
+        json.dump(_finite(record), f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def _finite(x):
+    """JSON has no Infinity/NaN: write them as strings (PSNR of identical images is "inf")."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x

@@ -122,7 +122,7 @@ class PipelineSampler:
         self.takes_prompt = "prompt" in self.params
 
     def describe(self) -> dict:
-        return {"kind": "pipeline", "path": os.path.abspath(self.path), "class": type(self.pipe).__name__,
+        return {"kind": "pipeline", "path": os.path.abspath(self.path), "class": type(self.pipe).__name__, "dtype": str(self.pipe.dtype),
                 "weights_sha256": weights_sha256(self.path), "num_inference_steps": self.steps or "pipeline default",
                 "guidance_scale": self.guidance_scale}
 

@@ -19,6 +19,11 @@ def positive_int(value: str) -> int:
     return v
 
 
+def non_negative_int(value: str) -> int:
+    v = positive_int(value) if value.strip() != "0" else 0
+    return v
+
+
 def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--output_dir", default=output_dir, help="Where the exported pipeline, checkpoints, sample grids and logs go.")
@@ -35,8 +40,8 @@ def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
     g.add_argument("--validation_steps", type=positive_int, default=None, help="Iterations between PNG sample grids.")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--eval_steps", type=positive_int, default=None,
-                   help="Iterations between in-training FID evaluations (EMA weights, fixed noise); logged to logs/eval.csv and trackers.")
+    g.add_argument("--eval_steps", type=non_negative_int, default=None,
+                   help="Iterations between in-training FID evaluations (EMA weights, fixed noise; 0 = off); logged to logs/eval.csv and trackers.")
     g.add_argument("--eval_samples", type=positive_int, default=500, help="Samples per in-training evaluation.")
     g.add_argument("--eval_features", choices=["digits", "inception", "clip"], default=None,
                    help="Feature extractor for in-training FID (default: digits for the digits teacher, else inception).")

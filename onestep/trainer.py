@@ -49,6 +49,7 @@ class TrainerConfig:
     seed: int = 0
     nan_patience: int = 20                   # consecutive non-finite losses before the run stops
     export: bool = True
+    final_checkpoint: bool = True            # benchmarks turn it off (an SD-size state is tens of GB)
     run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
 
 
@@ -316,8 +317,9 @@ class Trainer:
             self.log(f"Stopped by signal {self._stop_signal} at step {state.step}; resume with --resume_from_checkpoint latest.")
             acc.end_training()
             return result
-        path = self.save_checkpoint(state.step)
-        self.log(f"Saved {path}")
+        if cfg.final_checkpoint:
+            path = self.save_checkpoint(state.step)
+            self.log(f"Saved {path}")
         self._write_weight_digests(models)
         self._validate(method, models, emas, grids_dir, state.step)
         result["eval"] = self._evaluate(method, models, emas, state.step)
@@ -373,8 +375,12 @@ class Trainer:
         """In-training metrics on the main process (other ranks go on and wait at the next reduction)."""
         if self._evaluator is None or not self.is_main:
             return {}
-        with self.timer.phase("evaluation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
-            values = self._evaluator(lambda n, seed: method.sample_grid(unwrapped, n, seed, self.device))
+        try:
+            with self.timer.phase("evaluation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
+                values = self._evaluator(lambda n, seed: method.sample_grid(unwrapped, n, seed, self.device))
+        except UserError as err:  # e.g. a singular covariance early in training: report it, keep training
+            self.log(f"step {step}: evaluation skipped: {err}")
+            return {}
         path, rows = self._evals
         rows[:] = [r for r in rows if r["step"] != step] + [{"step": step, **values}]
         _write_history(path, rows)
@@ -431,7 +437,7 @@ def _read_history(path: str, upto: int) -> list[dict]:
         return []
     import csv
     with open(path) as f:
-        rows = [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        rows = [{k: (int(float(v)) if k == "step" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
     return [r for r in rows if r["step"] <= upto]
 
 

@@ -94,6 +94,8 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     a, b = _weights(ref), _weights(cut)
     assert a.keys() == b.keys()
+    # The in-training FID log survives the kill (written at each evaluation) and ends as the uninterrupted one's.
+    assert (cut / "logs" / "eval.csv").read_text() == (ref / "logs" / "eval.csv").read_text()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     for i in (0, 1):  # generator and critic checkpoints agree too
         ca, cb = load_file(ref / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors"), load_file(cut / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors")

@@ -205,6 +205,9 @@ BAD = [
     (["fid", "--images", "{mixed}", "--ref", "digits", "--features", "inception"], "Inception weights"),
     (["fid", "--images", "{mixed}", "--ref", "digits", "--features", "inception", "--inception-weights", "/nonexistent.pt"], "does not exist"),
     (["clip", "--images", "{mixed}", "--prompts", "{empty_prompts}", "--model", "ViT-B-32", "--pretrained", "none"], "holds no prompts"),
+    (["clip", "--images", "{mixed}", "--prompts", "{two_prompts}", "--num-samples", "5", "--model", "ViT-B-32"], "more than the 2 images"),
+    (["fid", "--images", "{mixed}", "--ref-name", "cifar10", "--features", "inception"], "needs --ref-res"),
+    (["fid", "--stats", "{digits_stats}", "--ref", "digits", "--features", "inception", "--inception-weights", "{fake_weights}"], "Inception weights"),
 ]
 
 
@@ -220,8 +223,11 @@ def test_bad_input_gives_one_sentence_and_a_nonzero_exit(tmp_path, argv, message
     (corrupt / "x.png").write_bytes(b"not a png")
     metrics.FeatureStats.from_features(np.random.randn(10, 8)).save(str(tmp_path / "wrongdim.npz"))
     (tmp_path / "prompts.txt").write_text("\n\n")
+    (tmp_path / "two.txt").write_text("a\nb\n")
+    (tmp_path / "fake.pt").write_bytes(b"not inception")
     subs = {"{empty}": str(tmp_path / "empty"), "{mixed}": str(mixed), "{corrupt}": str(corrupt),
-            "{wrongdim}": str(tmp_path / "wrongdim.npz"), "{empty_prompts}": str(tmp_path / "prompts.txt")}
+            "{wrongdim}": str(tmp_path / "wrongdim.npz"), "{empty_prompts}": str(tmp_path / "prompts.txt"),
+            "{two_prompts}": str(tmp_path / "two.txt"), "{fake_weights}": str(tmp_path / "fake.pt"), "{digits_stats}": str(tmp_path / "wrongdim.npz")}
     argv = [subs.get(a, a) for a in argv]
     r = run(EVAL + argv + ["--output", str(tmp_path / "out.json")], env={"ONESTEP_CACHE": str(tmp_path / "cache")})
     assert r.returncode == 2, (r.stdout, r.stderr)
@@ -268,3 +274,27 @@ def test_sr_pipeline_mode_needs_trust_and_matches_the_folder_mode(tmp_path):
     _ok(run(EVAL + ["sr", "--sr", str(sr_dir), "--hr", str(hr_dir), "--output", str(b)]))
     ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
     assert ra["psnr_rgb"] == rb["psnr_rgb"] and ra["ssim_y"] == rb["ssim_y"] and ra["source"]["kind"] == "pipeline"
+
+
+def test_clip_score_of_a_text_to_image_pipeline_is_reproducible(tmp_path):
+    """A tiny SD1.5-layout pipeline saved with save_pretrained, scored over a prompt file."""
+    from onestep.testing.tiny_sd import save_tiny_sd15
+    from tests.test_eval_metrics import tiny_clip_config
+    from onestep.eval.clip import load_open_clip
+    sd = save_tiny_sd15(str(tmp_path / "sd15"))
+    config = tiny_clip_config(tmp_path)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "tiny.pt"
+    torch.save(load_open_clip(config, "none").model.state_dict(), ckpt)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"text": "a cat"}\n{"caption": "a red car"}\n{"prompt": "two dogs"}\n')
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / f"{name}.json"
+        _ok(run(EVAL + ["clip", "--pipeline", sd, "--prompts", str(prompts), "--num-samples", "4", "--batch-size", "2",
+                        "--steps", "2", "--model", config, "--pretrained", str(ckpt), "--scale", "100", "--output", str(out)]))
+        outs.append(json.loads(out.read_text()))
+    a, b = outs
+    assert a["clip_score"] == b["clip_score"] and 0 <= a["clip_score"] <= 100 and a["num_images"] == 4
+    assert a["source"]["class"] == "StableDiffusionPipeline" and a["source"]["num_inference_steps"] == 2
+    assert a["scale"].startswith("100 * max") and a["prompts_file"] == str(prompts)

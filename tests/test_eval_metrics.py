@@ -36,7 +36,7 @@ def test_kid_equals_clean_fid_and_leaves_the_global_rng_alone():
     from cleanfid.fid import kernel_distance
     a, b = _features(2, n=250), _features(3, n=200, shift=0.2)
     np.random.seed(7)
-    expected = kernel_distance(a, b, num_subsets=20, max_subset_size=150)
+    expected = kernel_distance(b, a, num_subsets=20, max_subset_size=150)  # clean-fid's compute_kid: (reference, generated)
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
     got = metrics.kid(metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b), seed=7,
