@@ -85,3 +85,62 @@ def export_one_step(unet, scheduler_config: dict, timesteps: list[int], output_d
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card("One-step student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps}, usage))
         _move_into(tmp, output_dir)
+
+
+def stock_scheduler(teacher_scheduler_config: dict, timesteps: list[int], offset_allowed: bool = True):
+    """A stock diffusers scheduler whose ordinary `num_inference_steps=len(timesteps)` call reproduces the
+    training contract exactly:
+    - one step at t = T-1: DDIM with trailing spacing gives [T-1];
+    - one step at another t_c: DDIM with leading spacing and steps_offset = t_c gives [t_c]; but
+      StableDiffusionPipeline resets any steps_offset to 1 when it loads, so only SDXL pipelines keep it
+      (offset_allowed=False refuses it);
+    - several steps: LCM with original_inference_steps = k gives 999, 749, 499, 249 for k = 4 and re-noises
+      each x0 prediction with fresh noise, which is DMD2's multi-step sampler (its consistency boundary
+      terms vanish: timestep_scaling is set so that c_skip ~ 1e-16).
+    DDIM's set_alpha_to_one makes the last update return the x0 prediction itself."""
+    from diffusers import DDIMScheduler, LCMScheduler
+    base = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
+    last = int(base.get("num_train_timesteps", 1000)) - 1
+    common = {"clip_sample": False, "thresholding": False}
+    if len(timesteps) == 1 and int(timesteps[0]) == last:
+        sched = DDIMScheduler.from_config({**base, **common, "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": True})
+    elif len(timesteps) == 1:
+        if not offset_allowed:
+            raise UserError(f"StableDiffusionPipeline resets steps_offset to 1 on loading, so its stock scheduler can start a "
+                            f"one-step student only at t = {last}; use --conditioning_timesteps {last} (SDXL pipelines take any t).")
+        sched = DDIMScheduler.from_config({**base, **common, "timestep_spacing": "leading", "steps_offset": int(timesteps[0]),
+                                           "set_alpha_to_one": True})
+    else:
+        sched = LCMScheduler.from_config({**base, **common, "original_inference_steps": len(timesteps), "steps_offset": 1,
+                                          "timestep_scaling": 1e7})
+    sched.set_timesteps(len(timesteps))
+    got = [int(t) for t in sched.timesteps]
+    if got != [int(t) for t in timesteps]:
+        raise UserError(f"No stock scheduler reproduces the trained timesteps {list(timesteps)} (closest: {got}); "
+                        f"train with evenly spaced ones ending at T/k - 1, e.g. 999,749,499,249.")
+    return sched
+
+
+def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict) -> None:
+    """A Stable Diffusion student as the stock StableDiffusion(XL)Pipeline: the teacher's VAE, text
+    encoders and tokenizers, the distilled UNet, and a scheduler that reproduces the training timesteps."""
+    import diffusers
+    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
+        scheduler = stock_scheduler(json.load(f), timesteps, offset_allowed=sdxl)
+    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipe = cls.from_pretrained(teacher_path, unet=unet, scheduler=scheduler, **extra)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        pipe.save_pretrained(tmp)
+        steps = len(timesteps)
+        usage = (
+            "## Loading\n\n"
+            f"`pipe = DiffusionPipeline.from_pretrained(folder)` gives a stock `{cls.__name__}`;\n"
+            f"`pipe(prompt, num_inference_steps={steps}, guidance_scale=0)` samples at timestep(s) {list(timesteps)}\n"
+            "(guidance was distilled in; the saved scheduler config reproduces the training timesteps).\n"
+        )
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card("Text-to-image student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps,
+                                                         "pipeline": cls.__name__}, usage))
+        _move_into(tmp, output_dir)

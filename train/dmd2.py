@@ -42,6 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--dm_t_max", type=int, default=980)
     p.add_argument("--num_classes", type=int, default=None, help="Real classes of a class-conditional teacher.")
     p.add_argument("--null_class", type=int, default=None, help="Class index the teacher was trained with as 'no class' (enables CFG).")
+    p.add_argument("--prompt_file", default=None, help="Text-to-image teachers: prompts for the generator (.txt, one per line, or .jsonl).")
     add_trainer_args(p, output_dir="outputs/dmd2-digits")
     return p.parse_args(argv)
 
@@ -74,9 +75,8 @@ def main(argv=None):
     if teacher_id.startswith("<"):
         raise UserError(f"Preset {preset.name} needs --pretrained_model_name_or_path (its teacher: {teacher_id}).")
     teacher = load_teacher(teacher_id, revision=args.revision, variant=args.variant)
-    if teacher.unet_class != "UNet2DModel":
-        raise UserError(f"train/dmd2.py does not yet distil {teacher.unet_class} (text-to-image) teachers; "
-                        "only UNet2DModel teachers are supported in this release.")
+    if teacher.unet_class == "UNet2DConditionModel":
+        return text_to_image_main(args, preset, teacher, teacher_id)
     unet_cfg = teacher.unet_config
     depth = len(unet_cfg["block_out_channels"]) - 1
     resolution = args.resolution or unet_cfg["sample_size"]
@@ -141,7 +141,8 @@ def main(argv=None):
     args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
     apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
     from onestep.eval.intraining import build_evaluator
-    args.eval_steps = args.eval_steps or preset.eval_steps
+    if args.eval_steps is None:  # --eval_steps 0 turns the preset's evaluation off
+        args.eval_steps = preset.eval_steps
     evaluator = build_evaluator(args, teacher_id, trainer.device) if trainer.is_main else None
     result = trainer.fit(method, data, evaluator)
     if trainer.is_main and not result["interrupted"]:
@@ -157,6 +158,99 @@ def main(argv=None):
             f"Load it: DiffusionPipeline.from_pretrained({args.output_dir!r}, trust_remote_code=True)"
             f"(class_labels=[3, 7]).images"
         )
+    return result
+
+
+def dmd2_config(args, preset, timesteps, guidance):
+    from onestep.methods.dmd2 import DMD2Config
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else getattr(preset, name)  # noqa: E731
+    return DMD2Config(
+        learning_rate=pick("learning_rate"), adam_weight_decay=args.adam_weight_decay,
+        train_batch_size=pick("train_batch_size"), ttur_ratio=pick("ttur_ratio"), guidance_scale=guidance,
+        conditioning_timesteps=timesteps, dm_t_min=args.dm_t_min, dm_t_max=args.dm_t_max, gan=pick("gan"),
+        gan_generator_weight=pick("gan_generator_weight"), gan_discriminator_weight=pick("gan_discriminator_weight"),
+    )
+
+
+def text_to_image_main(args, preset, teacher, teacher_id):
+    """Stable Diffusion 1.5 / SDXL teachers: prompts from --prompt_file, latents, stock-pipeline export."""
+    import json
+
+    import torch
+
+    from onestep.cli import apply_memory_options
+    from onestep.data import read_prompts
+    from onestep.errors import UserError
+    from onestep.loading import resolve_teacher_path
+    from onestep.methods.dmd2 import DMD2
+    from onestep.text import PromptEncoder
+    from onestep.trainer import Trainer
+
+    path = resolve_teacher_path(teacher_id)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(teacher_id, revision=args.revision)
+    if not args.prompt_file:
+        raise UserError("Text-to-image teachers need --prompt_file (prompts for the generator, one per line).")
+    prompts = read_prompts(args.prompt_file)
+    unet_cfg = teacher.unet_config
+    sdxl = unet_cfg.get("addition_embed_type") == "text_time"
+    vae_cfg_path = os.path.join(path, "vae", "config.json")
+    if not os.path.isfile(vae_cfg_path):
+        raise UserError(f"The teacher folder {path} has no vae/; a latent text-to-image teacher needs its VAE.")
+    with open(vae_cfg_path) as f:
+        vae_cfg = json.load(f)
+    vae_factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    unet_factor = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    resolution = args.resolution or unet_cfg["sample_size"] * vae_factor
+    if resolution % (vae_factor * unet_factor):
+        raise UserError(f"Resolution {resolution} cannot be taken: the VAE downsamples by {vae_factor} and the UNet by "
+                        f"{unet_factor}, so it must be a multiple of {vae_factor * unet_factor}.")
+    timesteps = parse_timesteps(args.conditioning_timesteps, teacher.denoiser.schedule.num_timesteps) \
+        if args.conditioning_timesteps else list(preset.conditioning_timesteps)
+    guidance = args.guidance_scale if args.guidance_scale is not None else preset.guidance_scale
+    config = dmd2_config(args, preset, timesteps, guidance)
+    from onestep.export import stock_scheduler
+    stock_scheduler(teacher.scheduler_config, timesteps, offset_allowed=sdxl)  # refuse before training, not at export
+    if config.gan:
+        raise UserError("The GAN head needs real images with captions, which text-to-image training does not read yet; "
+                        "pass --no-gan (the sd15 preset's stage 1 is DM-only).")
+    if args.eval_steps:
+        raise UserError("In-training FID for text-to-image teachers is not supported yet; measure the export with onestep-eval.")
+    args.eval_steps = 0
+    run_config = {"preset": preset.name, "teacher": teacher_id, "train_batch_size": config.train_batch_size,
+                  "learning_rate": config.learning_rate, "ttur_ratio": config.ttur_ratio, "guidance_scale": guidance,
+                  "conditioning_timesteps": timesteps, "gan": False, "prompt_file": os.path.abspath(args.prompt_file),
+                  "resolution": resolution}
+    defaults = {k: getattr(preset, k) for k in ("max_train_steps", "mixed_precision", "lr_warmup_steps", "max_grad_norm",
+                                                "ema_decay", "validation_steps", "checkpointing_steps")}
+    trainer = Trainer(trainer_config(args, defaults, run_config))
+    encoder = PromptEncoder.from_pretrained(path, sdxl, resolution, revision=args.revision).to(trainer.device)
+
+    def cond_sampler(n, device):
+        # The trainer seeds the global generator per (seed, rank, step), so prompt draws replay on resume.
+        idx = torch.randint(len(prompts), (n,))
+        return encoder.encode([prompts[int(i)] for i in idx]).to(device)
+
+    from diffusers import AutoencoderKL
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(trainer.device).eval().requires_grad_(False)
+    scale = vae.config.scaling_factor
+
+    def decode(latents):
+        with torch.no_grad():
+            return vae.decode((latents / scale).to(vae.dtype)).sample.float()
+
+    latent = resolution // vae_factor
+    method = DMD2(teacher.denoiser, config, sample_shape=(unet_cfg["in_channels"], latent, latent), cond_sampler=cond_sampler,
+                  uncond=encoder.uncond, decode=decode,
+                  export_info={"scheduler_config": teacher.scheduler_config, "pipeline": "sdxl" if sdxl else "sd15",
+                               "teacher_path": path, "teacher": teacher_id})
+    args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
+    apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
+    result = trainer.fit(method, None)
+    if trainer.is_main and not result["interrupted"]:
+        trainer.log(f"\nDone. Load it: DiffusionPipeline.from_pretrained({args.output_dir!r})"
+                    f"(prompt, num_inference_steps={len(timesteps)}, guidance_scale=0).images")
     return result
 
 

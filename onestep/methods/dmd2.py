@@ -49,7 +49,8 @@ class DMD2(Method):
 
     def __init__(self, teacher: Denoiser, config: DMD2Config, sample_shape: tuple[int, ...],
                  cond_sampler: CondSampler | None = None, uncond: Callable[[Cond], Cond] | None = None,
-                 export_info: dict | None = None, student_init: Denoiser | None = None):
+                 export_info: dict | None = None, student_init: Denoiser | None = None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`student_init` (default: the teacher) is the network G and F start from; the toy recipe
         uses an analytic teacher for the real score and a fitted teacher-net to initialise them."""
         super().__init__()
@@ -67,6 +68,7 @@ class DMD2(Method):
         self.cond_sampler = cond_sampler or (lambda n, device: None)
         self.uncond = uncond
         self.export_info = export_info or {}
+        self.decode = decode  # latent teachers: latents -> images in [-1, 1] for sample grids
         self.needs_data = config.gan
         self.updates = [Update("generator", "generator", every=config.ttur_ratio), Update("critic", "critic", every=1)]
 
@@ -183,19 +185,27 @@ class DMD2(Method):
         num_classes = self.export_info.get("num_classes")
         cond = Cond(class_labels=(torch.arange(num) % num_classes).to(device)) if num_classes else self.cond_sampler(num, device)
         noise = lambda like: torch.randn(like.shape, generator=g).to(like.device)  # noqa: E731
-        return models["generator"].sample(z, cond, noise_fn=noise).clamp(-1, 1)
+        x = models["generator"].sample(z, cond, noise_fn=noise)
+        return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
-        from ..export import export_one_step
+        from ..export import export_one_step, export_text_to_image
         info = self.export_info
         if "scheduler_config" not in info:
             raise UserError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
         gen = models["generator"]
+        if info.get("pipeline") in ("sd15", "sdxl"):  # stock StableDiffusion(XL)Pipeline
+            return export_text_to_image(gen.denoiser.net, info["teacher_path"], info["pipeline"] == "sdxl", gen.timesteps,
+                                        output_dir, self._card(extra_card))
         if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
                             f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student.")
-        c = self.config
-        card = {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)", "teacher": info.get("teacher", "?"),
+        export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, self._card(extra_card),
+                        info.get("num_classes"))
+
+    def _card(self, extra_card: dict) -> dict:
+        c, info = self.config, self.export_info
+        return {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)", "teacher": info.get("teacher", "?"),
                 "preset": extra_card.get("preset", "-"), "training_steps": f"{extra_card.get('training_steps')} critic iterations",
                 "generator updates": -(-int(extra_card.get("training_steps", 0)) // c.ttur_ratio),
                 "real-score guidance scale": c.guidance_scale, "TTUR ratio": c.ttur_ratio,
@@ -203,7 +213,6 @@ class DMD2(Method):
                 "learning rate": c.learning_rate, "batch per process": c.train_batch_size,
                 "weight EMA (exported)": extra_card.get("ema_decay") or "off",
                 "metrics": _metrics_line(extra_card.get("eval"))}
-        export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, card, info.get("num_classes"))
 
 
 def _cat(a: Cond | None, b: Cond | None) -> Cond | None:

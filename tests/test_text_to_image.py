@@ -1,0 +1,122 @@
+"""DMD2 on Stable-Diffusion-shaped teachers built in code: train with the real script, export to the
+stock pipeline, reload in a fresh process, and check the sampling contract numerically."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from onestep.errors import UserError
+from tests.helpers import PY, run, tiny_cond_unet
+
+TINY = ["--train_batch_size", "2", "--mixed_precision", "no", "--validation_steps", "1000", "--no-gan"]
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    from onestep.testing.tiny_sd import save_tiny_sd15, save_tiny_sdxl
+    root = tmp_path_factory.mktemp("t2i")
+    (root / "prompts.txt").write_text("a cat\na red car on a street\ntwo dogs on grass\n")
+    return {"sd15": save_tiny_sd15(str(root / "sd15")), "sdxl": save_tiny_sdxl(str(root / "sdxl")),
+            "prompts": str(root / "prompts.txt"), "root": root}
+
+
+def _train(teacher, prompts, out, *extra):
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts, "--output_dir", str(out),
+             "--max_train_steps", "2", *TINY, *extra])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+FRESH = r"""
+import sys, json, torch
+sys.path = [p for p in sys.path if p not in ('', '.')]
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained(sys.argv[1])
+steps = int(sys.argv[2])
+img = pipe("a cat", num_inference_steps=steps, guidance_scale=0, generator=torch.Generator().manual_seed(0), output_type="np").images
+assert 'onestep' not in sys.modules
+print(json.dumps({"class": type(pipe).__name__, "scheduler": type(pipe.scheduler).__name__, "shape": list(img.shape),
+                  "timesteps": [int(t) for t in pipe.scheduler.timesteps]}))
+"""
+
+
+def test_sd15_one_step_exports_a_stock_pipeline_whose_plain_call_is_the_student(teachers, tmp_path):
+    out = _train(teachers["sd15"], teachers["prompts"], tmp_path / "sd15", "--preset", "sd15")
+    r = run([PY, "-c", FRESH, str(out), "1"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "shape": [1, 16, 16, 3], "timesteps": [999]}
+    # The ordinary call's latent equals the student's x0 at t = 999 computed by hand from its UNet.
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    lat = pipe("a cat", num_inference_steps=1, guidance_scale=0, latents=z, output_type="latent").images
+    emb = pipe.encode_prompt("a cat", "cpu", 1, False)[0]
+    with torch.no_grad():
+        eps = pipe.unet(z, 999, encoder_hidden_states=emb).sample
+    abar = pipe.scheduler.alphas_cumprod[999].double()
+    x0 = ((z.double() - (1 - abar).sqrt() * eps.double()) / abar.sqrt()).float()
+    assert torch.allclose(lat, x0, atol=1e-5)
+    assert "StableDiffusionPipeline" in (out / "README.md").read_text()
+
+
+def test_sdxl_four_step_export_equals_the_explicit_timesteps_call(teachers, tmp_path):
+    out = _train(teachers["sdxl"], teachers["prompts"], tmp_path / "sdxl", "--preset", "sdxl-4step",
+                 "--conditioning_timesteps", "999,749,499,249")
+    r = run([PY, "-c", FRESH, str(out), "4"], cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["class"] == "StableDiffusionXLPipeline" and info["scheduler"] == "LCMScheduler"
+    assert info["timesteps"] == [999, 749, 499, 249] and info["shape"] == [1, 16, 16, 3]
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(str(out))
+    a = pipe("a cat", num_inference_steps=4, guidance_scale=0, generator=torch.Generator().manual_seed(2), output_type="latent").images
+    b = pipe("a cat", timesteps=[999, 749, 499, 249], guidance_scale=0, generator=torch.Generator().manual_seed(2), output_type="latent").images
+    assert torch.equal(a, b)
+
+
+def test_stock_scheduler_reproduces_trained_timesteps_or_refuses():
+    from onestep.export import stock_scheduler
+    from tests.helpers import sd_scheduler_config
+    cfg = sd_scheduler_config()
+    assert [int(t) for t in stock_scheduler(cfg, [999]).timesteps] == [999]
+    assert [int(t) for t in stock_scheduler(cfg, [399]).timesteps] == [399]  # SDXL one-step (DMD2's t = 399)
+    assert [int(t) for t in stock_scheduler(cfg, [999, 499]).timesteps] == [999, 499]
+    with pytest.raises(UserError, match="No stock scheduler"):
+        stock_scheduler(cfg, [999, 600, 100])
+    with pytest.raises(UserError, match="resets steps_offset"):
+        stock_scheduler(cfg, [399], offset_allowed=False)
+
+
+def test_text_cfg_real_score_is_uncond_plus_w_times_the_difference():
+    from onestep.denoiser import Cond, Denoiser
+    from onestep.schedules import schedule_from_scheduler_config
+    from tests.helpers import sd_scheduler_config
+    spec = schedule_from_scheduler_config(sd_scheduler_config())
+    den = Denoiser(tiny_cond_unet(), spec.schedule, spec.prediction_type).eval()
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990])
+    cond, uncond = Cond(encoder_hidden_states=torch.randn(3, 77, 12)), Cond(encoder_hidden_states=torch.randn(3, 77, 12))
+    with torch.no_grad():
+        guided = den.guided(x, t, cond, uncond, 1.75)
+        c, u = den(x, t, cond), den(x, t, uncond)
+    assert torch.allclose(guided, u + 1.75 * (c - u), atol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["no tokenizer", "empty prompts", "bad resolution"])
+def test_bad_text_to_image_input_gives_one_sentence(teachers, tmp_path, case):
+    teacher, prompts, extra = teachers["sd15"], teachers["prompts"], []
+    if case == "no tokenizer":
+        teacher = str(tmp_path / "broken")
+        shutil.copytree(teachers["sd15"], teacher)
+        shutil.rmtree(f"{teacher}/tokenizer")
+        message = "has no tokenizer/"
+    elif case == "empty prompts":
+        prompts = str(tmp_path / "empty.txt")
+        open(prompts, "w").write("\n")
+        message = "holds no prompts"
+    else:
+        extra, message = ["--resolution", "18"], "cannot be taken"
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts,
+             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, *extra])
+    assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
