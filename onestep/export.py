@@ -121,17 +121,33 @@ def stock_scheduler(teacher_scheduler_config: dict, timesteps: list[int], offset
     return sched
 
 
-def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict) -> None:
+LORA_FOLDER = "lora"
+
+
+def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict,
+                         lora: dict | None = None) -> None:
     """A Stable Diffusion student as the stock StableDiffusion(XL)Pipeline: the teacher's VAE, text
-    encoders and tokenizers, the distilled UNet, and a scheduler that reproduces the training timesteps."""
+    encoders and tokenizers, the distilled UNet, and a scheduler that reproduces the training timesteps.
+    A LoRA student (lora = its adapter config) also gets lora/pytorch_lora_weights.safetensors, which
+    `teacher_pipe.load_lora_weights(folder + "/lora")` takes; the folder's own UNet has it fused in,
+    made through that same diffusers path."""
     import diffusers
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
         scheduler = stock_scheduler(json.load(f), timesteps, offset_allowed=sdxl)
     extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    pipe = cls.from_pretrained(teacher_path, unet=unet, scheduler=scheduler, **extra)
     os.makedirs(output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        if lora is not None:
+            from .lora import lora_state_dict
+            adapter = os.path.join(tmp, LORA_FOLDER)
+            cls.save_lora_weights(adapter, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=lora)
+            pipe = cls.from_pretrained(teacher_path, scheduler=scheduler, **extra)
+            pipe.load_lora_weights(adapter)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        else:
+            pipe = cls.from_pretrained(teacher_path, unet=unet, scheduler=scheduler, **extra)
         pipe.save_pretrained(tmp)
         steps = len(timesteps)
         usage = (
@@ -140,6 +156,9 @@ def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[in
             f"`pipe(prompt, num_inference_steps={steps}, guidance_scale=0)` samples at timestep(s) {list(timesteps)}\n"
             "(guidance was distilled in; the saved scheduler config reproduces the training timesteps).\n"
         )
+        if lora is not None:
+            usage += ("\nThe LoRA adapter alone: `teacher_pipe.load_lora_weights(folder + \"/lora\")`, then the same call "
+                      "with the scheduler from this folder (`scheduler = LCMScheduler/DDIMScheduler.from_pretrained(folder, subfolder=\"scheduler\")`).\n")
         with open(os.path.join(tmp, "README.md"), "w") as f:
             f.write(model_card("Text-to-image student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps,
                                                          "pipeline": cls.__name__}, usage))

@@ -120,3 +120,27 @@ def test_bad_text_to_image_input_gives_one_sentence(teachers, tmp_path, case):
     r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts,
              "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, *extra])
     assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def test_lora_student_exports_an_adapter_the_teacher_pipeline_loads(teachers, tmp_path):
+    out = _train(teachers["sd15"], teachers["prompts"], tmp_path / "lora", "--preset", "sd15", "--lora_rank", "4", "--lora_alpha", "2")
+    from diffusers import DDIMScheduler, DiffusionPipeline
+    student = DiffusionPipeline.from_pretrained(str(out))
+    teacher = DiffusionPipeline.from_pretrained(teachers["sd15"], safety_checker=None, requires_safety_checker=False)
+    teacher.scheduler = DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    teacher.load_lora_weights(str(out / "lora"))
+    scales = {v for m in teacher.unet.modules() if hasattr(m, "scaling") for v in m.scaling.values()}
+    assert scales == {0.5}  # alpha / rank survives the export (diffusers would assume 1 without the metadata)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    kw = dict(num_inference_steps=1, guidance_scale=0, latents=z, output_type="latent")
+    a, b = student("a cat", **kw).images, teacher("a cat", **kw).images
+    assert torch.allclose(a, b, atol=1e-5)
+    plain = DiffusionPipeline.from_pretrained(teachers["sd15"], safety_checker=None, requires_safety_checker=False)
+    plain.scheduler = teacher.scheduler
+    assert not torch.allclose(plain("a cat", **kw).images, a, atol=1e-6)  # the adapter trained: G moved off the teacher
+
+
+def test_lora_targets_that_match_nothing_are_refused(teachers, tmp_path):
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
+             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, "--lora_rank", "4", "--lora_targets", "nothing_here"])
+    assert r.returncode == 2 and "match no module" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]

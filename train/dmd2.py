@@ -43,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--num_classes", type=int, default=None, help="Real classes of a class-conditional teacher.")
     p.add_argument("--null_class", type=int, default=None, help="Class index the teacher was trained with as 'no class' (enables CFG).")
     p.add_argument("--prompt_file", default=None, help="Text-to-image teachers: prompts for the generator (.txt, one per line, or .jsonl).")
+    p.add_argument("--lora_rank", type=int, default=None, help="Text-to-image teachers: LoRA on the generator only (0 = full fine-tuning).")
+    p.add_argument("--lora_alpha", type=float, default=8.0)
+    p.add_argument("--lora_targets", default=None, help="Comma-separated module names for LoRA (default: the DMD2 spec's list).")
     add_trainer_args(p, output_dir="outputs/dmd2-digits")
     return p.parse_args(argv)
 
@@ -65,7 +68,7 @@ def main(argv=None):
     from onestep.denoiser import Cond
     from onestep.errors import UserError
     from onestep.loading import load_teacher, read_class_info
-    from onestep.methods.dmd2 import DMD2, DMD2Config
+    from onestep.methods.dmd2 import DMD2
     from onestep.presets import get_preset
     from onestep.trainer import Trainer
 
@@ -101,12 +104,7 @@ def main(argv=None):
     guidance = pick("guidance_scale")
     if guidance != 1.0 and null_class is None:
         raise UserError("--guidance_scale needs a teacher trained with a null class; pass --null_class or use --guidance_scale 1.")
-    config = DMD2Config(
-        learning_rate=pick("learning_rate"), adam_weight_decay=args.adam_weight_decay,
-        train_batch_size=pick("train_batch_size"), ttur_ratio=pick("ttur_ratio"), guidance_scale=guidance,
-        conditioning_timesteps=timesteps, dm_t_min=args.dm_t_min, dm_t_max=args.dm_t_max, gan=pick("gan"),
-        gan_generator_weight=pick("gan_generator_weight"), gan_discriminator_weight=pick("gan_discriminator_weight"),
-    )
+    config = dmd2_config(args, preset, timesteps, guidance)
     run_config = {"preset": preset.name, "teacher": teacher_id, "train_batch_size": config.train_batch_size,
                   "learning_rate": config.learning_rate, "ttur_ratio": config.ttur_ratio,
                   "guidance_scale": config.guidance_scale, "conditioning_timesteps": timesteps, "gan": config.gan}
@@ -245,6 +243,12 @@ def text_to_image_main(args, preset, teacher, teacher_id):
                   uncond=encoder.uncond, decode=decode,
                   export_info={"scheduler_config": teacher.scheduler_config, "pipeline": "sdxl" if sdxl else "sd15",
                                "teacher_path": path, "teacher": teacher_id})
+    rank = args.lora_rank if args.lora_rank is not None else preset.lora_rank
+    if rank:
+        from onestep.lora import DMD2_LORA_TARGETS, add_lora
+        targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else DMD2_LORA_TARGETS
+        method.export_info["lora"] = add_lora(method.generator.denoiser.net, rank, args.lora_alpha, targets)
+        run_config.update(lora_rank=rank, lora_alpha=args.lora_alpha)
     args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
     apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
     result = trainer.fit(method, None)

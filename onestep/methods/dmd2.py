@@ -90,7 +90,9 @@ class DMD2(Method):
         c = self.config
 
         def adamw(module):
-            return torch.optim.AdamW(module.parameters(), lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
+            # Only trainable parameters: a LoRA generator's frozen base gets no optimizer state.
+            params = [p for p in module.parameters() if p.requires_grad]
+            return torch.optim.AdamW(params, lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
         return {"generator": adamw(self.generator), "critic": adamw(self.critic)}
 
     def to(self, device):
@@ -196,7 +198,7 @@ class DMD2(Method):
         gen = models["generator"]
         if info.get("pipeline") in ("sd15", "sdxl"):  # stock StableDiffusion(XL)Pipeline
             return export_text_to_image(gen.denoiser.net, info["teacher_path"], info["pipeline"] == "sdxl", gen.timesteps,
-                                        output_dir, self._card(extra_card))
+                                        output_dir, self._card(extra_card), lora=info.get("lora"))
         if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in ("epsilon", "v_prediction", "sample"):
             raise UserError(f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
                             f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student.")
