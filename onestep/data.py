@@ -84,6 +84,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 names = sorted(names, key=int)  # folders "0".."10" are class ids, not strings
             self.class_names = names
             self.labels = torch.tensor([names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths])
+        self.captions = _read_captions(root, self.paths) if os.path.isfile(os.path.join(root, "metadata.jsonl")) else None
         if verify:
             for p in self.paths:
                 self._verify(p)
@@ -123,6 +124,72 @@ class ImageFolder(torch.utils.data.Dataset):
         x = torch.from_numpy(arr).reshape(r, r, -1).permute(2, 0, 1)
         label = int(self.labels[i]) if self.labels is not None else -1
         return x, label
+
+
+def _read_captions(root: str, paths: list[str]) -> list[str]:
+    """Captions from an HF imagefolder metadata.jsonl (file_name + text/caption), in the order of paths."""
+    import json
+    meta = os.path.join(root, "metadata.jsonl")
+    by_name = {}
+    with open(meta, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                by_name[os.path.normpath(row["file_name"])] = row.get("text", row.get("caption"))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{meta} line {n} is not a JSON object with file_name and text.") from None
+    captions = []
+    for p in paths:
+        text = by_name.get(os.path.normpath(os.path.relpath(p, root)))
+        if not isinstance(text, str):
+            raise UserError(f"{meta} has no caption (text) for {os.path.relpath(p, root)}.")
+        captions.append(text)
+    return captions
+
+
+class CaptionedLatentBatches:
+    """Real latents and their captions for the GAN of text-to-image teachers.
+
+    With `cache_dir`, every image is encoded by the VAE once, up front, into safetensors shards (named by
+    a hash of the file list, resolution and VAE), and training reads latents only; a later run with the
+    same data reuses them. Latents are the VAE posterior mean (deterministic), times its scaling factor."""
+
+    def __init__(self, dataset: "ImageFolder", batch_size: int, seed: int, encode_images, encode_text,
+                 cache_dir: str | None = None, cache_key: str = "", shard_size: int = 256):
+        if dataset.captions is None:
+            raise UserError("Text-to-image GAN data needs captions: put a metadata.jsonl (file_name, text) in --train_data_dir.")
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.encode_images, self.encode_text = encode_images, encode_text
+        self.latents = self._cached(cache_dir, cache_key, shard_size) if cache_dir else None
+
+    def _cached(self, cache_dir: str, key: str, shard_size: int) -> torch.Tensor:
+        import hashlib
+        from safetensors.torch import load_file, save_file
+        os.makedirs(cache_dir, exist_ok=True)
+        digest = hashlib.sha256(repr((self.dataset.paths, self.dataset.resolution, key)).encode()).hexdigest()[:16]
+        shards = []
+        for k, start in enumerate(range(0, len(self.dataset), shard_size)):
+            path = os.path.join(cache_dir, f"latents-{digest}-{k:05d}.safetensors")
+            if not os.path.exists(path):
+                images = torch.stack([self.dataset[i][0] for i in range(start, min(start + shard_size, len(self.dataset)))])
+                save_file({"latents": self.encode_images(images).cpu().contiguous()}, path + ".tmp")
+                os.replace(path + ".tmp", path)
+            shards.append(load_file(path)["latents"])
+        return torch.cat(shards)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def batch(self, step: int, micro: int, rank: int, device) -> Batch:
+        idx = random_indices(len(self.dataset), self.batch_size, self.seed, rank, step, micro)
+        if self.latents is not None:
+            latents = self.latents[idx]
+        else:
+            latents = self.encode_images(torch.stack([self.dataset[int(i)][0] for i in idx]))
+        cond = self.encode_text([self.dataset.captions[int(i)] for i in idx])
+        return Batch(latents.to(device), cond.to(device))
 
 
 class DatasetBatches:

@@ -144,3 +144,43 @@ def test_lora_targets_that_match_nothing_are_refused(teachers, tmp_path):
     r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
              "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, "--lora_rank", "4", "--lora_targets", "nothing_here"])
     assert r.returncode == 2 and "match no module" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def _captioned_folder(root, with_all_captions=True):
+    import numpy as np
+    from PIL import Image
+    root.mkdir()
+    rng = np.random.RandomState(0)
+    rows = []
+    for i in range(5):
+        Image.fromarray(rng.randint(0, 256, (20, 24, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        if with_all_captions or i:
+            rows.append(json.dumps({"file_name": f"{i}.png", "text": f"picture number {i}"}))
+    (root / "metadata.jsonl").write_text("\n".join(rows))
+    return str(root)
+
+
+def test_gan_on_captioned_images_with_a_latent_cache(teachers, tmp_path):
+    data = _captioned_folder(tmp_path / "data")
+    cache = tmp_path / "cache"
+    args = ["--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"], "--preset", "sd15",
+            "--train_batch_size", "2", "--mixed_precision", "no", "--validation_steps", "1000", "--max_train_steps", "2",
+            "--gan", "--train_data_dir", data, "--cache_latents", "--latent_cache_dir", str(cache)]
+    r = run([PY, "train/dmd2.py", "--output_dir", str(tmp_path / "a"), *args])
+    assert r.returncode == 0, r.stderr[-3000:]
+    shards = sorted(cache.glob("latents-*.safetensors"))
+    assert len(shards) == 1
+    from safetensors.torch import load_file
+    assert load_file(shards[0])["latents"].shape == (5, 4, 8, 8)  # 16x16 centre crops through the VAE (factor 2)
+    stamp = shards[0].stat().st_mtime_ns
+    losses = (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
+    assert "loss_d" in losses and "loss_g_gan" in losses  # the GAN ran on the cached real latents
+    r = run([PY, "train/dmd2.py", "--output_dir", str(tmp_path / "b"), *args])
+    assert r.returncode == 0 and shards[0].stat().st_mtime_ns == stamp  # reused, not re-encoded
+
+
+def test_gan_data_without_captions_is_refused(teachers, tmp_path):
+    data = _captioned_folder(tmp_path / "data", with_all_captions=False)
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
+             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", "--train_batch_size", "2", "--gan", "--train_data_dir", data])
+    assert r.returncode == 2 and "has no caption" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]

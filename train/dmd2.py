@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--num_classes", type=int, default=None, help="Real classes of a class-conditional teacher.")
     p.add_argument("--null_class", type=int, default=None, help="Class index the teacher was trained with as 'no class' (enables CFG).")
     p.add_argument("--prompt_file", default=None, help="Text-to-image teachers: prompts for the generator (.txt, one per line, or .jsonl).")
+    p.add_argument("--cache_latents", action="store_true", help="Text-to-image GAN data: encode every real image with the VAE once, up front.")
+    p.add_argument("--latent_cache_dir", default=None, help="Where --cache_latents writes its shards (default: <output_dir>/latent_cache).")
     p.add_argument("--lora_rank", type=int, default=None, help="Text-to-image teachers: LoRA on the generator only (0 = full fine-tuning).")
     p.add_argument("--lora_alpha", type=float, default=8.0)
     p.add_argument("--lora_targets", default=None, help="Comma-separated module names for LoRA (default: the DMD2 spec's list).")
@@ -137,7 +139,7 @@ def main(argv=None):
                                               "teacher": teacher_id})
     from onestep.cli import apply_memory_options
     args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
-    apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
+    apply_memory_options(memory_nets(method, teacher, config.gan, trainer), args, trainer.device)
     from onestep.eval.intraining import build_evaluator
     if args.eval_steps is None:  # --eval_steps 0 turns the preset's evaluation off
         args.eval_steps = preset.eval_steps
@@ -157,6 +159,19 @@ def main(argv=None):
             f"(class_labels=[3, 7]).images"
         )
     return result
+
+
+def memory_nets(method, teacher, gan: bool, trainer) -> list:
+    """The UNets --gradient_checkpointing applies to. With the GAN on, the critic is left out: its
+    head reads the bottleneck through a hook that stops the forward early, and checkpoint recomputation
+    of a forward cut short does not match (torch raises CheckpointError)."""
+    nets = [method.generator.denoiser.net, teacher.denoiser.net]
+    if gan:
+        if getattr(trainer, "is_main", True):
+            trainer.log("Note: gradient checkpointing is not applied to the critic while the GAN head is on.")
+    else:
+        nets.insert(1, method.critic.denoiser.net)
+    return nets
 
 
 def dmd2_config(args, preset, timesteps, guidance):
@@ -210,15 +225,15 @@ def text_to_image_main(args, preset, teacher, teacher_id):
     config = dmd2_config(args, preset, timesteps, guidance)
     from onestep.export import stock_scheduler
     stock_scheduler(teacher.scheduler_config, timesteps, offset_allowed=sdxl)  # refuse before training, not at export
-    if config.gan:
-        raise UserError("The GAN head needs real images with captions, which text-to-image training does not read yet; "
-                        "pass --no-gan (the sd15 preset's stage 1 is DM-only).")
+    if config.gan and not args.train_data_dir:
+        raise UserError("The GAN needs real images with captions: pass --train_data_dir (images + metadata.jsonl with "
+                        "file_name and text), or --no-gan (the sd15 preset's stage 1 is DM-only).")
     if args.eval_steps:
         raise UserError("In-training FID for text-to-image teachers is not supported yet; measure the export with onestep-eval.")
     args.eval_steps = 0
     run_config = {"preset": preset.name, "teacher": teacher_id, "train_batch_size": config.train_batch_size,
                   "learning_rate": config.learning_rate, "ttur_ratio": config.ttur_ratio, "guidance_scale": guidance,
-                  "conditioning_timesteps": timesteps, "gan": False, "prompt_file": os.path.abspath(args.prompt_file),
+                  "conditioning_timesteps": timesteps, "gan": config.gan, "prompt_file": os.path.abspath(args.prompt_file),
                   "resolution": resolution}
     defaults = {k: getattr(preset, k) for k in ("max_train_steps", "mixed_precision", "lr_warmup_steps", "max_grad_norm",
                                                 "ema_decay", "validation_steps", "checkpointing_steps")}
@@ -238,6 +253,19 @@ def text_to_image_main(args, preset, teacher, teacher_id):
         with torch.no_grad():
             return vae.decode((latents / scale).to(vae.dtype)).sample.float()
 
+    data = None
+    if config.gan:
+        from onestep.data import CaptionedLatentBatches, ImageFolder
+
+        def encode_images(images):  # [-1, 1] pixels -> scaled latents (posterior mean: deterministic)
+            with torch.no_grad():
+                return vae.encode(images.to(trainer.device, vae.dtype)).latent_dist.mode().float() * scale
+
+        cache = (args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")) if args.cache_latents else None
+        with trainer.accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
+            data = CaptionedLatentBatches(ImageFolder(args.train_data_dir, resolution), config.train_batch_size, args.seed,
+                                          encode_images, lambda texts: encoder.encode(texts), cache_dir=cache,
+                                          cache_key=json.dumps(vae_cfg, sort_keys=True))
     latent = resolution // vae_factor
     method = DMD2(teacher.denoiser, config, sample_shape=(unet_cfg["in_channels"], latent, latent), cond_sampler=cond_sampler,
                   uncond=encoder.uncond, decode=decode,
@@ -250,8 +278,8 @@ def text_to_image_main(args, preset, teacher, teacher_id):
         method.export_info["lora"] = add_lora(method.generator.denoiser.net, rank, args.lora_alpha, targets)
         run_config.update(lora_rank=rank, lora_alpha=args.lora_alpha)
     args.gradient_checkpointing = args.gradient_checkpointing or preset.gradient_checkpointing
-    apply_memory_options([method.generator.denoiser.net, method.critic.denoiser.net, teacher.denoiser.net], args, trainer.device)
-    result = trainer.fit(method, None)
+    apply_memory_options(memory_nets(method, teacher, config.gan, trainer), args, trainer.device)
+    result = trainer.fit(method, data)
     if trainer.is_main and not result["interrupted"]:
         trainer.log(f"\nDone. Load it: DiffusionPipeline.from_pretrained({args.output_dir!r})"
                     f"(prompt, num_inference_steps={len(timesteps)}, guidance_scale=0).images")
