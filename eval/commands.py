@@ -188,6 +188,8 @@ def _save_grid(images: np.ndarray | None, path: str) -> None:
 
 def distance(args) -> dict:
     """fid and kid: generated (or folder, or saved) features against a reference."""
+    if args.ref_name and args.ref_res is None and args.ref_split != "custom":  # before any weights load
+        raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
     state = _state()
     device = _device(args, state)
     start = time.perf_counter()
