@@ -13,8 +13,8 @@ from onestep.errors import UserError
 from . import metrics
 from .features import DigitsFeatures, build_features, file_sha256
 from .record import new_record, write_record
-from .sources import (PipelineSampler, SamplePlan, TeacherSampler, digits_reference_images, list_images,
-                      read_image, read_images, run_sharded)
+from .sources import (PipelineSampler, SamplePlan, TeacherSampler, check_same_size, digits_reference_images,
+                      list_images, read_image, read_images, run_sharded)
 
 
 def _state():
@@ -50,22 +50,6 @@ def _sampler(args, device):
     return None
 
 
-def _folder_shapes_check(files: list[str]) -> None:
-    from PIL import Image
-    first = None
-    for path in files:
-        try:
-            with Image.open(path) as im:
-                size = im.size
-        except OSError as err:
-            raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
-        if first is None:
-            first = (path, size)
-        elif size != first[1]:
-            raise UserError(f"The images have mixed sizes ({first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
-                            f"{size[0]}x{size[1]}); resize them to one size first.")
-
-
 def generated_features(args, extractor, state, device, prompts=None) -> tuple[metrics.FeatureStats, dict]:
     """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file)."""
     if getattr(args, "stats", None):
@@ -87,7 +71,7 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
             if args.num_samples > len(files):
                 raise UserError(f"--num-samples {args.num_samples} is more than the {len(files)} images in {args.images}.")
             files = files[: args.num_samples]
-        _folder_shapes_check(files)
+        check_same_size(files)
         plan = SamplePlan(len(files), args.batch_size)
         source = {"kind": "image folder", "path": os.path.abspath(args.images), "num_images": len(files), "sha256": files_sha256(files)}
         def work(b):
@@ -167,7 +151,7 @@ def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, di
         return stats, {"kind": "statistics file", "path": os.path.abspath(ref), "sha256": file_sha256(ref),
                        "num_images": stats.meta.get("num_images")}
     files = list_images(ref)
-    _folder_shapes_check(files)
+    check_same_size(files)
     plan = SamplePlan(len(files), args.batch_size)
     feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop])), state))
     return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files),
@@ -256,7 +240,7 @@ def _write_cleanfid_custom(stats, name: str, mode: str, extractor) -> None:
 
 
 def clip_score(args) -> dict:
-    from onestep.data import read_prompts
+    from onestep.data import read_captions, read_prompts
     from .clip import clip_scores, load_open_clip, scale_scores
     state = _state()
     device = _device(args, state)
@@ -264,7 +248,12 @@ def clip_score(args) -> dict:
     clip = None  # loaded after the inputs are checked: a ViT-g-14 takes a while
     if args.images:
         files = list_images(args.images)
-        prompts = read_prompts(args.prompts) if args.prompts else _folder_captions(args.images, files)
+        if args.prompts:
+            prompts = read_prompts(args.prompts)
+        elif os.path.isfile(os.path.join(args.images, "metadata.jsonl")):
+            prompts = read_captions(args.images, files)
+        else:
+            raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {args.images}.")
         if len(prompts) != len(files):
             raise UserError(f"{args.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order.")
         n = args.num_samples or len(files)
@@ -303,27 +292,6 @@ def clip_score(args) -> dict:
         write_record(args.output, record)
         print(f"CLIP score {value:.6g} ({args.scale}, {len(cos)} images, {clip.model_name}/{clip.pretrained}) -> {args.output}")
     return record
-
-
-def _folder_captions(folder: str, files: list[str]) -> list[str]:
-    """Captions from an HF imagefolder metadata.jsonl (file_name + text), in the files' order."""
-    import json
-    meta = os.path.join(folder, "metadata.jsonl")
-    if not os.path.isfile(meta):
-        raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {folder}.")
-    captions = {}
-    with open(meta) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    captions[os.path.normpath(os.path.join(folder, row["file_name"]))] = row.get("text") or row.get("caption")
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{meta} line {n} is not a JSON object with file_name and text.") from None
-    missing = [p for p in files if os.path.normpath(p) not in captions]
-    if missing:
-        raise UserError(f"{meta} has no caption for {missing[0]}.")
-    return [captions[os.path.normpath(p)] for p in files]
 
 
 def _by_name(folder: str) -> dict[str, str]:

@@ -202,17 +202,25 @@ def read_image(path: str) -> np.ndarray:
         raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
 
 
-def read_images(files: list[str], same_size: bool = True) -> np.ndarray | list[np.ndarray]:
-    images = [read_image(p) for p in files]
-    if same_size:
-        sizes = {im.shape[:2] for im in images}
-        if len(sizes) > 1:
-            first = images[0].shape[:2]
-            odd = next(p for p, im in zip(files, images) if im.shape[:2] != first)
-            raise UserError(f"The images have mixed sizes ({files[0]} is {first[1]}x{first[0]}, {odd} is "
-                            f"{images[files.index(odd)].shape[1]}x{images[files.index(odd)].shape[0]}); resize them to one size first.")
-        return np.stack(images)
-    return images
+def read_images(files: list[str]) -> np.ndarray:
+    """Decoded images stacked (N, H, W, 3); callers check sizes up front with check_same_size."""
+    return np.stack([read_image(p) for p in files])
+
+
+def check_same_size(files: list[str]) -> None:
+    """Every image the same size, read from the headers only (before any batch is decoded)."""
+    first = None
+    for path in files:
+        try:
+            with Image.open(path) as im:
+                size = im.size
+        except OSError as err:
+            raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
+        if first is None:
+            first = (path, size)
+        elif size != first[1]:
+            raise UserError(f"The images have mixed sizes ({first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
+                            f"{size[0]}x{size[1]}); resize them to one size first.")
 
 
 def digits_reference_images() -> tuple[np.ndarray, np.ndarray]:

@@ -84,7 +84,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 names = sorted(names, key=int)  # folders "0".."10" are class ids, not strings
             self.class_names = names
             self.labels = torch.tensor([names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths])
-        self.captions = _read_captions(root, self.paths) if os.path.isfile(os.path.join(root, "metadata.jsonl")) else None
+        self.captions = read_captions(root, self.paths) if os.path.isfile(os.path.join(root, "metadata.jsonl")) else None
         if verify:
             for p in self.paths:
                 self._verify(p)
@@ -126,7 +126,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return x, label
 
 
-def _read_captions(root: str, paths: list[str]) -> list[str]:
+def read_captions(root: str, paths: list[str]) -> list[str]:
     """Captions from an HF imagefolder metadata.jsonl (file_name + text/caption), in the order of paths."""
     import json
     meta = os.path.join(root, "metadata.jsonl")
