@@ -38,6 +38,13 @@ def _source_args(p, images_help="an image folder to evaluate as it is"):
     g.add_argument("--trust-remote-code", action="store_true", help="allow a pipeline folder's own code to run")
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _feature_args(p):
     g = p.add_argument_group("features")
     g.add_argument("--features", choices=FEATURES, default="inception",
@@ -46,6 +53,9 @@ def _feature_args(p):
     g.add_argument("--inception-weights", default=None, help="a local copy of clean-fid's Inception weights (checked by SHA-256, then cached)")
     g.add_argument("--clip-model", default="ViT-B-32")
     g.add_argument("--clip-pretrained", default="openai")
+    g.add_argument("--crop-size", type=non_negative_int, default=0,
+                   help="centre-crop every image (generated and reference) to a square and LANCZOS-resize it to this size "
+                        "before the features (DMD2's COCO protocol: 256); 0 = off")
 
 
 def _ref_args(p):
@@ -89,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag, a local checkpoint file, or none (random)")
     s.add_argument("--prefix", default=DEFAULT_PREFIX, help="prepended to every caption")
     s.add_argument("--scale", choices=SCALES, default="raw", help="raw cosine (DMD2) or 100 * max(cos, 0) (torchmetrics)")
-    s.add_argument("--crop-size", type=int, default=256, help="centre-crop + LANCZOS resize before CLIP's preprocess; 0 = off")
+    s.add_argument("--crop-size", type=non_negative_int, default=256, help="centre-crop + LANCZOS resize before CLIP's preprocess; 0 = off")
     s.add_argument("--output", default="clip.json")
 
     s = sub.add_parser("sr", help="PSNR / SSIM (RGB and Y) [and LPIPS] of super-resolution outputs")

@@ -16,21 +16,12 @@ from PIL import Image
 
 from onestep.errors import UserError
 
+from .sources import center_crop_resize
+
 DEFAULT_MODEL = "ViT-g-14"
 DEFAULT_PRETRAINED = "laion2b_s12b_b42k"
 DEFAULT_PREFIX = "A photo depicts "
 SCALES = ("raw", "100")
-
-
-def center_crop_resize(image: np.ndarray, size: int | None) -> Image.Image:
-    """uint8 (H, W, 3) -> PIL, centre-cropped to a square and LANCZOS-resized to size (None: as is)."""
-    pil = Image.fromarray(image)
-    if size:
-        w, h = pil.size
-        s = min(w, h)
-        left, top = (w - s) // 2, (h - s) // 2
-        pil = pil.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
-    return pil
 
 
 @dataclass

@@ -71,11 +71,13 @@ def generated_features(args, extractor, state, device, prompts=None) -> tuple[me
             if args.num_samples > len(files):
                 raise UserError(f"--num-samples {args.num_samples} is more than the {len(files)} images in {args.images}.")
             files = files[: args.num_samples]
-        check_same_size(files)
+        crop = getattr(args, "crop_size", 0)
+        if not crop:  # with a crop, mixed sizes are fine: every image is cropped before stacking
+            check_same_size(files)
         plan = SamplePlan(len(files), args.batch_size)
         source = {"kind": "image folder", "path": os.path.abspath(args.images), "num_images": len(files), "sha256": files_sha256(files)}
         def work(b):
-            images = read_images(files[b.start:b.stop])
+            images = read_images(files[b.start:b.stop], crop)
             return extractor(images), None, images if b.start == 0 else None
     else:
         if not args.num_samples:
@@ -151,15 +153,18 @@ def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, di
         return stats, {"kind": "statistics file", "path": os.path.abspath(ref), "sha256": file_sha256(ref),
                        "num_images": stats.meta.get("num_images")}
     files = list_images(ref)
-    check_same_size(files)
+    crop = getattr(args, "crop_size", 0)
+    if not crop:
+        check_same_size(files)
     plan = SamplePlan(len(files), args.batch_size)
-    feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop])), state))
+    feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop], crop)), state))
     return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files),
                                                        "sha256": files_sha256(files)}
 
 
 def _extractor(args, device):
-    return build_features(args.features, device, args.mode, args.inception_weights, args.clip_model, args.clip_pretrained)
+    return build_features(args.features, device, args.mode, args.inception_weights, args.clip_model, args.clip_pretrained,
+                          getattr(args, "crop_size", 0))
 
 
 def _save_grid(images: np.ndarray | None, path: str) -> None:

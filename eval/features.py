@@ -199,8 +199,27 @@ class ClipImageFeatures(FeatureExtractor):
 FEATURES = ("digits", "inception", "clip")
 
 
+class CenterCropped(FeatureExtractor):
+    """Another extractor, fed images centre-cropped to a square and LANCZOS-resized to `size` first (the
+    COCO protocol of DMD2 and GigaGAN: 256 px, for generated and real images alike)."""
+
+    def __init__(self, inner: FeatureExtractor, size: int):
+        self.inner, self.size = inner, size
+        self.name, self.dim, self.weights_sha256 = inner.name, inner.dim, inner.weights_sha256
+        self.resize = f"centre crop to square, LANCZOS to {size}; then {inner.resize}"
+
+    def extract(self, images):
+        from .sources import center_crop_resize
+        return self.inner.extract(np.stack([np.asarray(center_crop_resize(im, self.size)) for im in images]))
+
+    def describe(self):
+        return {**self.inner.describe(), "resize": self.resize}
+
+
 def build_features(name: str, device="cpu", mode: str = "clean", inception_weights: str | None = None,
-                   clip_model: str = "ViT-B-32", clip_pretrained: str = "openai") -> FeatureExtractor:
+                   clip_model: str = "ViT-B-32", clip_pretrained: str = "openai", crop_size: int = 0) -> FeatureExtractor:
+    if crop_size:
+        return CenterCropped(build_features(name, device, mode, inception_weights, clip_model, clip_pretrained), crop_size)
     if name == "digits":
         return DigitsFeatures(device)
     if name == "inception":

@@ -202,9 +202,24 @@ def read_image(path: str) -> np.ndarray:
         raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
 
 
-def read_images(files: list[str]) -> np.ndarray:
-    """Decoded images stacked (N, H, W, 3); callers check sizes up front with check_same_size."""
+def read_images(files: list[str], crop_size: int = 0) -> np.ndarray:
+    """Decoded images stacked (N, H, W, 3). Without crop_size callers check sizes up front with
+    check_same_size; with it every image is centre-cropped and LANCZOS-resized to crop_size first."""
+    if crop_size:
+        return np.stack([np.asarray(center_crop_resize(read_image(p), crop_size)) for p in files])
     return np.stack([read_image(p) for p in files])
+
+
+def center_crop_resize(image: np.ndarray, size: int | None) -> Image.Image:
+    """uint8 (H, W, 3) -> PIL, centre-cropped to a square and LANCZOS-resized to size (None: as is)."""
+    pil = Image.fromarray(image)
+    if size:
+        w, h = pil.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        pil = pil.crop((left, top, left + s, top + s)).resize((size, size), Image.LANCZOS)
+    return pil
+
 
 
 def check_same_size(files: list[str]) -> None:

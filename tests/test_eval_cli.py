@@ -325,3 +325,51 @@ def test_clip_score_of_a_text_to_image_pipeline_is_reproducible(tmp_path):
     assert a["clip_score"] == b["clip_score"] and 0 <= a["clip_score"] <= 100 and a["num_images"] == 4
     assert a["source"]["class"] == "StableDiffusionPipeline" and a["source"]["num_inference_steps"] == 2
     assert a["scale"].startswith("100 * max") and a["prompts_file"] == str(prompts)
+
+
+def test_crop_size_centre_crops_both_sides_and_takes_mixed_sizes(tmp_path, digits_folder):
+    """DMD2's COCO protocol: generated and real images centre-cropped to a square, LANCZOS-resized (to 256
+    there); a folder of mixed sizes is then accepted, and the result equals cropping the files by hand."""
+    from onestep.eval.sources import center_crop_resize
+    rng = np.random.RandomState(0)
+    names = sorted(os.listdir(digits_folder))
+    mixed, by_hand = tmp_path / "mixed", tmp_path / "by_hand"
+    mixed.mkdir(), by_hand.mkdir()
+    for i, name in enumerate(names):
+        img = np.asarray(Image.open(os.path.join(digits_folder, name)).convert("RGB").resize((16, 16)))
+        pad = rng.randint(0, 256, (16 + 4 * (i % 3), 16 + 6 * (i % 2), 3), dtype=np.uint8)  # odd shapes around the digit
+        pad[:16, :16] = img
+        Image.fromarray(pad).save(mixed / name)
+        center_crop_resize(pad, 12).save(by_hand / name)
+    half = len(names) // 2
+    for folder in (mixed, by_hand):  # first half evaluated, second half as reference
+        (tmp_path / f"{folder.name}_ref").mkdir()
+        for name in names[half:]:
+            os.replace(folder / name, tmp_path / f"{folder.name}_ref" / name)
+    cropped = _fid(tmp_path, "c", ["--images", mixed, "--ref", tmp_path / "mixed_ref", "--features", "digits", "--crop-size", "12"])
+    plain = _fid(tmp_path, "p", ["--images", by_hand, "--ref", tmp_path / "by_hand_ref", "--features", "digits"])
+    assert cropped["fid"] == pytest.approx(plain["fid"], rel=1e-9) and cropped["fid"] > 0
+    assert cropped["generated"]["source"]["num_images"] == half
+    assert "centre crop to square, LANCZOS to 12" in cropped["generated"]["features"]["resize"]
+    from onestep.errors import UserError
+    with pytest.raises(UserError, match="mixed sizes"):  # without the crop, mixed sizes are refused
+        _main(["fid", "--images", mixed, "--ref", tmp_path / "mixed_ref", "--features", "digits", "--output", tmp_path / "x.json"])
+
+
+def test_coco_prompts_recipe_takes_one_caption_per_image_reproducibly(tmp_path):
+    from onestep.data import read_prompts
+    from onestep.eval.recipes.coco_prompts import main as coco_main
+    images = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in range(1, 9)]
+    anns = [{"id": 100 + k, "image_id": 1 + (k % 8), "caption": f"caption {k} "} for k in range(16)][::-1]
+    path = tmp_path / "captions_val2014.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    coco_main(["--annotations", str(path), "--num", "5", "--output", str(tmp_path / "a.jsonl")])
+    coco_main(["--annotations", str(path), "--num", "5", "--output", str(tmp_path / "b.jsonl")])
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text() and len(rows) == 5
+    for r in rows:  # the first caption by annotation id, stripped, with its image's file name
+        assert r["text"] == f"caption {r['image_id'] - 1}" and r["file_name"] == f"COCO_val2014_{r['image_id']:012d}.jpg"
+    assert read_prompts(str(tmp_path / "a.jsonl")) == [r["text"] for r in rows]
+    from onestep.errors import UserError
+    with pytest.raises(UserError, match="more than the 8 captioned images"):
+        coco_main(["--annotations", str(path), "--num", "9", "--output", str(tmp_path / "c.jsonl")])
