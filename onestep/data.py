@@ -112,18 +112,78 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.paths)
 
+    @property
+    def cache_identity(self):
+        """What a latent cache of this data is keyed by."""
+        return self.paths
+
+    def __getitem__(self, i):
+        img = self._open(self.paths[i]).convert("L" if self.channels == 1 else "RGB")
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return center_crop_tensor(img, self.resolution), label
+
+
+def center_crop_tensor(img, r: int) -> torch.Tensor:
+    """Resize the short side to r (bicubic), centre-crop r x r, scale to [-1, 1], CHW."""
+    from PIL import Image
+    scale = r / min(img.size)
+    img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - r) // 2, (img.height - r) // 2
+    img = img.crop((left, top, left + r, top + r))
+    arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).reshape(r, r, -1).permute(2, 0, 1)
+
+
+def _one_caption(value, row: int, name: str, column: str) -> str:
+    """A caption cell: a string, or a list of strings (COCO-style datasets) of which the first is used."""
+    if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
+        value = value[0]
+    if not isinstance(value, str):
+        raise UserError(f"Row {row} of dataset {name!r} has no text caption in column {column!r} (found {type(value).__name__}).")
+    return value
+
+
+class HFImageCaptions(torch.utils.data.Dataset):
+    """Image-caption pairs from a Hugging Face dataset (hub id or local dataset folder, through
+    `datasets.load_dataset`), centre-cropped to `resolution`; the same interface as ImageFolder."""
+
+    def __init__(self, name: str, resolution: int, split: str = "train", config_name: str | None = None,
+                 image_column: str = "image", caption_column: str = "text"):
+        try:
+            import datasets
+        except ImportError:
+            raise UserError("--dataset_name needs the datasets package: pip install 'onestep[datasets]'.") from None
+        try:
+            ds = datasets.load_dataset(name, config_name, split=split)
+        except Exception as err:  # offline, unknown id, bad split: datasets raises many types
+            raise UserError(f"Cannot load dataset {name!r} (split {split!r}): {str(err).splitlines()[0] if str(err) else err.__class__.__name__}") from None
+        for column in (image_column, caption_column):
+            if column not in ds.column_names:
+                raise UserError(f"Dataset {name!r} has no column {column!r}; its columns are {', '.join(ds.column_names)} "
+                                f"(choose with --image_column / --caption_column).")
+        if len(ds) == 0:
+            raise UserError(f"Dataset {name!r} (split {split!r}) is empty.")
+        self.ds, self.name, self.resolution, self.image_column = ds, name, resolution, image_column
+        self.captions = [_one_caption(c, i, name, caption_column) for i, c in enumerate(ds[caption_column])]
+        self.labels = None
+        self._identity = (name, config_name, split, image_column, getattr(ds, "_fingerprint", None), len(ds))
+
+    @property
+    def cache_identity(self):
+        return self._identity
+
+    def __len__(self):
+        return len(self.ds)
+
     def __getitem__(self, i):
         from PIL import Image
-        img = self._open(self.paths[i]).convert("L" if self.channels == 1 else "RGB")
-        r = self.resolution
-        scale = r / min(img.size)
-        img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
-        left, top = (img.width - r) // 2, (img.height - r) // 2
-        img = img.crop((left, top, left + r, top + r))
-        arr = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
-        x = torch.from_numpy(arr).reshape(r, r, -1).permute(2, 0, 1)
-        label = int(self.labels[i]) if self.labels is not None else -1
-        return x, label
+        try:
+            img = self.ds[int(i)][self.image_column]
+            if not isinstance(img, Image.Image):
+                raise TypeError(f"not an image but {type(img).__name__}")
+        except Exception as err:  # a corrupt or missing image is decoded lazily, here
+            raise UserError(f"Cannot read image {i} of dataset {self.name!r} ({err}); remove or replace it.") from None
+        return center_crop_tensor(img.convert("RGB"), self.resolution), -1
 
 
 def read_captions(root: str, paths: list[str]) -> list[str]:
@@ -156,28 +216,33 @@ class CaptionedLatentBatches:
     a hash of the file list, resolution and VAE), and training reads latents only; a later run with the
     same data reuses them. Latents are the VAE posterior mean (deterministic), times its scaling factor."""
 
-    def __init__(self, dataset: "ImageFolder", batch_size: int, seed: int, encode_images, encode_text,
-                 cache_dir: str | None = None, cache_key: str = "", shard_size: int = 256):
+    def __init__(self, dataset: "ImageFolder | HFImageCaptions", batch_size: int, seed: int, encode_images, encode_text,
+                 cache_dir: str | None = None, cache_key: str = "", shard_size: int = 256,
+                 rank: int = 0, world_size: int = 1, barrier=None):
         if dataset.captions is None:
             raise UserError("Text-to-image GAN data needs captions: put a metadata.jsonl (file_name, text) in --train_data_dir.")
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.encode_images, self.encode_text = encode_images, encode_text
-        self.latents = self._cached(cache_dir, cache_key, shard_size) if cache_dir else None
+        self.latents = None
+        if cache_dir:
+            self.latents = self._cached(cache_dir, cache_key, shard_size, rank, world_size, barrier or (lambda: None))
 
-    def _cached(self, cache_dir: str, key: str, shard_size: int) -> torch.Tensor:
+    def _cached(self, cache_dir: str, key: str, shard_size: int, rank: int, world_size: int, barrier) -> torch.Tensor:
+        """Shard k is encoded by rank k mod world_size (missing shards only), then every rank reads all."""
         import hashlib
         from safetensors.torch import load_file, save_file
         os.makedirs(cache_dir, exist_ok=True)
-        digest = hashlib.sha256(repr((self.dataset.paths, self.dataset.resolution, key)).encode()).hexdigest()[:16]
-        shards = []
+        digest = hashlib.sha256(repr((self.dataset.cache_identity, self.dataset.resolution, key)).encode()).hexdigest()[:16]
+        paths = []
         for k, start in enumerate(range(0, len(self.dataset), shard_size)):
             path = os.path.join(cache_dir, f"latents-{digest}-{k:05d}.safetensors")
-            if not os.path.exists(path):
+            paths.append(path)
+            if k % world_size == rank and not os.path.exists(path):
                 images = torch.stack([self.dataset[i][0] for i in range(start, min(start + shard_size, len(self.dataset)))])
-                save_file({"latents": self.encode_images(images).cpu().contiguous()}, path + ".tmp")
-                os.replace(path + ".tmp", path)
-            shards.append(load_file(path)["latents"])
-        return torch.cat(shards)
+                save_file({"latents": self.encode_images(images).cpu().contiguous()}, f"{path}.{rank}.tmp")
+                os.replace(f"{path}.{rank}.tmp", path)
+        barrier()
+        return torch.cat([load_file(p)["latents"] for p in paths])
 
     def __len__(self):
         return len(self.dataset)

@@ -1,7 +1,9 @@
+import pytest
 import torch
 from PIL import Image
 
 from onestep.data import DatasetBatches, ImageFolder, TensorBatches, load_digits_images
+from onestep.errors import UserError
 
 
 def test_digits_are_16x16_in_minus_one_to_one_with_ten_classes():
@@ -28,3 +30,50 @@ def test_batches_depend_only_on_step_so_a_resumed_loader_replays_them(tmp_path):
     tb = TensorBatches(x, y, 8, seed=1)
     assert torch.equal(tb.batch(5, 0, 0, "cpu").images, tb.batch(5, 0, 0, "cpu").images)
     assert not torch.equal(tb.batch(5, 0, 0, "cpu").images, tb.batch(5, 0, 1, "cpu").images)
+
+
+def _hf_dataset(root, captions):
+    import datasets
+    from PIL import Image
+    images = [Image.new("RGB", (10 + i, 12), (20 * i, 0, 0)) for i in range(len(captions))]
+    ds = datasets.Dataset.from_dict({"image": images, "text": captions})
+    (root / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "data" / "train.parquet"))
+    return str(root)
+
+
+def test_hf_captions_take_the_first_of_a_list_and_refuse_missing_ones(tmp_path):
+    from onestep.data import HFImageCaptions
+    ds = HFImageCaptions(_hf_dataset(tmp_path / "a", [["a cat", "a small cat"], ["a dog"]]), 8)
+    assert ds.captions == ["a cat", "a dog"] and ds[1][0].shape == (3, 8, 8)
+    with pytest.raises(UserError, match="Row 1 of dataset .* has no text caption"):
+        HFImageCaptions(_hf_dataset(tmp_path / "b", ["a cat", None]), 8)
+
+
+def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
+    """Rank r encodes shards r, r + P, ...; after the barrier every rank reads all of them."""
+    from onestep.data import CaptionedLatentBatches, HFImageCaptions
+    ds = HFImageCaptions(_hf_dataset(tmp_path / "d", [f"c{i}" for i in range(5)]), 8)
+    calls = {0: [], 1: []}
+
+    def encoder(rank):
+        def encode(images):
+            calls[rank].append(len(images))
+            return images[:, :1] * 2  # any deterministic function of the pixels
+        return encode
+    make = lambda rank, barrier: CaptionedLatentBatches(ds, 2, 0, encoder(rank), lambda t: None, cache_dir=str(tmp_path / "cache"),  # noqa: E731
+                                                        shard_size=2, rank=rank, world_size=2, barrier=barrier)
+    other = {}
+    rank1 = make(1, barrier=lambda: other.setdefault(0, make(0, barrier=lambda: None)))  # rank 0 reaches the barrier too
+    assert calls == {0: [2, 1], 1: [2]}  # shards 0 and 2 on rank 0, shard 1 on rank 1
+    expected = torch.stack([ds[i][0] for i in range(5)])[:, :1] * 2
+    assert torch.equal(rank1.latents, expected) and torch.equal(other[0].latents, expected)
+
+
+def test_bad_hf_dataset_input_gives_one_sentence(tmp_path):
+    from onestep.data import HFImageCaptions
+    data = _hf_dataset(tmp_path / "d", ["a cat", "a dog"])
+    with pytest.raises(UserError, match="has no column 'caption'; its columns are image, text"):
+        HFImageCaptions(data, 8, caption_column="caption")
+    with pytest.raises(UserError, match=r"Cannot load dataset .*\(split 'validation'\): Unknown split"):
+        HFImageCaptions(data, 8, split="validation")

@@ -192,3 +192,45 @@ def test_gan_data_without_captions_is_refused(teachers, tmp_path):
     r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
              "--output_dir", str(tmp_path / "out"), "--preset", "sd15", "--train_batch_size", "2", "--gan", "--train_data_dir", data])
     assert r.returncode == 2 and "has no caption" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+
+
+def _parquet_dataset(root, n=6):
+    """A Hugging Face dataset on disk (parquet, image + caption columns): load_dataset reads it as it would a hub id."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 256, (18, 22, 3), dtype=np.uint8)) for _ in range(n)]
+    ds = datasets.Dataset.from_dict({"image": images, "caption": [f"thing {i}" for i in range(n)]},
+                                    features=datasets.Features(image=datasets.Image(), caption=datasets.Value("string")))
+    (root / "data").mkdir(parents=True)
+    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
+    return str(root)
+
+
+def test_gan_on_a_hugging_face_dataset_with_a_latent_cache(teachers, tmp_path):
+    data = _parquet_dataset(tmp_path / "hfdata")
+    cache = tmp_path / "cache"
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
+             "--preset", "sd15", "--output_dir", str(tmp_path / "a"), "--train_batch_size", "2", "--mixed_precision", "no",
+             "--validation_steps", "1000", "--max_train_steps", "2", "--gan", "--dataset_name", data, "--caption_column",
+             "caption", "--cache_latents", "--latent_cache_dir", str(cache)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from safetensors.torch import load_file
+    shards = sorted(cache.glob("latents-*.safetensors"))
+    assert len(shards) == 1 and load_file(shards[0])["latents"].shape == (6, 4, 8, 8)
+    assert "loss_d" in (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
+    # The dataset's rows, cropped like folder images, are what the cache holds.
+    from onestep.data import HFImageCaptions, center_crop_tensor
+    import datasets
+    ds = HFImageCaptions(data, 16, caption_column="caption")
+    assert ds.captions == [f"thing {i}" for i in range(6)]
+    row = datasets.load_dataset(data, split="train")[3]["image"]
+    assert torch.equal(ds[3][0], center_crop_tensor(row.convert("RGB"), 16))
+
+
+def test_gan_data_from_a_folder_and_a_dataset_at_once_is_refused(teachers, tmp_path):
+    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
+             "--preset", "sd15", "--output_dir", str(tmp_path / "out"), "--gan", "--dataset_name", "some/data",
+             "--train_data_dir", "somewhere"])
+    assert r.returncode == 2 and "either --train_data_dir or --dataset_name" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]

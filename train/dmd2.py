@@ -27,6 +27,13 @@ def parse_args(argv=None):
     p.add_argument("--train_data_dir", default=None,
                    help="Real images for the GAN (sub-folders = classes for class-conditional teachers); "
                         "default for the digits teacher: the scikit-learn digits.")
+    p.add_argument("--dataset_name", default=None,
+                   help="Text-to-image GAN data from a Hugging Face dataset instead: a hub id or a local dataset folder "
+                        "(datasets.load_dataset; needs pip install 'onestep[datasets]').")
+    p.add_argument("--dataset_config_name", default=None)
+    p.add_argument("--dataset_split", default="train")
+    p.add_argument("--image_column", default="image", help="--dataset_name: the column holding images.")
+    p.add_argument("--caption_column", default="text", help="--dataset_name: the column holding captions.")
     p.add_argument("--resolution", type=positive_int, default=None, help="Image size (default: the teacher's sample_size).")
     p.add_argument("--train_batch_size", type=positive_int, default=None, help="Generator samples per process per iteration.")
     p.add_argument("--dataloader_num_workers", type=int, default=2)
@@ -82,6 +89,8 @@ def main(argv=None):
     teacher = load_teacher(teacher_id, revision=args.revision, variant=args.variant)
     if teacher.unet_class == "UNet2DConditionModel":
         return text_to_image_main(args, preset, teacher, teacher_id)
+    if args.dataset_name:
+        raise UserError("--dataset_name (image-caption data) is for text-to-image teachers; pixel teachers read --train_data_dir.")
     unet_cfg = teacher.unet_config
     depth = len(unet_cfg["block_out_channels"]) - 1
     resolution = args.resolution or unet_cfg["sample_size"]
@@ -225,9 +234,12 @@ def text_to_image_main(args, preset, teacher, teacher_id):
     config = dmd2_config(args, preset, timesteps, guidance)
     from onestep.export import stock_scheduler
     stock_scheduler(teacher.scheduler_config, timesteps, offset_allowed=sdxl)  # refuse before training, not at export
-    if config.gan and not args.train_data_dir:
+    if args.train_data_dir and args.dataset_name:
+        raise UserError("Pass either --train_data_dir or --dataset_name for the GAN's real images, not both.")
+    if config.gan and not (args.train_data_dir or args.dataset_name):
         raise UserError("The GAN needs real images with captions: pass --train_data_dir (images + metadata.jsonl with "
-                        "file_name and text), or --no-gan (the sd15 preset's stage 1 is DM-only).")
+                        "file_name and text) or --dataset_name (a Hugging Face dataset), or --no-gan (the sd15 preset's "
+                        "stage 1 is DM-only).")
     if args.eval_steps:
         raise UserError("In-training FID for text-to-image teachers is not supported yet; measure the export with onestep-eval.")
     args.eval_steps = 0
@@ -255,17 +267,20 @@ def text_to_image_main(args, preset, teacher, teacher_id):
 
     data = None
     if config.gan:
-        from onestep.data import CaptionedLatentBatches, ImageFolder
+        from onestep.data import CaptionedLatentBatches, HFImageCaptions, ImageFolder
 
         def encode_images(images):  # [-1, 1] pixels -> scaled latents (posterior mean: deterministic)
             with torch.no_grad():
                 return vae.encode(images.to(trainer.device, vae.dtype)).latent_dist.mode().float() * scale
 
         cache = (args.latent_cache_dir or os.path.join(args.output_dir, "latent_cache")) if args.cache_latents else None
-        with trainer.accelerator.main_process_first():  # rank 0 fills the cache, the others then read it
-            data = CaptionedLatentBatches(ImageFolder(args.train_data_dir, resolution), config.train_batch_size, args.seed,
-                                          encode_images, lambda texts: encoder.encode(texts), cache_dir=cache,
-                                          cache_key=json.dumps(vae_cfg, sort_keys=True))
+        acc = trainer.accelerator
+        with acc.main_process_first():  # rank 0 downloads and prepares a hub dataset once, the others then read it
+            real = ImageFolder(args.train_data_dir, resolution) if args.train_data_dir else HFImageCaptions(
+                args.dataset_name, resolution, args.dataset_split, args.dataset_config_name, args.image_column, args.caption_column)
+        data = CaptionedLatentBatches(real, config.train_batch_size, args.seed, encode_images, lambda texts: encoder.encode(texts),
+                                      cache_dir=cache, cache_key=json.dumps(vae_cfg, sort_keys=True),
+                                      rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone)
     latent = resolution // vae_factor
     method = DMD2(teacher.denoiser, config, sample_shape=(unet_cfg["in_channels"], latent, latent), cond_sampler=cond_sampler,
                   uncond=encoder.uncond, decode=decode,
