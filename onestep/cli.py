@@ -37,6 +37,8 @@ def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--checkpointing_steps", type=positive_int, default=None)
     g.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder.")
+    g.add_argument("--init_from_checkpoint", default=None,
+                   help="Start from an earlier run's weights only (a checkpoint-<step> folder), e.g. DMD2 stage 2 after stage 1.")
     g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
     g.add_argument("--validation_steps", type=positive_int, default=None, help="Iterations between PNG sample grids.")
     g.add_argument("--seed", type=int, default=0)
@@ -70,6 +72,7 @@ def trainer_config(args, defaults: dict, run_config: dict) -> TrainerConfig:
         checkpointing_steps=pick("checkpointing_steps"),
         checkpoints_total_limit=args.checkpoints_total_limit,
         resume_from_checkpoint=args.resume_from_checkpoint,
+        init_from_checkpoint=getattr(args, "init_from_checkpoint", None),
         report_to=args.report_to,
         validation_steps=pick("validation_steps"),
         eval_steps=pick("eval_steps"),

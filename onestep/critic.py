@@ -11,6 +11,7 @@ from torch import nn
 
 from .denoiser import Cond, Denoiser
 from .discriminator import DMD2Head
+from .sharding import fsdp_unit_names
 
 
 class _StopForward(Exception):
@@ -28,6 +29,9 @@ class Critic(nn.Module):
         self.head = None
         self._features = None
         self._stop_early = False
+        # Stopping the forward by an exception is safe for plain and DDP modules; FSDP's per-module
+        # hooks expect every forward to finish, so sharded runs set this to False (full pass).
+        self.early_exit = True
         if with_head:
             if name is None:
                 raise ValueError("The GAN head needs a bottleneck: pass feature_module (a submodule name of the critic network).")
@@ -38,6 +42,7 @@ class Critic(nn.Module):
             module.register_forward_hook(self._capture)
             shape = self._probe_feature_shape(sample_shape, example_cond)
             self.head = DMD2Head(shape)
+        self._no_split_modules = fsdp_unit_names(denoiser.net, *(["DMD2Head"] if with_head else []))
 
     def _capture(self, module, inputs, output):
         self._features = output[0] if isinstance(output, tuple) else output
@@ -55,14 +60,19 @@ class Critic(nn.Module):
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
         """Bottleneck features only; the network stops right after the hooked module."""
-        self._stop_early = True
+        self._stop_early = self.early_exit
+        out = None
         try:
-            self.denoiser.raw(x_t, t, cond)
+            out = self.denoiser.raw(x_t, t, cond)
         except _StopForward:
             pass
         finally:
             self._stop_early = False
         feats, self._features = self._features, None
+        if out is not None:
+            # FSDP2 gathers a unit's weights for the backward when the gradient reaches the unit's output;
+            # tie the full pass's output in (with weight 0) so the UNet's own weights are there in time.
+            feats = feats + 0.0 * torch.nan_to_num(out.mean())  # nan_to_num: an inf output must not turn this into NaN
         return feats
 
     def logits(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:

@@ -5,6 +5,7 @@ guard, signals, timing, export)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -15,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from .ema import EMA
 from .errors import UserError
 from .methods.base import Method, StepInfo
+from .sharding import (WrapPolicyPerModel, as_local_scalar, check_sharding_supported, gather_for_export, is_sharded,
+                       keep_fp32_weights, mark_roots, weightless_copy)
 from .timing import PhaseTimer, format_summary
 from .utils import save_image_grid, seed_for
 
@@ -40,6 +43,7 @@ class TrainerConfig:
     checkpointing_steps: int | None = None   # iterations between checkpoints; None = only at the end
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    init_from_checkpoint: str | None = None    # start the models from an earlier run's weights (a new stage)
     report_to: str = "none"                  # none | tensorboard | wandb | all
     tracker_project_name: str = "onestep"
     validation_steps: int | None = None      # iterations between sample grids; None = start and end only
@@ -49,6 +53,7 @@ class TrainerConfig:
     seed: int = 0
     nan_patience: int = 20                   # consecutive non-finite losses before the run stops
     export: bool = True
+    distributed_timeout_s: int = 7200         # collectives' timeout: rank 0 may download or encode data while others wait
     final_checkpoint: bool = True            # benchmarks turn it off (an SD-size state is tens of GB)
     run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
 
@@ -90,6 +95,37 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
 
 
+def load_model_weights(checkpoint: str, models: dict, may_be_new: tuple[str, ...] = ("head.",)) -> None:
+    """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
+    step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. accelerate names
+    the files model.safetensors, model_1.safetensors, ... in the order the models were prepared, and
+    keeps the wrapper's key prefix (DDP's `module.`), which is dropped here."""
+    from safetensors.torch import load_file
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run.")
+    for i, (name, model) in enumerate(models.items()):
+        path = os.path.join(checkpoint, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        if not os.path.isfile(path):
+            raise UserError(f"{checkpoint} has no {os.path.basename(path)} (the {name}); only single-process and DDP "
+                            f"checkpoints can start a new stage (FSDP ones are stored in another format).")
+        state = {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError:  # a shape mismatch
+            missing, unexpected = ["(tensor shapes differ)"], []
+        missing = [k for k in missing if not k.startswith(may_be_new)]
+        if missing or unexpected:
+            raise UserError(f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
+                            f"it holds another architecture or LoRA setting.")
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
 class Trainer:
     def __init__(self, config: TrainerConfig):
         if config.mixed_precision not in ("no", "fp16", "bf16"):
@@ -107,6 +143,7 @@ class Trainer:
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=report_to,
             project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+            kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         self.device = self.accelerator.device
         if self.device.type == "cpu":
@@ -119,6 +156,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # identical model construction (e.g. a fresh GAN head) on every rank
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda")
         self._stop_signal = None
+        self.sharded = False  # set by fit() when accelerate shards the models (FSDP)
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -195,9 +233,16 @@ class Trainer:
                             f"latest to continue it, or choose another --output_dir.")
         if method.needs_data and data is None:
             raise UserError("This method needs real training data; pass --train_data_dir.")
-        if acc.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU"):
-            raise UserError(f"Distributed type {acc.distributed_type.name} is not supported yet; use DDP (accelerate launch --multi_gpu).")
+        if acc.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "FSDP"):
+            raise UserError(f"Distributed type {acc.distributed_type.name} is not supported; use DDP (accelerate launch "
+                            f"--multi_gpu) or FSDP2 (accelerate launch --config_file train/fsdp_sdxl.yaml).")
+        check_sharding_supported(acc, cfg.ema_decay)
+        self.sharded = is_sharded(acc)
         os.makedirs(cfg.output_dir, exist_ok=True)
+        resume = self._resolve_resume()
+        if cfg.init_from_checkpoint and not resume:  # a resumed run already holds its own weights
+            load_model_weights(cfg.init_from_checkpoint, method.models())
+            self.log(f"Started the models from {cfg.init_from_checkpoint}")
         method.timer = self.timer
         method.to(self.device)
 
@@ -206,16 +251,25 @@ class Trainer:
         optimizers = method.optimizers()
         schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
                       for n, o in optimizers.items()}
+        # Under FSDP the exported models are rebuilt from gathered weights into these weightless copies.
+        skeletons = {n: weightless_copy(models[n]) for n in method.exported_models or names} if self.sharded else {}
         # Schedulers stay outside prepare(): accelerate would step them once per process per call,
         # and warm-up here counts iterations whatever the number of processes.
-        prepared = acc.prepare(*[models[n] for n in names], *[optimizers[n] for n in names])
-        models = dict(zip(names, prepared[:len(names)]))
-        optimizers = dict(zip(names, prepared[len(names):]))
+        # One model (and its optimizer) per prepare() call: FSDP2 accepts no more, and the order in which
+        # accelerate registers them (hence checkpoint file names) is the same as one call for all.
+        wrap_policy = WrapPolicyPerModel(acc)
+        if self.sharded:
+            keep_fp32_weights(acc)
+        for n in names:
+            wrap_policy.reset()
+            models[n], optimizers[n] = acc.prepare(models[n], optimizers[n])
+        if self.sharded:
+            mark_roots(models.values())
         state = _TrainState()
         acc.register_for_checkpointing(state)
         for sched in schedulers.values():
             acc.register_for_checkpointing(sched)
-        method.attach(models, acc.unwrap_model)
+        method.attach(models, acc.unwrap_model, sharded=self.sharded)
 
         emas = {}
         if cfg.ema_decay:
@@ -223,7 +277,6 @@ class Trainer:
                 emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay)
                 acc.register_for_checkpointing(emas[n])
 
-        resume = self._resolve_resume()
         if resume:
             self.log(f"Resuming from {resume}")
             try:
@@ -320,15 +373,20 @@ class Trainer:
         if cfg.final_checkpoint:
             path = self.save_checkpoint(state.step)
             self.log(f"Saved {path}")
-        self._write_weight_digests(models)
+        if not self.sharded:  # DDP replicas must agree; FSDP ranks hold different shards by design
+            self._write_weight_digests(models)
         self._validate(method, models, emas, grids_dir, state.step)
         result["eval"] = self._evaluate(method, models, emas, state.step)
         if cfg.export:
             acc.wait_for_everyone()
+            full = gather_for_export(acc, models, skeletons) if self.sharded else None
             if self.is_main:
-                with _ema_weights(emas, acc, models):
-                    method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir,
-                                  {"training_steps": state.step, "ema_decay": cfg.ema_decay, "eval": result["eval"], **cfg.run_config})
+                card = {"training_steps": state.step, "ema_decay": cfg.ema_decay, "eval": result["eval"], **cfg.run_config}
+                if full is not None:
+                    method.export(full, cfg.output_dir, card)
+                else:
+                    with _ema_weights(emas, acc, models):
+                        method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir, card)
             acc.wait_for_everyone()
         self.log(format_summary(summary))
         acc.end_training()
@@ -348,7 +406,7 @@ class Trainer:
         acc.backward(loss)
         if clip:
             norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            if self._any_rank(not bool(torch.isfinite(torch.as_tensor(norm)))):
+            if self._any_rank(not bool(torch.isfinite(as_local_scalar(norm)))):
                 self.log(f"Non-finite {name} loss or gradient at step {self._step_for_log}; update skipped.")
                 optimizer.zero_grad(set_to_none=True)
                 return False, {}
@@ -375,6 +433,9 @@ class Trainer:
         """In-training metrics on the main process (other ranks go on and wait at the next reduction)."""
         if self._evaluator is None or not self.is_main:
             return {}
+        if self.sharded:  # the evaluator samples on the main process only, and every FSDP forward is collective
+            self.log(f"step {step}: in-training evaluation is not available with FSDP; evaluate the export with onestep-eval.")
+            return {}
         try:
             with self.timer.phase("evaluation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
                 values = self._evaluator(lambda n, seed: method.sample_grid(unwrapped, n, seed, self.device))
@@ -391,11 +452,13 @@ class Trainer:
         return values
 
     def _validate(self, method, models, emas, grids_dir, step):
-        if not self.is_main or self.config.num_validation_images <= 0:
+        # Under FSDP every rank samples (each forward gathers weights from all of them); one saves.
+        if not (self.is_main or self.sharded) or self.config.num_validation_images <= 0:
             return
         with self.timer.phase("validation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
             images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
-            save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
+            if self.is_main:
+                save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
 
 
 @contextlib.contextmanager

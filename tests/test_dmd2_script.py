@@ -117,3 +117,24 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path):
     assert len(ckpts) == 1 and not ckpts[0].name.endswith(".tmp")
     assert "resume with --resume_from_checkpoint latest" in output
     assert not (out / "model_index.json").exists()  # an interrupted run does not export
+
+
+def test_stage_two_starts_from_stage_one_weights_with_a_new_gan_head(tmp_path):
+    """DMD2 SD1.5 recipe: stage 1 without the GAN, stage 2 from its weights with the GAN head added."""
+    def train(out, *extra):
+        return run([PY, "train/dmd2.py", "--output_dir", str(out), *SMALL, "--eval_steps", "0", *extra])
+    stage1 = tmp_path / "stage1"
+    r = train(stage1, "--max_train_steps", "2", "--no-gan")
+    assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = stage1 / "checkpoint-2"
+    stage2 = tmp_path / "stage2"
+    r = train(stage2, "--max_train_steps", "1", "--gan", "--learning_rate", "0", "--init_from_checkpoint", str(ckpt))
+    assert r.returncode == 0, r.stderr[-3000:]
+    # lr 0: the exported student is exactly stage 1's generator, so the weights were taken over.
+    generator = {k.split("denoiser.adapter.net.", 1)[1]: v for k, v in load_file(ckpt / "model.safetensors").items()}
+    exported = load_file(stage2 / "unet" / "diffusion_pytorch_model.safetensors")
+    assert exported.keys() == generator.keys() and all(torch.equal(exported[k], generator[k]) for k in exported)
+    assert "loss_d" in (stage2 / "logs" / "losses.csv").read_text().splitlines()[0]
+    # A checkpoint of another model is refused in one sentence before training.
+    r = train(tmp_path / "bad", "--max_train_steps", "1", "--no-gan", "--init_from_checkpoint", str(tmp_path / "nowhere"))
+    assert r.returncode == 2 and "is not a folder" in r.stderr.strip().splitlines()[-1]

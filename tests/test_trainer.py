@@ -123,3 +123,28 @@ def test_generator_losses_are_logged_although_they_appear_every_r_steps(tmp_path
     Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=20, log_every=10, num_validation_images=0)).fit(Counting(ratio=5))
     rows = list(csv.DictReader(open(tmp_path / "logs" / "losses.csv")))
     assert len(rows) == 2 and all(r["loss_generator"] and r["loss_critic"] for r in rows)
+
+
+def test_init_from_checkpoint_takes_weights_strips_wrapper_prefixes_and_refuses_misfits(tmp_path):
+    from safetensors.torch import save_file
+    from torch import nn
+
+    from onestep.errors import UserError
+    from onestep.trainer import load_model_weights
+    torch.manual_seed(0)
+    earlier = {"generator": nn.Linear(3, 2), "critic": nn.Linear(3, 3)}
+    ckpt = tmp_path / "checkpoint-7"
+    ckpt.mkdir()
+    save_file({f"module.{k}": v for k, v in earlier["generator"].state_dict().items()}, str(ckpt / "model.safetensors"))
+    save_file(dict(earlier["critic"].state_dict()), str(ckpt / "model_1.safetensors"))
+    critic = nn.Module()
+    critic.weight, critic.bias = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
+    critic.head = nn.Linear(3, 1)  # new in this stage: allowed to be missing
+    now = {"generator": nn.Linear(3, 2), "critic": critic}
+    load_model_weights(str(ckpt), now)
+    assert torch.equal(now["generator"].weight, earlier["generator"].weight) and torch.equal(critic.weight, earlier["critic"].weight)
+    with pytest.raises(UserError, match="does not fit the generator"):
+        load_model_weights(str(ckpt), {"generator": nn.Linear(4, 2), "critic": critic})
+    with pytest.raises(UserError, match="has no model_1.safetensors"):
+        (ckpt / "model_1.safetensors").unlink()
+        load_model_weights(str(ckpt), now)

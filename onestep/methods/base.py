@@ -36,6 +36,7 @@ class Method:
 
     updates: list[Update] = []
     ema_models: tuple[str, ...] = ()   # models whose weight EMA the trainer may keep (and exports)
+    exported_models: tuple[str, ...] = ()  # models export() reads (default: all); gathered under FSDP
     needs_data: bool = True
 
     def __init__(self):
@@ -50,10 +51,11 @@ class Method:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def attach(self, prepared: dict[str, nn.Module], unwrap) -> None:
-        """The trainer hands back the prepared (possibly DDP-wrapped) models."""
+    def attach(self, prepared: dict[str, nn.Module], unwrap, sharded: bool = False) -> None:
+        """The trainer hands back the prepared (possibly DDP-wrapped or FSDP-sharded) models."""
         self.prepared = prepared
         self.unwrap = unwrap
+        self.sharded = sharded
 
     def to(self, device) -> "Method":
         """Move frozen, non-trained parts (the teacher) to the device."""

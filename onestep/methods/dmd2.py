@@ -46,6 +46,7 @@ class DMD2Config:
 
 class DMD2(Method):
     ema_models = ("generator",)
+    exported_models = ("generator",)
 
     def __init__(self, teacher: Denoiser, config: DMD2Config, sample_shape: tuple[int, ...],
                  cond_sampler: CondSampler | None = None, uncond: Callable[[Cond], Cond] | None = None,
@@ -98,6 +99,10 @@ class DMD2(Method):
     def to(self, device):
         self.teacher.to(device)
         return self
+
+    def attach(self, prepared, unwrap, sharded=False):
+        super().attach(prepared, unwrap, sharded)
+        self.critic.early_exit = not sharded
 
     # -- one iteration -------------------------------------------------------------------------
     def start_iteration(self, batch: Batch | None, info):
