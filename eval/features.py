@@ -210,7 +210,9 @@ class CenterCropped(FeatureExtractor):
 
     def extract(self, images):
         from .sources import center_crop_resize
-        return self.inner.extract(np.stack([np.asarray(center_crop_resize(im, self.size)) for im in images]))
+        if images.shape[1:3] != (self.size, self.size):  # folders are cropped as they are read
+            images = np.stack([np.asarray(center_crop_resize(im, self.size)) for im in images])
+        return self.inner.extract(images)
 
     def describe(self):
         return {**self.inner.describe(), "resize": self.resize}

@@ -50,3 +50,18 @@ def run(cmd, env=None, timeout=600, cwd=ROOT):
 
 
 PY = sys.executable
+
+
+def save_hf_dataset(root, captions, caption_column="text", sizes=None):
+    """A Hugging Face dataset on disk (one parquet file, image + caption columns): load_dataset reads the
+    folder as it would a hub id. Images are random, of the given (width, height) sizes."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(0)
+    sizes = sizes or [(22, 18)] * len(captions)
+    images = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+    ds = datasets.Dataset.from_dict({"image": images, caption_column: captions})
+    os.makedirs(os.path.join(root, "data"))
+    ds.to_parquet(os.path.join(root, "data", "train-00000-of-00001.parquet"))
+    return str(root)

@@ -4,6 +4,7 @@ from PIL import Image
 
 from onestep.data import DatasetBatches, ImageFolder, TensorBatches, load_digits_images
 from onestep.errors import UserError
+from tests.helpers import save_hf_dataset
 
 
 def test_digits_are_16x16_in_minus_one_to_one_with_ten_classes():
@@ -32,28 +33,18 @@ def test_batches_depend_only_on_step_so_a_resumed_loader_replays_them(tmp_path):
     assert not torch.equal(tb.batch(5, 0, 0, "cpu").images, tb.batch(5, 0, 1, "cpu").images)
 
 
-def _hf_dataset(root, captions):
-    import datasets
-    from PIL import Image
-    images = [Image.new("RGB", (10 + i, 12), (20 * i, 0, 0)) for i in range(len(captions))]
-    ds = datasets.Dataset.from_dict({"image": images, "text": captions})
-    (root / "data").mkdir(parents=True)
-    ds.to_parquet(str(root / "data" / "train.parquet"))
-    return str(root)
-
-
 def test_hf_captions_take_the_first_of_a_list_and_refuse_missing_ones(tmp_path):
     from onestep.data import HFImageCaptions
-    ds = HFImageCaptions(_hf_dataset(tmp_path / "a", [["a cat", "a small cat"], ["a dog"]]), 8)
+    ds = HFImageCaptions(save_hf_dataset(tmp_path / "a", [["a cat", "a small cat"], ["a dog"]]), 8)
     assert ds.captions == ["a cat", "a dog"] and ds[1][0].shape == (3, 8, 8)
     with pytest.raises(UserError, match="Row 1 of dataset .* has no text caption"):
-        HFImageCaptions(_hf_dataset(tmp_path / "b", ["a cat", None]), 8)
+        HFImageCaptions(save_hf_dataset(tmp_path / "b", ["a cat", None]), 8)
 
 
 def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
     """Rank r encodes shards r, r + P, ...; after the barrier every rank reads all of them."""
     from onestep.data import CaptionedLatentBatches, HFImageCaptions
-    ds = HFImageCaptions(_hf_dataset(tmp_path / "d", [f"c{i}" for i in range(5)]), 8)
+    ds = HFImageCaptions(save_hf_dataset(tmp_path / "d", [f"c{i}" for i in range(5)]), 8)
     calls = {0: [], 1: []}
 
     def encoder(rank):
@@ -72,7 +63,7 @@ def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
 
 def test_bad_hf_dataset_input_gives_one_sentence(tmp_path):
     from onestep.data import HFImageCaptions
-    data = _hf_dataset(tmp_path / "d", ["a cat", "a dog"])
+    data = save_hf_dataset(tmp_path / "d", ["a cat", "a dog"])
     with pytest.raises(UserError, match="has no column 'caption'; its columns are image, text"):
         HFImageCaptions(data, 8, caption_column="caption")
     with pytest.raises(UserError, match=r"Cannot load dataset .*\(split 'validation'\): Unknown split"):

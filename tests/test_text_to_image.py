@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from onestep.errors import UserError
-from tests.helpers import PY, run, tiny_cond_unet
+from tests.helpers import PY, run, save_hf_dataset, tiny_cond_unet
 
 TINY = ["--train_batch_size", "2", "--mixed_precision", "no", "--validation_steps", "1000", "--no-gan"]
 
@@ -194,22 +194,8 @@ def test_gan_data_without_captions_is_refused(teachers, tmp_path):
     assert r.returncode == 2 and "has no caption" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
-def _parquet_dataset(root, n=6):
-    """A Hugging Face dataset on disk (parquet, image + caption columns): load_dataset reads it as it would a hub id."""
-    import datasets
-    import numpy as np
-    from PIL import Image
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 256, (18, 22, 3), dtype=np.uint8)) for _ in range(n)]
-    ds = datasets.Dataset.from_dict({"image": images, "caption": [f"thing {i}" for i in range(n)]},
-                                    features=datasets.Features(image=datasets.Image(), caption=datasets.Value("string")))
-    (root / "data").mkdir(parents=True)
-    ds.to_parquet(str(root / "data" / "train-00000-of-00001.parquet"))
-    return str(root)
-
-
 def test_gan_on_a_hugging_face_dataset_with_a_latent_cache(teachers, tmp_path):
-    data = _parquet_dataset(tmp_path / "hfdata")
+    data = save_hf_dataset(tmp_path / "hfdata", [f"thing {i}" for i in range(6)], caption_column="caption")
     cache = tmp_path / "cache"
     r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
              "--preset", "sd15", "--output_dir", str(tmp_path / "a"), "--train_batch_size", "2", "--mixed_precision", "no",
