@@ -59,7 +59,7 @@ class Critic(nn.Module):
         return tuple(self.features(x, t, cond).shape[1:])
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
-        """Bottleneck features only; the network stops right after the hooked module."""
+        """Bottleneck features only; the network stops right after the hooked module (with `early_exit`)."""
         self._stop_early = self.early_exit
         out = None
         try:

@@ -165,7 +165,6 @@ class HFImageCaptions(torch.utils.data.Dataset):
             raise UserError(f"Dataset {name!r} (split {split!r}) is empty.")
         self.ds, self.name, self.resolution, self.image_column = ds, name, resolution, image_column
         self.captions = [_one_caption(c, i, name, caption_column) for i, c in enumerate(ds[caption_column])]
-        self.labels = None
         self._identity = (name, config_name, split, image_column, getattr(ds, "_fingerprint", None), len(ds))
 
     @property

@@ -117,6 +117,23 @@ def gather_for_export(accelerator, models: dict[str, nn.Module], skeletons: dict
     return full
 
 
+def prepare_models(accelerator, models: dict, optimizers: dict, exported: tuple[str, ...]) -> dict[str, nn.Module]:
+    """accelerator.prepare() each model with its optimiser, in place in both dicts. One pair per call: FSDP2
+    accepts no more, and accelerate registers them (hence names checkpoint files) in the same order as one
+    call for all. Under FSDP it also returns weightless copies of the `exported` models to gather into."""
+    sharded = is_sharded(accelerator)
+    skeletons = {n: weightless_copy(models[n]) for n in exported} if sharded else {}
+    wrap_policy = WrapPolicyPerModel(accelerator)
+    if sharded:
+        keep_fp32_weights(accelerator)
+    for n in models:
+        wrap_policy.reset()
+        models[n], optimizers[n] = accelerator.prepare(models[n], optimizers[n])
+    if sharded:
+        mark_roots(models.values())
+    return skeletons
+
+
 def as_local_scalar(value) -> torch.Tensor:
     """A gradient norm as a plain tensor (FSDP2's clip returns a replicated DTensor)."""
     return value.full_tensor() if hasattr(value, "full_tensor") else torch.as_tensor(value)

@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 from .ema import EMA
 from .errors import UserError
 from .methods.base import Method, StepInfo
-from .sharding import (WrapPolicyPerModel, as_local_scalar, check_sharding_supported, gather_for_export, is_sharded,
-                       keep_fp32_weights, mark_roots, weightless_copy)
+from .sharding import as_local_scalar, check_sharding_supported, gather_for_export, is_sharded, prepare_models
 from .timing import PhaseTimer, format_summary
 from .utils import save_image_grid, seed_for
 
@@ -98,8 +97,8 @@ def list_checkpoints(output_dir: str) -> list[str]:
 def load_model_weights(checkpoint: str, models: dict, may_be_new: tuple[str, ...] = ("head.",)) -> None:
     """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
     step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. accelerate names
-    the files model.safetensors, model_1.safetensors, ... in the order the models were prepared, and
-    keeps the wrapper's key prefix (DDP's `module.`), which is dropped here."""
+    the files model.safetensors, model_1.safetensors, ... in the order the models were prepared; a
+    wrapper's key prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped."""
     from safetensors.torch import load_file
     if not os.path.isdir(checkpoint):
         raise UserError(f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run.")
@@ -251,20 +250,9 @@ class Trainer:
         optimizers = method.optimizers()
         schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
                       for n, o in optimizers.items()}
-        # Under FSDP the exported models are rebuilt from gathered weights into these weightless copies.
-        skeletons = {n: weightless_copy(models[n]) for n in method.exported_models or names} if self.sharded else {}
         # Schedulers stay outside prepare(): accelerate would step them once per process per call,
         # and warm-up here counts iterations whatever the number of processes.
-        # One model (and its optimizer) per prepare() call: FSDP2 accepts no more, and the order in which
-        # accelerate registers them (hence checkpoint file names) is the same as one call for all.
-        wrap_policy = WrapPolicyPerModel(acc)
-        if self.sharded:
-            keep_fp32_weights(acc)
-        for n in names:
-            wrap_policy.reset()
-            models[n], optimizers[n] = acc.prepare(models[n], optimizers[n])
-        if self.sharded:
-            mark_roots(models.values())
+        skeletons = prepare_models(acc, models, optimizers, method.exported_models or tuple(names))
         state = _TrainState()
         acc.register_for_checkpointing(state)
         for sched in schedulers.values():

@@ -52,10 +52,10 @@ class Method:
         raise NotImplementedError
 
     def attach(self, prepared: dict[str, nn.Module], unwrap, sharded: bool = False) -> None:
-        """The trainer hands back the prepared (possibly DDP-wrapped or FSDP-sharded) models."""
+        """The trainer hands back the prepared (possibly DDP-wrapped or FSDP-sharded) models; `sharded`
+        tells a method whose direct calls into submodules must change under FSDP."""
         self.prepared = prepared
         self.unwrap = unwrap
-        self.sharded = sharded
 
     def to(self, device) -> "Method":
         """Move frozen, non-trained parts (the teacher) to the device."""
