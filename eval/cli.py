@@ -6,18 +6,23 @@ Examples (the bundled digits default, offline):
     onestep-eval fid --teacher digits --steps 50 --ref digits --features digits --num-samples 2000
     onestep-eval kid --pipeline outputs/dmd2-digits --ref digits --features digits --num-samples 2000
     onestep-eval bench --pipeline outputs/dmd2-digits --teacher digits --teacher-steps 1 50
+Each subcommand writes one JSON record to --output (default: <subcommand>.json in the folder the command
+runs from, e.g. ./fid.json) and prints its absolute path; --plot files go where --plot says.
 With several processes (seeds do not depend on the process count):
     accelerate launch --num_processes 2 -m onestep.eval.cli fid ...
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from onestep.cli import positive_int, run_main
+from onestep.cli import non_negative_int, positive_int, run_main
 
 from .clip import DEFAULT_MODEL, DEFAULT_PREFIX, DEFAULT_PRETRAINED, SCALES
 from .features import FEATURES, FID_MODES
+from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
+from .record import CommandLine
 
 
 def _source_args(p, images_help="an image folder to evaluate as it is"):
@@ -36,13 +41,6 @@ def _source_args(p, images_help="an image folder to evaluate as it is"):
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a pipeline folder's own code to run")
-
-
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def _feature_args(p):
@@ -66,6 +64,12 @@ def _ref_args(p):
     g.add_argument("--ref-res", type=positive_int, default=None, help="clean-fid statistics resolution")
 
 
+def _output_arg(p, default: str) -> None:
+    p.add_argument("--output", default=default,
+                   help=f"the JSON record's path (default: {default} in the folder you run the command from; "
+                        f"a file already there is replaced)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="onestep-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -78,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         _feature_args(s)
         _ref_args(s)
         s.add_argument("--save-stats", help="also save the evaluated features as .npz (reuse with --stats)")
-        s.add_argument("--plot", help="write a PNG grid of the first 64 evaluated images")
-        s.add_argument("--output", default=f"{name}.json")
+        s.add_argument("--plot", help="write a PNG grid of the first 64 evaluated images to this path")
+        _output_arg(s, f"{name}.json")
         if name == "kid":
             s.add_argument("--kid-subsets", type=positive_int, default=100)
             s.add_argument("--kid-subset-size", type=positive_int, default=1000)
@@ -100,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prefix", default=DEFAULT_PREFIX, help="prepended to every caption")
     s.add_argument("--scale", choices=SCALES, default="raw", help="raw cosine (DMD2) or 100 * max(cos, 0) (torchmetrics)")
     s.add_argument("--crop-size", type=non_negative_int, default=256, help="centre-crop + LANCZOS resize before CLIP's preprocess; 0 = off")
-    s.add_argument("--output", default="clip.json")
+    _output_arg(s, "clip.json")
 
     s = sub.add_parser("sr", help="PSNR / SSIM (RGB and Y) [and LPIPS] of super-resolution outputs")
     s.add_argument("--hr", required=True, help="ground-truth high-resolution images")
@@ -114,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
-    s.add_argument("--output", default="sr.json")
+    _output_arg(s, "sr.json")
 
     s = sub.add_parser("bench", help="sampling speed of a student beside its teacher at N steps")
     s.add_argument("--pipeline", required=True, help="the student pipeline folder")
@@ -129,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     s.add_argument("--run", help="a training output folder: include its per-phase step breakdown (timing.json)")
-    s.add_argument("--plot", help="write a PNG of images/s per sampler")
-    s.add_argument("--output", default="bench.json")
+    s.add_argument("--plot", help="write a PNG bar chart of images/s per sampler to this path")
+    _output_arg(s, "bench.json")
     return p
 
 
@@ -141,16 +145,70 @@ def _check_sources(args, parser) -> None:
         parser.error(f"give exactly one of {what} (got {len(given) or 'none'}).")
 
 
-def main(argv=None):
+# --- from the parsed command line to the library's typed options (nothing below this file sees `args`) ---
+
+def _source(args) -> SourceOptions:
+    return SourceOptions(pipeline=args.pipeline, teacher=args.teacher, images=args.images,
+                         stats=getattr(args, "stats", None), prompts=args.prompts)
+
+
+def _sampling(args) -> SamplingOptions:
+    return SamplingOptions(steps=args.steps, guidance_scale=args.guidance_scale, num_samples=args.num_samples,
+                           batch_size=args.batch_size, seed=args.seed, class_sampling=args.class_sampling, device=args.device,
+                           dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+
+
+def _features(args) -> FeatureOptions:
+    return FeatureOptions(features=args.features, mode=args.mode, inception_weights=args.inception_weights,
+                          clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, crop_size=args.crop_size)
+
+
+def _distance(args, command_line: CommandLine) -> dict:
     from . import commands
+    reference = ReferenceOptions(ref=args.ref, ref_name=args.ref_name, ref_split=args.ref_split, ref_res=args.ref_res)
+    kid = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size} if args.command == "kid" else {}
+    return commands.distance(args.command, _source(args), _sampling(args), _features(args), reference, args.output,
+                             save_stats=args.save_stats, plot=args.plot, command_line=command_line, **kid)
+
+
+def _stats(args, command_line: CommandLine) -> dict:
+    from . import commands
+    return commands.make_stats(_source(args), _sampling(args), _features(args), args.output, cleanfid_name=args.cleanfid_name)
+
+
+def _clip(args, command_line: CommandLine) -> dict:
+    from . import commands
+    clip = ClipOptions(model=args.model, pretrained=args.pretrained, prefix=args.prefix, scale=args.scale, crop_size=args.crop_size)
+    return commands.clip_score(_source(args), _sampling(args), clip, args.output, command_line=command_line)
+
+
+def _sr(args, command_line: CommandLine) -> dict:
+    from . import commands
+    return commands.super_resolution(args.hr, args.output, sr=args.sr, pipeline=args.pipeline, lr=args.lr, steps=args.steps,
+                                     num_samples=args.num_samples, crop_border=args.crop_border, lpips=args.lpips,
+                                     seed=args.seed, device=args.device, trust_remote_code=args.trust_remote_code,
+                                     command_line=command_line)
+
+
+def _bench(args, command_line: CommandLine) -> dict:
+    from . import commands
+    return commands.bench(args.pipeline, args.output, steps=args.steps, teacher=args.teacher, teacher_steps=args.teacher_steps,
+                          guidance_scale=args.guidance_scale, batch_size=args.batch_size, repeats=args.repeats,
+                          warmup=args.warmup, seed=args.seed, device=args.device, trust_remote_code=args.trust_remote_code,
+                          run=args.run, plot=args.plot, command_line=command_line)
+
+
+def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded, shell-quoted, in every JSON
+    args.output = os.path.abspath(args.output)  # messages then say exactly where the record went
     _check_sources(args, parser)
     if getattr(args, "crop_size", None) == 0:
         args.crop_size = None
-    return {"fid": commands.distance, "kid": commands.distance, "stats": commands.make_stats, "clip": commands.clip_score,
-            "sr": commands.super_resolution, "bench": commands.bench}[args.command](args)
+    # Recorded in every JSON: the command line as typed (shell-quoted) and the values it was parsed to.
+    command_line = CommandLine(argv=list(sys.argv[1:] if argv is None else argv), arguments=dict(vars(args)))
+    run = {"fid": _distance, "kid": _distance, "stats": _stats, "clip": _clip, "sr": _sr, "bench": _bench}[args.command]
+    return run(args, command_line)
 
 
 def entry_point():

@@ -1,18 +1,23 @@
-"""The work behind each `onestep-eval` subcommand; cli.py only parses arguments."""
+"""The work behind each `onestep-eval` subcommand, as library functions with typed options (options.py);
+cli.py parses the command line and calls them."""
 from __future__ import annotations
 
 import os
 import statistics
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from onestep.errors import UserError
 
+from onestep.utils import file_sha256
+
 from . import metrics
-from .features import DigitsFeatures, build_features, file_sha256
-from .record import new_record, write_record
+from .features import DigitsFeatures, build_features
+from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
+from .record import CommandLine, new_record, write_record
 from .sources import (PipelineSampler, SamplePlan, TeacherSampler, check_same_size, digits_reference_images,
                       list_images, read_image, read_images, run_sharded)
 
@@ -27,9 +32,9 @@ def _state():
     return None
 
 
-def _device(args, state):
-    if args.device:
-        return torch.device(args.device)
+def _device(device: str | None, state):
+    if device:
+        return torch.device(device)
     if state is not None:
         return state.device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -39,63 +44,67 @@ def _is_main(state) -> bool:
     return state is None or state.is_main_process
 
 
-def _sampler(args, device):
-    if args.pipeline:
-        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-        return PipelineSampler(args.pipeline, device, args.steps, args.guidance_scale, dtype, args.trust_remote_code)
-    if args.teacher:
-        if not args.steps:
+def _sampler(source: SourceOptions, sampling: SamplingOptions, device):
+    if source.pipeline:
+        dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[sampling.dtype]
+        return PipelineSampler(source.pipeline, device, sampling.steps, sampling.guidance_scale, dtype, sampling.trust_remote_code)
+    if source.teacher:
+        if not sampling.steps:
             raise UserError("--teacher needs --steps (the number of DDIM steps).")
-        return TeacherSampler(args.teacher, args.steps, device, args.guidance_scale if args.guidance_scale is not None else 1.0)
+        return TeacherSampler(source.teacher, sampling.steps, device,
+                              sampling.guidance_scale if sampling.guidance_scale is not None else 1.0)
     return None
 
 
-def generated_features(args, extractor, state, device, prompts=None) -> tuple[metrics.FeatureStats, dict]:
-    """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file)."""
-    if getattr(args, "stats", None):
-        stats = metrics.FeatureStats.load(args.stats)
-        _check_same_features(stats, extractor, args.stats)
-        return stats, {"kind": "statistics file", "path": os.path.abspath(args.stats), "sha256": file_sha256(args.stats), **stats.meta}
-    sampler = _sampler(args, device)
-    if prompts is None and getattr(args, "prompts", None):
+def generated_features(source: SourceOptions, sampling: SamplingOptions, extractor, state, device,
+                       crop_size: int | None = None, prompts: list[str] | None = None) -> tuple[metrics.FeatureStats, dict]:
+    """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file);
+    crop_size: centre-crop the images of a folder as they are read (None or 0: off)."""
+    if source.stats:
+        stats = metrics.FeatureStats.load(source.stats)
+        _check_same_features(stats, extractor, source.stats)
+        return stats, {"kind": "statistics file", "path": os.path.abspath(source.stats), "sha256": file_sha256(source.stats), **stats.meta}
+    sampler = _sampler(source, sampling, device)
+    if prompts is None and source.prompts:
         from onestep.data import read_prompts
         if sampler is None:
             raise UserError("--prompts applies to generated images (--pipeline); an image folder is evaluated as it is.")
-        prompts = read_prompts(args.prompts)
-    if prompts is not None and args.num_samples:
-        prompts = [prompts[i % len(prompts)] for i in range(args.num_samples)]  # N images cycle over the prompts
+        prompts = read_prompts(source.prompts)
+    num_samples, seed = sampling.num_samples, sampling.seed
+    if prompts is not None and num_samples:
+        prompts = [prompts[i % len(prompts)] for i in range(num_samples)]  # N images cycle over the prompts
     classify = isinstance(extractor, DigitsFeatures)
     if sampler is None:
-        files = list_images(args.images)
-        if args.num_samples:
-            if args.num_samples > len(files):
-                raise UserError(f"--num-samples {args.num_samples} is more than the {len(files)} images in {args.images}.")
-            files = files[: args.num_samples]
-        crop = getattr(args, "crop_size", 0)
+        files = list_images(source.images)
+        if num_samples:
+            if num_samples > len(files):
+                raise UserError(f"--num-samples {num_samples} is more than the {len(files)} images in {source.images}.")
+            files = files[: num_samples]
+        crop = crop_size or 0
         if not crop:  # with a crop, mixed sizes are fine: every image is cropped before stacking
             check_same_size(files)
-        plan = SamplePlan(len(files), args.batch_size)
-        source = {"kind": "image folder", "path": os.path.abspath(args.images), "num_images": len(files), "sha256": files_sha256(files)}
+        plan = SamplePlan(len(files), sampling.batch_size)
+        described = {"kind": "image folder", "path": os.path.abspath(source.images), "num_images": len(files), "sha256": files_sha256(files)}
         def work(b):
             images = read_images(files[b.start:b.stop], crop)
             return extractor(images), None, images if b.start == 0 else None
     else:
-        if not args.num_samples:
+        if not num_samples:
             raise UserError("--num-samples is required when images are generated.")
         num_classes = sampler.num_classes if prompts is None else None
-        plan = SamplePlan(args.num_samples, args.batch_size, args.seed, args.class_sampling, num_classes)
+        plan = SamplePlan(num_samples, sampling.batch_size, seed, sampling.class_sampling, num_classes)
         labels = plan.labels()
-        source = sampler.describe()
+        described = sampler.describe()
         if prompts is not None:
-            source["prompts_file"] = {"path": os.path.abspath(args.prompts), "sha256": file_sha256(args.prompts)}
+            described["prompts_file"] = {"path": os.path.abspath(source.prompts), "sha256": file_sha256(source.prompts)}
         def work(b):
             lab = labels[b.start:b.stop] if labels is not None else None
-            images = sampler(b, args.seed, lab, prompts[b.start:b.stop] if prompts is not None else None)
+            images = sampler(b, seed, lab, prompts[b.start:b.stop] if prompts is not None else None)
             preds = extractor.classify(images) if (classify and lab is not None) else None
             return extractor(images), preds, images if b.start == 0 else None
     parts = run_sharded(plan.batches(), work, state)
     feats = np.concatenate([p[0] for p in parts])
-    meta = {"source": source, "sampling": plan.describe(), "features": extractor.describe()}
+    meta = {"source": described, "sampling": plan.describe(), "features": extractor.describe()}
     if parts[0][1] is not None:
         preds = np.concatenate([p[1] for p in parts])
         meta["class_accuracy"] = float(np.mean(preds == plan.labels()))
@@ -112,7 +121,7 @@ def _check_same_features(stats: metrics.FeatureStats, extractor, path: str) -> N
 
 
 def files_sha256(files: list[str]) -> str:
-    """One hash over a list of image files (names and contents), so a folder reference is pinned."""
+    """One hash over a list of image files (names and each file's SHA-256), so a folder reference is pinned."""
     import hashlib
     h = hashlib.sha256()
     for path in files:
@@ -121,24 +130,29 @@ def files_sha256(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, dict]:
-    if args.ref_name:
-        if args.ref_res is None and args.ref_split != "custom":
+def reference_features(reference: ReferenceOptions, extractor, state=None, *, batch_size: int = 64, mode: str = "clean",
+                       crop_size: int | None = None, kid: bool = False) -> tuple[metrics.FeatureStats, dict]:
+    """Features of the reference. mode: clean-fid's mode of named statistics; crop_size: centre-crop the
+    images of a reference folder as they are read (None or 0: off); kid: also fetch the features of
+    clean-fid's named statistics (KID needs them)."""
+    name, split, res = reference.ref_name, reference.ref_split, reference.ref_res
+    if name:
+        if res is None and split != "custom":
             raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
         if not extractor.name.startswith("inception"):
             raise UserError("clean-fid's named statistics are Inception statistics; use --features inception with --ref-name.")
         from cleanfid.features import get_reference_statistics
         try:
-            mu, sigma = get_reference_statistics(args.ref_name, args.ref_res, mode=args.mode, split=args.ref_split)
+            mu, sigma = get_reference_statistics(name, res, mode=mode, split=split)
             feats = None
-            if args.command == "kid":
-                feats = get_reference_statistics(args.ref_name, args.ref_res, mode=args.mode, split=args.ref_split, metric="KID")
+            if kid:
+                feats = get_reference_statistics(name, res, mode=mode, split=split, metric="KID")
         except Exception as err:  # clean-fid raises URLError/HTTPError/FileNotFoundError
-            raise UserError(f"Cannot get clean-fid's statistics {args.ref_name}/{args.ref_split}/{args.ref_res} ({err.__class__.__name__}); "
+            raise UserError(f"Cannot get clean-fid's statistics {name}/{split}/{res} ({err.__class__.__name__}); "
                             f"they are downloaded on first use, or pass --ref with a statistics file or image folder.") from None
         stats = metrics.FeatureStats(mu, sigma, feats, {})
-        return stats, {"kind": "clean-fid statistics", "name": args.ref_name, "split": args.ref_split, "res": args.ref_res, "mode": args.mode}
-    ref = args.ref
+        return stats, {"kind": "clean-fid statistics", "name": name, "split": split, "res": res, "mode": mode}
+    ref = reference.ref
     if ref is None:
         raise UserError("Give a reference: --ref (image folder, statistics .npz, or 'digits') or --ref-name (clean-fid statistics).")
     if ref == "digits":
@@ -153,18 +167,18 @@ def reference_features(args, extractor, state) -> tuple[metrics.FeatureStats, di
         return stats, {"kind": "statistics file", "path": os.path.abspath(ref), "sha256": file_sha256(ref),
                        "num_images": stats.meta.get("num_images")}
     files = list_images(ref)
-    crop = getattr(args, "crop_size", 0)
+    crop = crop_size or 0
     if not crop:
         check_same_size(files)
-    plan = SamplePlan(len(files), args.batch_size)
+    plan = SamplePlan(len(files), batch_size)
     feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop], crop)), state))
     return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files),
                                                        "sha256": files_sha256(files)}
 
 
-def _extractor(args, device):
-    return build_features(args.features, device, args.mode, args.inception_weights, args.clip_model, args.clip_pretrained,
-                          getattr(args, "crop_size", 0))
+def _extractor(features: FeatureOptions, device):
+    return build_features(features.features, device, features.mode, features.inception_weights, features.clip_model,
+                          features.clip_pretrained, features.crop_size or 0)
 
 
 def _save_grid(images: np.ndarray | None, path: str) -> None:
@@ -175,58 +189,67 @@ def _save_grid(images: np.ndarray | None, path: str) -> None:
     save_image_grid(x, path, scale=max(1, 128 // images.shape[1]))
 
 
-def distance(args) -> dict:
-    """fid and kid: generated (or folder, or saved) features against a reference."""
-    if args.ref_name and args.ref_res is None and args.ref_split != "custom":  # before any weights load
+def distance(metric: str, source: SourceOptions, sampling: SamplingOptions, features: FeatureOptions,
+             reference: ReferenceOptions, output: str, *, save_stats: str | None = None, plot: str | None = None,
+             kid_subsets: int = 100, kid_subset_size: int = 1000, command_line: CommandLine | None = None) -> dict:
+    """fid and kid (metric): generated (or folder, or saved) features against a reference; the JSON record
+    goes to output (command_line: recorded in it), and is returned. save_stats: also save the evaluated
+    features as .npz; plot: a PNG grid of the first 64 evaluated images."""
+    if metric not in ("fid", "kid"):
+        raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
+    if reference.ref_name and reference.ref_res is None and reference.ref_split != "custom":  # before any weights load
         raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
     state = _state()
-    device = _device(args, state)
+    device = _device(sampling.device, state)
     start = time.perf_counter()
-    extractor = _extractor(args, device)
-    ref, ref_info = reference_features(args, extractor, state)
-    gen, gen_info = generated_features(args, extractor, state, device)
-    record = new_record(args.command, device, state.num_processes if state else 1, args)
-    if args.command == "fid":
+    extractor = _extractor(features, device)
+    ref, ref_info = reference_features(reference, extractor, state, batch_size=sampling.batch_size, mode=features.mode,
+                                       crop_size=features.crop_size, kid=metric == "kid")
+    gen, gen_info = generated_features(source, sampling, extractor, state, device, features.crop_size)
+    record = new_record(metric, device, state.num_processes if state else 1, command_line)
+    if metric == "fid":
         value = metrics.fid(gen, ref)
     else:
-        value = metrics.kid(gen, ref, args.seed, args.kid_subsets, args.kid_subset_size)
-        record["kid_protocol"] = {"num_subsets": args.kid_subsets, "max_subset_size": args.kid_subset_size,
-                                  "subset_seed": args.seed, "kernel": "(x.y / d + 1)^3, unbiased MMD^2 (clean-fid kernel_distance)"}
-    record.update({args.command: value, "generated": gen_info, "reference": ref_info, "features": extractor.describe(),
+        value = metrics.kid(gen, ref, sampling.seed, kid_subsets, kid_subset_size)
+        record["kid_protocol"] = {"num_subsets": kid_subsets, "max_subset_size": kid_subset_size,
+                                  "subset_seed": sampling.seed, "kernel": "(x.y / d + 1)^3, unbiased MMD^2 (clean-fid kernel_distance)"}
+    record.update({metric: value, "generated": gen_info, "reference": ref_info, "features": extractor.describe(),
                    "seconds": round(time.perf_counter() - start, 2)})
     if "class_accuracy" in gen_info:
         record["class_accuracy"] = gen_info["class_accuracy"]
     if _is_main(state):
-        if args.save_stats and not args.stats:
-            gen.save(args.save_stats)
-        if args.plot:
-            _save_grid(getattr(gen, "first_images", None), args.plot)
-        write_record(args.output, record)
+        if save_stats and not source.stats:
+            gen.save(save_stats)
+        if plot:
+            _save_grid(getattr(gen, "first_images", None), plot)
+        write_record(output, record)
         extra = f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""
-        print(f"{args.command.upper()} {value:.6g} ({gen.meta.get('num_images', '?')} vs {ref.meta.get('num_images', len(ref.feats) if ref.feats is not None else '?')} images, "
-              f"{extractor.name}{extra}) -> {args.output}")
+        print(f"{metric.upper()} {value:.6g} ({gen.meta.get('num_images', '?')} vs {ref.meta.get('num_images', len(ref.feats) if ref.feats is not None else '?')} images, "
+              f"{extractor.name}{extra}) -> {output}")
     return record
 
 
-def make_stats(args) -> dict:
-    """Features of any source saved as .npz (and, with --cleanfid-name, as clean-fid custom statistics)."""
+def make_stats(source: SourceOptions, sampling: SamplingOptions, features: FeatureOptions, output: str, *,
+               cleanfid_name: str | None = None) -> dict:
+    """Features of any source saved as .npz at output (source.images "digits": the bundled dataset), and,
+    with cleanfid_name, as clean-fid custom statistics. Returns the statistics' meta."""
     state = _state()
-    device = _device(args, state)
-    extractor = _extractor(args, device)
-    if args.images == "digits":
+    device = _device(sampling.device, state)
+    extractor = _extractor(features, device)
+    if source.images == "digits":
         images, _ = digits_reference_images()
         stats = metrics.FeatureStats.from_features(extractor(images), {"source": {"kind": "bundled dataset", "name": "sklearn digits"},
                                                                          "features": extractor.describe()})
     else:
-        stats, _ = generated_features(args, extractor, state, device)
+        stats, _ = generated_features(source, sampling, extractor, state, device, features.crop_size)
     if not _is_main(state):
         return {}
-    if args.cleanfid_name and not extractor.name.startswith("inception"):
+    if cleanfid_name and not extractor.name.startswith("inception"):
         raise UserError("clean-fid custom statistics are Inception statistics; use --features inception with --cleanfid-name.")
-    stats.save(args.output)
-    if args.cleanfid_name:
-        _write_cleanfid_custom(stats, args.cleanfid_name, args.mode, extractor)
-    print(f"Wrote statistics of {stats.meta['num_images']} images ({extractor.name}, dim {stats.dim}) to {args.output}")
+    stats.save(output)
+    if cleanfid_name:
+        _write_cleanfid_custom(stats, cleanfid_name, features.mode, extractor)
+    print(f"Wrote statistics of {stats.meta['num_images']} images ({extractor.name}, dim {stats.dim}) to {output}")
     return stats.meta
 
 
@@ -244,58 +267,62 @@ def _write_cleanfid_custom(stats, name: str, mode: str, extractor) -> None:
     np.savez(base + "_kid.npz", feats=stats.feats)
 
 
-def clip_score(args) -> dict:
+def clip_score(source: SourceOptions, sampling: SamplingOptions, clip_options: ClipOptions, output: str, *,
+               command_line: CommandLine | None = None) -> dict:
+    """CLIP score of a text-to-image pipeline over source.prompts, or of captioned images (source.images with
+    source.prompts or its metadata.jsonl); the JSON record goes to output, and is returned."""
     from onestep.data import read_captions, read_prompts
     from .clip import clip_scores, load_open_clip, scale_scores
     state = _state()
-    device = _device(args, state)
+    device = _device(sampling.device, state)
     start = time.perf_counter()
+    prefix, crop_size, seed = clip_options.prefix, clip_options.crop_size, sampling.seed
     clip = None  # loaded after the inputs are checked: a ViT-g-14 takes a while
-    if args.images:
-        files = list_images(args.images)
-        if args.prompts:
-            prompts = read_prompts(args.prompts)
-        elif os.path.isfile(os.path.join(args.images, "metadata.jsonl")):
-            prompts = read_captions(args.images, files)
+    if source.images:
+        files = list_images(source.images)
+        if source.prompts:
+            prompts = read_prompts(source.prompts)
+        elif os.path.isfile(os.path.join(source.images, "metadata.jsonl")):
+            prompts = read_captions(source.images, files)
         else:
-            raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {args.images}.")
+            raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {source.images}.")
         if len(prompts) != len(files):
-            raise UserError(f"{args.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order.")
-        n = args.num_samples or len(files)
+            raise UserError(f"{source.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order.")
+        n = sampling.num_samples or len(files)
         if n > len(files):
-            raise UserError(f"--num-samples {n} is more than the {len(files)} images in {args.images}.")
+            raise UserError(f"--num-samples {n} is more than the {len(files)} images in {source.images}.")
         files, prompts = files[:n], prompts[:n]
-        plan = SamplePlan(n, args.batch_size)
+        plan = SamplePlan(n, sampling.batch_size)
         work = lambda b: clip_scores(clip, [read_image(p) for p in files[b.start:b.stop]],  # noqa: E731
-                                     prompts[b.start:b.stop], args.prefix, args.crop_size)
-        source = {"kind": "image folder", "path": os.path.abspath(args.images)}
+                                     prompts[b.start:b.stop], prefix, crop_size)
+        described = {"kind": "image folder", "path": os.path.abspath(source.images)}
     else:
-        if args.teacher:
+        if source.teacher:
             raise UserError("clip scores text-to-image pipelines (--pipeline) or captioned images (--images), not --teacher.")
-        if not args.prompts:
+        if not source.prompts:
             raise UserError("--prompts FILE is required with --pipeline.")
-        all_prompts = read_prompts(args.prompts)
-        n = args.num_samples or len(all_prompts)
+        all_prompts = read_prompts(source.prompts)
+        n = sampling.num_samples or len(all_prompts)
         prompts = [all_prompts[i % len(all_prompts)] for i in range(n)]
-        sampler = _sampler(args, device)
-        plan = SamplePlan(n, args.batch_size, args.seed)
-        work = lambda b: clip_scores(clip, sampler(b, args.seed, None, prompts[b.start:b.stop]), prompts[b.start:b.stop],  # noqa: E731
-                                     args.prefix, args.crop_size)
-        source = sampler.describe()
-    clip = load_open_clip(args.model, args.pretrained, device)
+        sampler = _sampler(source, sampling, device)
+        plan = SamplePlan(n, sampling.batch_size, seed)
+        work = lambda b: clip_scores(clip, sampler(b, seed, None, prompts[b.start:b.stop]), prompts[b.start:b.stop],  # noqa: E731
+                                     prefix, crop_size)
+        described = sampler.describe()
+    clip = load_open_clip(clip_options.model, clip_options.pretrained, device)
     cos = np.concatenate(run_sharded(plan.batches(), work, state))
-    value = float(np.mean(scale_scores(cos, args.scale)))
-    record = new_record("clip", device, state.num_processes if state else 1, args)
+    value = float(np.mean(scale_scores(cos, clip_options.scale)))
+    record = new_record("clip", device, state.num_processes if state else 1, command_line)
     record.update({"clip_score": value, "scale": {"raw": "raw cosine (DMD2's convention, ~0.3)",
-                                                   "100": "100 * max(cosine, 0) (torchmetrics' convention, ~30)"}[args.scale],
-                   "prompt_prefix": args.prefix, "prompts_file": os.path.abspath(args.prompts) if args.prompts else None,
-                   "num_images": int(len(cos)), "image_preprocess": f"centre crop to square, LANCZOS resize to {args.crop_size}, then open_clip's preprocess"
-                   if args.crop_size else "open_clip's preprocess only",
+                                                   "100": "100 * max(cosine, 0) (torchmetrics' convention, ~30)"}[clip_options.scale],
+                   "prompt_prefix": prefix, "prompts_file": os.path.abspath(source.prompts) if source.prompts else None,
+                   "num_images": int(len(cos)), "image_preprocess": f"centre crop to square, LANCZOS resize to {crop_size}, then open_clip's preprocess"
+                   if crop_size else "open_clip's preprocess only",
                    "clip_model": {"name": clip.model_name, "pretrained": clip.pretrained, "weights_sha256": clip.weights_sha256},
-                   "source": source, "sampling": plan.describe(), "seconds": round(time.perf_counter() - start, 2)})
+                   "source": described, "sampling": plan.describe(), "seconds": round(time.perf_counter() - start, 2)})
     if _is_main(state):
-        write_record(args.output, record)
-        print(f"CLIP score {value:.6g} ({args.scale}, {len(cos)} images, {clip.model_name}/{clip.pretrained}) -> {args.output}")
+        write_record(output, record)
+        print(f"CLIP score {value:.6g} ({clip_options.scale}, {len(cos)} images, {clip.model_name}/{clip.pretrained}) -> {output}")
     return record
 
 
@@ -304,66 +331,77 @@ def _by_name(folder: str) -> dict[str, str]:
     return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in list_images(folder)}
 
 
-def super_resolution(args) -> dict:
+def super_resolution(hr: str, output: str, *, sr: str | None = None, pipeline: str | None = None, lr: str | None = None,
+                     steps: int | None = None, num_samples: int | None = None, crop_border: int = 0, lpips: bool = False,
+                     seed: int = 0, device: str | None = None, trust_remote_code: bool = False,
+                     command_line: CommandLine | None = None) -> dict:
+    """PSNR / SSIM (RGB and Y) [and LPIPS] of the super-resolved images in folder sr, or of a pipeline's
+    outputs from the low-resolution folder lr, against the folder hr (paired by file name); crop_border:
+    pixels cut from each border first. The JSON record goes to output, and is returned."""
     state = _state()
-    device = _device(args, state)
-    hr = _by_name(args.hr)
-    if args.sr:
-        other = _by_name(args.sr)
+    device = _device(device, state)
+    hr_files = _by_name(hr)
+    if sr:
+        other = _by_name(sr)
     else:
-        if not (args.pipeline and args.lr):
+        if not (pipeline and lr):
             raise UserError("Give --sr (super-resolved images) or --pipeline with --lr (low-resolution inputs).")
-        other = _by_name(args.lr)
-    missing = sorted(set(hr) - set(other))
+        other = _by_name(lr)
+    missing = sorted(set(hr_files) - set(other))
     if missing:
-        raise UserError(f"No {'SR' if args.sr else 'LR'} image matches the HR image {hr[missing[0]]} (images pair by file name).")
-    names = sorted(hr)[: args.num_samples] if args.num_samples else sorted(hr)
-    sampler = None if args.sr else PipelineSampler(args.pipeline, device, args.steps, None, None, args.trust_remote_code)
+        raise UserError(f"No {'SR' if sr else 'LR'} image matches the HR image {hr_files[missing[0]]} (images pair by file name).")
+    names = sorted(hr_files)[: num_samples] if num_samples else sorted(hr_files)
+    sampler = None if sr else PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
     rows = []
     for i, name in enumerate(names):
-        target = read_image(hr[name])
+        target = read_image(hr_files[name])
         if sampler is None:
             out = read_image(other[name])
         else:
             from PIL import Image
-            from .sources import generators, to_uint8
-            lr = Image.fromarray(read_image(other[name]))
-            kwargs = {"image": lr, "generator": generators(args.seed, [i])[0], "output_type": "np"}
-            if args.steps:
-                kwargs["num_inference_steps"] = args.steps
-            out = to_uint8(sampler.pipe(**kwargs).images)[0]
+            from onestep.utils import to_uint8
+            from .sources import generators
+            low = Image.fromarray(read_image(other[name]))
+            kwargs = {"image": low, "generator": generators(seed, [i])[0], "output_type": "np"}
+            if steps:
+                kwargs["num_inference_steps"] = steps
+            out = to_uint8(sampler.pipe(**kwargs).images, (0, 1), "auto")[0]  # pipeline output: [0, 1]
         if out.shape != target.shape:
             raise UserError(f"The output for {name} is {out.shape[1]}x{out.shape[0]} but its HR image is {target.shape[1]}x{target.shape[0]}.")
-        a, b = metrics.crop_border(out, args.crop_border), metrics.crop_border(target, args.crop_border)
+        a, b = metrics.crop_border(out, crop_border), metrics.crop_border(target, crop_border)
         ya, yb = metrics.rgb_to_y(a), metrics.rgb_to_y(b)
         rows.append({"image": name, "psnr_rgb": metrics.psnr(a, b), "ssim_rgb": metrics.ssim(a, b),
                      "psnr_y": metrics.psnr(ya, yb), "ssim_y": metrics.ssim(ya, yb)})
-    record = new_record("sr", device, 1, args)
+    record = new_record("sr", device, 1, command_line)
     for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y"):
         record[key] = float(np.mean([r[key] for r in rows]))
     record["lpips"] = None
     record["lpips_note"] = "not computed: LPIPS needs the lpips package and its backbone weights (pip install lpips; downloads AlexNet once)"
-    if args.lpips:
-        record["lpips"], record["lpips_note"] = _lpips(rows, names, hr, other, sampler, args, device)
-    record.update({"protocol": {"data_range": 255, "crop_border": args.crop_border, "y_channel": "BT.601 (MATLAB rgb2ycbcr), 16..235",
+    if lpips:
+        record["lpips"], record["lpips_note"] = _lpips(names, hr_files, other, sampler, device)
+    record.update({"protocol": {"data_range": 255, "crop_border": crop_border, "y_channel": "BT.601 (MATLAB rgb2ycbcr), 16..235",
                                 "ssim": "Gaussian window sigma 1.5 (11 taps), K1 0.01, K2 0.03, population covariance, mean over channels"},
-                   "hr": os.path.abspath(args.hr), "source": sampler.describe() if sampler else {"kind": "image folder", "path": os.path.abspath(args.sr)},
+                   "hr": os.path.abspath(hr), "source": sampler.describe() if sampler else {"kind": "image folder", "path": os.path.abspath(sr)},
                    "num_images": len(rows), "per_image": rows})
     if _is_main(state):
-        write_record(args.output, record)
+        write_record(output, record)
         print(f"PSNR {record['psnr_rgb']:.3f} dB (Y {record['psnr_y']:.3f}), SSIM {record['ssim_rgb']:.4f} (Y {record['ssim_y']:.4f}) "
-              f"over {len(rows)} images -> {args.output}")
+              f"over {len(rows)} images -> {output}")
     return record
 
 
-def _lpips(rows, names, hr, other, sampler, args, device):
+def _lpips(names, hr, other, sampler, device):
     if sampler is not None:
         raise UserError("--lpips with --pipeline is not supported yet; save the outputs and pass --sr.")
     try:
-        import lpips  # optional: not a dependency
+        import lpips  # the optional extra onestep[lpips]
+    except ImportError:
+        raise UserError("--lpips needs the optional lpips package: pip install 'onestep[lpips]'.") from None
+    try:
         net = lpips.LPIPS(net="alex", verbose=False).to(device)
-    except Exception as err:
-        raise UserError(f"--lpips needs the lpips package and its weights ({err.__class__.__name__}); pip install lpips on a machine with internet once.") from None
+    except Exception as err:  # torchvision fetches the AlexNet backbone on first use
+        raise UserError(f"--lpips could not load its AlexNet weights ({err.__class__.__name__}); run it once on a machine "
+                        f"with internet so torchvision caches them.") from None
     vals = []
     for name in names:
         a = torch.from_numpy(read_image(other[name])).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -387,41 +425,47 @@ def _time(fn, repeats: int, warmup: int, device) -> list[float]:
     return out
 
 
-def bench(args) -> dict:
-    """Sampling speed of a student pipeline beside its teacher at N steps: same batch, device, noise."""
-    device = _device(args, None)
-    student = PipelineSampler(args.pipeline, device, args.steps, None, None, args.trust_remote_code)
-    samplers = [(f"student ({args.steps or len(student.pipe.config.get('timesteps', [1]))} step)", student)]
-    for n in args.teacher_steps:
-        if args.teacher:
-            samplers.append((f"teacher DDIM {n} steps", TeacherSampler(args.teacher, n, device, args.guidance_scale or 1.0)))
-    plan = SamplePlan(args.batch_size, args.batch_size, args.seed, "uniform", student.num_classes)
+def bench(pipeline: str, output: str, *, steps: int | None = None, teacher: str | None = None,
+          teacher_steps: Sequence[int] = (50,), guidance_scale: float | None = None, batch_size: int = 64, repeats: int = 5,
+          warmup: int = 1, seed: int = 0, device: str | None = None, trust_remote_code: bool = False, run: str | None = None,
+          plot: str | None = None, command_line: CommandLine | None = None) -> dict:
+    """Sampling speed of a student pipeline beside its teacher at N steps (each of teacher_steps): same batch,
+    device, noise. run: a training output folder whose timing.json is included; plot: a PNG bar chart.
+    The JSON record goes to output, and is returned."""
+    device = _device(device, None)
+    student = PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
+    n_steps = lambda n: f"{n} step" + ("s" if n != 1 else "")  # noqa: E731
+    samplers = [(f"student ({n_steps(steps or len(student.pipe.config.get('timesteps', [1])))})", student)]
+    for n in teacher_steps:
+        if teacher:
+            samplers.append((f"teacher DDIM {n_steps(n)}", TeacherSampler(teacher, n, device, guidance_scale or 1.0)))
+    plan = SamplePlan(batch_size, batch_size, seed, "uniform", student.num_classes)
     labels = plan.labels()
-    batch = range(args.batch_size)
+    batch = range(batch_size)
     rows = []
     for name, sampler in samplers:
-        times = _time(lambda: sampler(batch, args.seed, labels), args.repeats, args.warmup, device)
+        times = _time(lambda: sampler(batch, seed, labels), repeats, warmup, device)
         med = statistics.median(times)
         rows.append({"sampler": name, "source": sampler.describe(), "latency_s_median": med, "latency_s_all": times,
-                     "images_per_s": args.batch_size / med})
+                     "images_per_s": batch_size / med})
     for r in rows[1:]:
         r["student_speedup"] = rows[0]["images_per_s"] and rows[0]["images_per_s"] / r["images_per_s"]
-    record = new_record("bench", device, 1, args)
-    record.update({"batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup, "torch_threads": torch.get_num_threads(),
+    record = new_record("bench", device, 1, command_line)
+    record.update({"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads(),
                    "timing": "wall clock per pipeline call (noise, network, decode to uint8), median of repeats", "results": rows})
-    if args.run:
+    if run:
         import json
-        path = os.path.join(args.run, "timing.json")
+        path = os.path.join(run, "timing.json")
         if not os.path.isfile(path):
-            raise UserError(f"{args.run} has no timing.json; pass the output folder of a training run.")
+            raise UserError(f"{run} has no timing.json; pass the output folder of a training run.")
         with open(path) as f:
             record["training_step_breakdown"] = json.load(f)
-    if args.plot:
-        _speed_plot(rows, args.plot)
-    write_record(args.output, record)
+    if plot:
+        _speed_plot(rows, plot)
+    write_record(output, record)
     for r in rows:
         extra = f", student is {r['student_speedup']:.1f}x faster" if "student_speedup" in r else ""
-        print(f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['latency_s_median'] * 1000:.1f} ms per batch of {args.batch_size}{extra})")
+        print(f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['latency_s_median'] * 1000:.1f} ms per batch of {batch_size}{extra})")
     return record
 
 
@@ -430,8 +474,15 @@ def _speed_plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1))
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     ax.barh([r["sampler"] for r in rows], [r["images_per_s"] for r in rows])
     ax.set_xscale("log")
+    # Label the decades only: matplotlib's default also labels minor ticks, which then overlap.
+    ax.xaxis.set_major_locator(LogLocator(base=10))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for i, r in enumerate(rows):
+        ax.annotate(f" {r['images_per_s']:.3g}", (r["images_per_s"], i), va="center", fontsize=8)
     ax.set_xlabel("images / s (log scale)")
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=90)

@@ -5,7 +5,6 @@ weights hash, resize policy) so a result file says exactly what was measured.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import urllib.request
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 
 from onestep.errors import UserError
+from onestep.utils import file_sha256
 
 # clean-fid's TorchScript Inception (StyleGAN2-ADA's conversion of the 2015-12-05 TF graph) and
 # pytorch-fid's port, with their SHA-256 (the second is the prefix torch.hub checks in the file name).
@@ -33,14 +33,6 @@ def cache_dir(*parts: str) -> str:
     path = os.path.join(root, *parts)
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _offline() -> bool:

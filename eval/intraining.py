@@ -4,6 +4,8 @@ The same seeds are used at every evaluation, so the curve shows the student chan
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,10 +20,9 @@ class FIDEvaluator:
     def __init__(self, features: str = "digits", reference: str = "digits", num_samples: int = 500,
                  batch_size: int = 100, seed: int = 0, device="cpu", inception_weights: str | None = None):
         from .commands import reference_features
-        from types import SimpleNamespace
+        from .options import ReferenceOptions
         self.extractor = build_features(features, device, inception_weights=inception_weights)
-        args = SimpleNamespace(ref=reference, ref_name=None, batch_size=batch_size, command="fid", mode="clean")
-        self.reference, _ = reference_features(args, self.extractor, None)
+        self.reference, _ = reference_features(ReferenceOptions(ref=reference), self.extractor, None, batch_size=batch_size)
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.name = f"fid_{features}_{num_samples}"
 
@@ -42,13 +43,30 @@ class FIDEvaluator:
         return out
 
 
-def build_evaluator(args, teacher_id: str, device) -> FIDEvaluator | None:
-    """From the train scripts' --eval_* options; None when --eval_steps is off."""
-    if not args.eval_steps:
-        return None
-    reference = args.eval_reference or ("digits" if teacher_id == "digits" else None)
-    features = args.eval_features or ("digits" if teacher_id == "digits" else "inception")
+@dataclass
+class InTrainingEvalOptions:
+    """The train scripts' --eval_* options (evaluation itself is on: the caller checks --eval_steps)."""
+    samples: int = 500                     # --eval_samples
+    features: str | None = None            # --eval_features; None: digits for the digits teacher, else inception
+    reference: str | None = None           # --eval_reference; None: 'digits' for the digits teacher, else an error
+    inception_weights: str | None = None   # --inception_weights
+
+
+def build_evaluator(options: InTrainingEvalOptions, teacher_id: str, seed: int, device) -> FIDEvaluator:
+    """The in-training FID evaluator of a run distilling (or training) teacher_id, its noise fixed by seed."""
+    reference = options.reference or ("digits" if teacher_id == "digits" else None)
+    features = options.features or ("digits" if teacher_id == "digits" else "inception")
     if reference is None:
         raise UserError("--eval_steps needs --eval_reference (an image folder or a statistics .npz from onestep-eval stats).")
-    return FIDEvaluator(features, reference, args.eval_samples, seed=args.seed, device=device,
-                        inception_weights=args.inception_weights)
+    return FIDEvaluator(features, reference, options.samples, seed=seed, device=device,
+                        inception_weights=options.inception_weights)
+
+
+def build_evaluator_from_args(args, teacher_id: str, device) -> FIDEvaluator | None:
+    """Deprecated, for the train scripts until they call build_evaluator: from their parsed --eval_*
+    options; None when --eval_steps is off."""
+    if not args.eval_steps:
+        return None
+    options = InTrainingEvalOptions(samples=args.eval_samples, features=args.eval_features, reference=args.eval_reference,
+                                    inception_weights=args.inception_weights)
+    return build_evaluator(options, teacher_id, args.seed, device)

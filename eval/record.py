@@ -7,6 +7,7 @@ import os
 import math
 import platform
 import shlex
+from dataclasses import dataclass, field
 
 
 def library_versions() -> dict:
@@ -20,12 +21,20 @@ def library_versions() -> dict:
     return out
 
 
-def new_record(metric: str, device, num_processes: int = 1, args=None) -> dict:
-    argv = getattr(args, "argv", None) or []
+@dataclass
+class CommandLine:
+    """How a record was asked for, stored in it: the command line as typed (argv, after `onestep-eval`)
+    and the values its options were parsed to (name -> value)."""
+    argv: list[str] = field(default_factory=list)
+    arguments: dict = field(default_factory=dict)
+
+
+def new_record(metric: str, device, num_processes: int = 1, command_line: CommandLine | None = None) -> dict:
+    command_line = command_line or CommandLine()
     return {
         "metric": metric,
-        "command": shlex.join(["onestep-eval", *argv]),
-        "arguments": {k: v for k, v in vars(args).items() if k != "argv"} if args is not None else {},
+        "command": shlex.join(["onestep-eval", *command_line.argv]),
+        "arguments": dict(command_line.arguments),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
         "num_processes": num_processes,

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from onestep.data import IMAGE_EXTENSIONS
 from onestep.errors import UserError
-from onestep.utils import seed_for
+from onestep.utils import file_sha256, seed_for, to_uint8
 
 SEED_SCHEME = "image i uses torch.Generator('cpu').manual_seed(sha256-seed(seed, 'sample', i)); independent of batch size and process count"
 
@@ -53,20 +53,8 @@ def generators(seed: int, indices) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(seed_for(seed, "sample", int(i))) for i in indices]
 
 
-def to_uint8(images) -> np.ndarray:
-    """Pipeline output (np/pt in [0, 1], NHWC or NCHW) -> uint8 NHWC, rounded as when saved to PNG."""
-    if isinstance(images, torch.Tensor):
-        images = images.detach().float().cpu().numpy()
-        if images.ndim == 4 and images.shape[1] in (1, 3, 4) and images.shape[-1] not in (1, 3, 4):
-            images = images.transpose(0, 2, 3, 1)
-    if isinstance(images, list):
-        return np.stack([np.asarray(im.convert("RGB")) for im in images])
-    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
-
-
 def weights_sha256(folder: str) -> str:
     """One hash over every weight file in a model folder (relative path + content)."""
-    from .features import file_sha256
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
@@ -142,7 +130,7 @@ class PipelineSampler:
             kwargs["num_inference_steps"] = self.steps
         if self.guidance_scale is not None and "guidance_scale" in self.params:
             kwargs["guidance_scale"] = self.guidance_scale
-        return to_uint8(self.pipe(**kwargs).images)
+        return to_uint8(self.pipe(**kwargs).images, (0, 1), "auto")  # np/pt in [0, 1], NHWC or NCHW, or PIL
 
 
 class TeacherSampler:
@@ -180,7 +168,7 @@ class TeacherSampler:
                     raise UserError("This teacher has no null class, so it cannot be sampled with guidance; use --guidance-scale 1.")
                 uncond = Cond(class_labels=torch.full((len(indices),), null, dtype=torch.long, device=self.device))
         x0 = ddim_sample(self.teacher.denoiser, z, cond, self.steps, self.guidance_scale, uncond)
-        return to_uint8((x0.clamp(-1, 1) + 1) / 2)
+        return to_uint8(x0)
 
 
 # --- image folders ------------------------------------------------------------------------------------
@@ -242,7 +230,7 @@ def digits_reference_images() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 digits at 16x16 as uint8 (N, 16, 16, 1), the bundled default's training set."""
     from onestep.data import load_digits_images
     x, y = load_digits_images(16)
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy(), y.numpy()
+    return to_uint8(x), y.numpy()  # x: float32 in [-1, 1]
 
 
 # --- processes ----------------------------------------------------------------------------------------

@@ -28,20 +28,22 @@ def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g = p.add_argument_group("training loop")
     g.add_argument("--output_dir", default=output_dir, help="Where the exported pipeline, checkpoints, sample grids and logs go.")
     g.add_argument("--max_train_steps", type=positive_int, default=None, help="Optimisation iterations (DMD2: critic steps).")
-    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1)
+    g.add_argument("--gradient_accumulation_steps", type=positive_int, default=1, help="Micro-batches summed into each update.")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None, help="Autocast dtype (bf16 recommended on CUDA).")
-    g.add_argument("--max_grad_norm", type=float, default=None)
-    g.add_argument("--lr_scheduler", choices=["constant", "linear", "cosine"], default="constant")
-    g.add_argument("--lr_warmup_steps", type=int, default=None)
+    g.add_argument("--max_grad_norm", type=float, default=None, help="Clip each model's gradient norm to this value.")
+    g.add_argument("--lr_scheduler", choices=["constant", "linear", "cosine"], default="constant",
+                   help="Learning-rate decay after the warm-up.")
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="Iterations of linear learning-rate warm-up.")
     g.add_argument("--ema_decay", type=float, default=None, help="Weight EMA of the student (0 = off).")
-    g.add_argument("--checkpointing_steps", type=positive_int, default=None)
-    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None)
+    g.add_argument("--checkpointing_steps", type=positive_int, default=None, help="Iterations between resumable checkpoints.")
+    g.add_argument("--checkpoints_total_limit", type=positive_int, default=None, help="Keep only this many newest checkpoints.")
     g.add_argument("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-<step> folder.")
     g.add_argument("--init_from_checkpoint", default=None,
                    help="Start from an earlier run's weights only (a checkpoint-<step> folder), e.g. DMD2 stage 2 after stage 1.")
-    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none")
+    g.add_argument("--report_to", choices=["none", "tensorboard", "wandb", "all"], default="none",
+                   help="Experiment tracker (logs/losses.csv and loss_curves.png are written in any case).")
     g.add_argument("--validation_steps", type=positive_int, default=None, help="Iterations between PNG sample grids.")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="Every random draw of the run follows from it (exact resume).")
     g.add_argument("--eval_steps", type=non_negative_int, default=None,
                    help="Iterations between in-training FID evaluations (EMA weights, fixed noise; 0 = off); logged to logs/eval.csv and trackers.")
     g.add_argument("--eval_samples", type=positive_int, default=500, help="Samples per in-training evaluation.")
@@ -52,6 +54,25 @@ def add_trainer_args(p: argparse.ArgumentParser, output_dir: str) -> None:
     g.add_argument("--gradient_checkpointing", action="store_true", help="Trade compute for memory in the UNets.")
     g.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                    help="Use xformers attention (CUDA only; SDPA is used otherwise).")
+
+
+def help_formatter(preset_class):
+    """--help that shows every default: a flag left unset takes its value from --preset when the preset
+    has a field of that name (the epilog lists the presets' values), else the default argparse shows."""
+    preset_fields = set(preset_class.__dataclass_fields__)
+
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if not action.option_strings or action.default is argparse.SUPPRESS or "%(default)" in text:
+                return text
+            if action.default is None and action.dest in preset_fields:
+                return text + " (default: from --preset)"
+            if action.default is not None and action.default is not False:
+                return text + " (default: %(default)s)"
+            return text
+
+    return Formatter
 
 
 def trainer_config(args, defaults: dict, run_config: dict) -> TrainerConfig:

@@ -2,7 +2,8 @@
 
 Bottleneck features are captured with a forward hook on a named submodule (the UNet mid block), never by
 copying the UNet's forward. For a features-only pass the hook stops the forward early, so the decoder
-does not run (the generator's GAN term needs only D(x) = head(bottleneck)).
+does not run (DMD2's generator GAN term needs only D(x) = head(bottleneck)). A GAN head is the method's:
+it sets `critic.head` (a module reading the features) after sizing it with `feature_shape`.
 """
 from __future__ import annotations
 
@@ -10,39 +11,44 @@ import torch
 from torch import nn
 
 from .denoiser import Cond, Denoiser
-from .discriminator import DMD2Head
-from .sharding import fsdp_unit_names
 
 
 class _StopForward(Exception):
     pass
 
 
-class Critic(nn.Module):
-    """F (a Denoiser) and, optionally, DMD2's GAN head on F's bottleneck."""
+def _is_fsdp_sharded(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
 
-    def __init__(self, denoiser: Denoiser, feature_module: str | None = None, with_head: bool = False,
-                 sample_shape: tuple[int, ...] | None = None, example_cond: Cond | None = None):
+
+class Critic(nn.Module):
+    """F (a Denoiser), its bottleneck features, and an optional head on them (`head`, set by the method)."""
+
+    def __init__(self, denoiser: Denoiser, feature_module: str | None = None):
         super().__init__()
         self.denoiser = denoiser
-        name = feature_module or denoiser.adapter.bottleneck_name
-        self.head = None
+        self.feature_module = feature_module or denoiser.adapter.bottleneck_name
+        self.head: nn.Module | None = None
         self._features = None
         self._stop_early = False
-        # Stopping the forward by an exception is safe for plain and DDP modules; FSDP's per-module
-        # hooks expect every forward to finish, so sharded runs set this to False (full pass).
-        self.early_exit = True
-        if with_head:
-            if name is None:
-                raise ValueError("The GAN head needs a bottleneck: pass feature_module (a submodule name of the critic network).")
-            try:
-                module = denoiser.net.get_submodule(name)
-            except AttributeError as err:
-                raise ValueError(f"The critic network has no submodule {name!r} to read GAN features from.") from err
-            module.register_forward_hook(self._capture)
-            shape = self._probe_feature_shape(sample_shape, example_cond)
-            self.head = DMD2Head(shape)
-        self._no_split_modules = fsdp_unit_names(denoiser.net, *(["DMD2Head"] if with_head else []))
+        self._hooked = False
+        self.early_exit = True  # False: always run the whole forward (what FSDP2-sharded critics do)
+
+    def _hook(self) -> None:
+        if self._hooked:
+            return
+        if self.feature_module is None:
+            raise ValueError("Critic features need a bottleneck: pass feature_module (a submodule name of the critic network).")
+        try:
+            module = self.denoiser.net.get_submodule(self.feature_module)
+        except AttributeError as err:
+            raise ValueError(f"The critic network has no submodule {self.feature_module!r} to read features from.") from err
+        module.register_forward_hook(self._capture)
+        self._hooked = True
 
     def _capture(self, module, inputs, output):
         self._features = output[0] if isinstance(output, tuple) else output
@@ -50,17 +56,18 @@ class Critic(nn.Module):
             raise _StopForward
 
     @torch.no_grad()
-    def _probe_feature_shape(self, sample_shape, example_cond):
-        if sample_shape is None:
-            raise ValueError("The GAN head needs sample_shape to size itself.")
+    def feature_shape(self, sample_shape: tuple[int, ...], example_cond: Cond | None = None) -> tuple[int, ...]:
+        """Shape of one sample's bottleneck features (C, H, W) or (C,), probed with one forward."""
         x = torch.zeros(1, *sample_shape, device=next(self.denoiser.parameters()).device)
         t = torch.zeros(1, dtype=torch.long, device=x.device)
         cond = example_cond[:1] if example_cond is not None else None
         return tuple(self.features(x, t, cond).shape[1:])
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
-        """Bottleneck features only; the network stops right after the hooked module (with `early_exit`)."""
-        self._stop_early = self.early_exit
+        """Bottleneck features only; the network stops right after the hooked module. Under FSDP2 the
+        forward runs to the end instead: FSDP's per-module hooks expect every forward to finish."""
+        self._hook()
+        self._stop_early = self.early_exit and not _is_fsdp_sharded(self)
         out = None
         try:
             out = self.denoiser.raw(x_t, t, cond)
@@ -79,7 +86,9 @@ class Critic(nn.Module):
         return self.head(self.features(x_t, t, cond))
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None, with_logits: bool = False):
-        """(native denoiser output, GAN logits or None) from one full pass."""
+        """(native denoiser output, head logits or None) from one full pass."""
+        if with_logits:
+            self._hook()
         raw = self.denoiser.raw(x_t, t, cond)
         logits = None
         if with_logits:

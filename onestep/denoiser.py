@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import nn
 
-from .schedules import NoiseSchedule, _expand
+from .schedules import NoiseSchedule
 
 
 @dataclass
@@ -132,42 +132,20 @@ class Denoiser(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, native: bool = False) -> torch.Tensor:
         """x0_hat, or with native=True the network's own output (one forward either way, so a
-        DDP-wrapped Denoiser can serve both)."""
-        if self.prediction_type == "edm":
-            return self._edm_x0(x_t, t, cond)
-        out = self.adapter(x_t, self.schedule.model_time(t), cond)
-        if native:
+        DDP-wrapped Denoiser can serve both). EDM networks are preconditioned: their native output is D."""
+        sched, kind = self.schedule, self.prediction_type
+        out = self.adapter(sched.model_input(x_t, t, kind), sched.model_time(t), cond)
+        if native and kind != "edm":
             return out
-        return self.schedule.to_x0(out.float(), x_t.float(), t, self.prediction_type)
+        return sched.to_x0(out.float(), x_t.float(), t, kind, self._shift_image(cond))
 
-    def _edm_x0(self, x_t, t, cond):
-        # Karras et al. 2022, Table 1: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise).
-        _, sigma = self.schedule.coefficients(t, x_t.device)
-        sd = self.schedule.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
-        out = self.adapter((_expand(c_in, x_t) * x_t.double()).to(x_t.dtype), self.schedule.model_time(t), cond)
-        x0 = _expand(c_skip, x_t) * x_t.double() + _expand(c_out, x_t) * out.double()
-        return x0.float()
+    def _shift_image(self, cond: Cond | None) -> torch.Tensor | None:
+        """u of the affine family: the conditioning image, where the schedule mixes it into x_t."""
+        return cond.image if (self.schedule.shifted and cond is not None) else None
 
-    def denoising_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor):
-        """(target for `raw`, per-sample weight or None): the network's own denoising objective
-        (DMD2 spec 4.2: eps-MSE unweighted for eps teachers; EDM x0-MSE with 1/sigma^2 + 1/sigma_data^2)."""
-        kind = self.prediction_type
-        if kind == "epsilon":
-            return eps, None
-        if kind == "sample":
-            return x0, None
-        a, s = self.schedule.coefficients(t, x0.device)
-        if kind == "edm":
-            return x0, (1 / s**2 + 1 / self.schedule.sigma_data**2).float()
-        a, s = _expand(a, x0).float(), _expand(s, x0).float()
-        if kind == "v_prediction":
-            return a * eps - s * x0, None
-        if kind == "flow":
-            return eps - x0, None
-        raise ValueError(f"Unknown prediction type {kind!r}.")
+    def denoising_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Cond | None = None):
+        """(target for `raw`, per-sample weight or None): the network's own denoising objective."""
+        return self.schedule.denoising_target(x0, eps, t, self.prediction_type, self._shift_image(cond))
 
     def guided(self, x_t, t, cond: Cond, uncond: Cond | None, scale: float) -> torch.Tensor:
         """Classifier-free guidance in x0-space: uncond + w (cond - uncond), one batched forward.

@@ -13,7 +13,6 @@ from torch import nn
 
 from .denoiser import Cond, Denoiser
 from .errors import UserError
-from .sharding import fsdp_unit_names
 
 GeneratorCall = Callable[[torch.Tensor, torch.Tensor, Cond | None], torch.Tensor]
 
@@ -29,7 +28,6 @@ class OneStepGenerator(nn.Module):
             raise UserError(f"Generator timesteps {timesteps} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}.")
         self.denoiser = denoiser
         self.timesteps = [int(t) for t in timesteps]
-        self._no_split_modules = fsdp_unit_names(denoiser.net)
 
     @property
     def schedule(self):

@@ -1,5 +1,8 @@
-"""Losses as small pure functions on tensors (no models inside), so each can be unit-tested alone."""
+"""Losses: small pure functions on tensors (no models inside), so each can be unit-tested alone, and the
+denoising objective (DenoisingLoss), which draws its own t and noise and calls the network it is given."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -19,12 +22,52 @@ def dm_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x.float(), target.float(), reduction="mean")
 
 
-def denoising_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean-reduced (optionally per-sample weighted) squared error of a denoiser's native output."""
+def weighted_squared_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Unreduced (per-element) squared error of a denoiser's native output, optionally weighted per sample."""
     err = (pred.float() - target.float()) ** 2
     if weight is not None:
         err = err * weight.reshape(-1, *([1] * (err.ndim - 1))).float()
-    return err.mean()
+    return err
+
+
+@dataclass
+class Noised:
+    """One draw of the denoising objective: the noised input and what the network should output for it."""
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    target: torch.Tensor
+    weight: torch.Tensor | None
+
+
+class DenoisingLoss:
+    """Denoising score matching in the style of EDM's training/loss.py (Karras et al. 2022, Eq. 2 with each
+    parametrisation's own target): draws t ~ U{t_min..t_max} and fresh noise, calls the network, and
+    returns the unreduced loss (per element; `.mean()` is the usual mean-reduced loss). Used to train
+    teachers and by DMD2's critic (spec 4.2: t over the full range, no CFG). `noise` and `error` are the
+    two halves, for a caller that batches the network call with something else (DMD2's GAN pass)."""
+
+    def __init__(self, t_min: int = 0, t_max: int | None = None):
+        self.t_min, self.t_max = t_min, t_max
+
+    def noise(self, denoiser, x0: torch.Tensor, cond=None) -> Noised:
+        schedule = denoiser.schedule
+        t_max = schedule.num_timesteps - 1 if self.t_max is None else self.t_max
+        u = denoiser._shift_image(cond)
+        x_t, t, eps = schedule.sample_noised(x0, self.t_min, t_max, u)
+        target, weight = denoiser.denoising_target(x0, eps, t, cond)
+        return Noised(x_t, t, eps, target, weight)
+
+    @staticmethod
+    def error(raw: torch.Tensor, noised: Noised) -> torch.Tensor:
+        return weighted_squared_error(raw, noised.target, noised.weight)
+
+    def __call__(self, denoiser, x0: torch.Tensor, cond=None, call=None) -> torch.Tensor:
+        """`call(x_t, t, cond)` gives the native output (default: `denoiser.raw`; a DDP-wrapped copy's)."""
+        noised = self.noise(denoiser, x0, cond)
+        raw = (call or denoiser.raw)(noised.x_t, noised.t, cond)
+        return self.error(raw, noised)
 
 
 def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:

@@ -101,6 +101,18 @@ PRESETS: dict[str, DMD2Preset] = {
 }
 
 
+def presets_help(presets: dict) -> str:
+    """The --help epilog: each preset with the values it gives the flags a user leaves unset."""
+    import textwrap
+    from dataclasses import fields
+    lines = ["presets (--preset NAME; a flag on the command line overrides the preset's value):"]
+    for p in presets.values():
+        values = ", ".join(f"{f.name}={getattr(p, f.name)}" for f in fields(p)
+                           if f.name not in ("name", "description", "notes", "extra"))
+        lines += [f"  {p.name}: {p.description}", textwrap.fill(values, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)]
+    return "\n".join(lines)
+
+
 def get_preset(name: str) -> DMD2Preset:
     if name not in PRESETS:
         raise UserError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")

@@ -33,14 +33,24 @@ def check_sharding_supported(accelerator, ema_decay) -> None:
                         "the SD presets train without EMA, as published.")
 
 
-def fsdp_unit_names(net: nn.Module, *extra: str) -> list[str]:
+def fsdp_unit_names(model: nn.Module) -> list[str]:
     """Class names accelerate's FSDP2 wrap policy turns into their own shard units (it reads the prepared
-    model's `_no_split_modules` when the config names none). The network itself is a unit so that direct
-    calls into it (the fake score, backward simulation) gather its weights; its blocks are units so that
-    only one block's weights are whole at a time."""
-    present = {type(m).__name__ for m in net.modules()}
-    blocks = [n for n in getattr(net, "_no_split_modules", None) or [] if n in present]  # accelerate refuses absent names
-    return [type(net).__name__, *blocks, *extra]
+    model's `_no_split_modules` when the config names none): the network of every Denoiser inside the model,
+    so that direct calls into it (the fake score, backward simulation) gather its weights; that network's
+    blocks, so that only one block's weights are whole at a time; and every other direct child of the model
+    with parameters outside those networks (a GAN head), so that a direct call into it gathers them."""
+    from .denoiser import Denoiser
+    names: list[str] = []
+    networks = [m.net for m in model.modules() if isinstance(m, Denoiser)]
+    for net in networks:
+        present = {type(m).__name__ for m in net.modules()}
+        blocks = [n for n in getattr(net, "_no_split_modules", None) or [] if n in present]  # accelerate refuses absent names
+        names += [type(net).__name__, *blocks]
+    in_networks = {id(p) for net in networks for p in net.parameters()}
+    for child in model.children():
+        if any(id(p) not in in_networks for p in child.parameters()):
+            names.append(type(child).__name__)
+    return list(dict.fromkeys(names))
 
 
 def keep_fp32_weights(accelerator) -> None:
@@ -128,6 +138,8 @@ def prepare_models(accelerator, models: dict, optimizers: dict, exported: tuple[
         keep_fp32_weights(accelerator)
     for n in models:
         wrap_policy.reset()
+        if sharded:
+            models[n]._no_split_modules = fsdp_unit_names(models[n])
         models[n], optimizers[n] = accelerator.prepare(models[n], optimizers[n])
     if sharded:
         mark_roots(models.values())

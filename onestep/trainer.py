@@ -1,7 +1,8 @@
 """The one accelerate training loop. It knows nothing about any method: a Method declares its models,
 optimisers and update schedule, and computes one loss at a time; the trainer does everything else
 (prepare, mixed precision, accumulation, clipping, EMA, checkpoints, resume, trackers, grids, NaN
-guard, signals, timing, export)."""
+guard, signals, timing, export). `fit` is three parts: `_setup` (prepare and resume), `_loop` (the
+iterations) and `_finish` (final checkpoint, evaluation, export)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,24 +10,25 @@ import datetime
 import json
 import math
 import os
-import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
+from .checkpoints import list_checkpoints, load_model_weights, save_checkpoint
 from .ema import EMA
 from .errors import UserError
 from .methods.base import Method, StepInfo
+from .run_logs import flat, plot_history, read_history, write_history
 from .sharding import as_local_scalar, check_sharding_supported, gather_for_export, is_sharded, prepare_models
 from .timing import PhaseTimer, format_summary
 from .utils import save_image_grid, seed_for
 
-CHECKPOINT_PREFIX = "checkpoint-"
+__all__ = ["Trainer", "TrainerConfig", "RunState", "list_checkpoints", "load_model_weights"]
 
 
 @dataclass
@@ -57,18 +59,50 @@ class TrainerConfig:
     run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
 
 
-class _TrainState:
-    """Checkpointed loop counters (registered with accelerate)."""
+class RunState:
+    """The loop's counters: the one piece of run state the trainer checkpoints (with accelerate)."""
 
     def __init__(self):
-        self.step = 0
-        self.nonfinite = 0
+        self.step = 0        # optimisation iterations completed
+        self.nonfinite = 0   # iterations in a row whose losses or gradients were not finite
 
     def state_dict(self):
         return {"step": self.step, "nonfinite": self.nonfinite}
 
     def load_state_dict(self, state):
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+
+
+class _MethodState:
+    """A method's own state (DisBack's target index, MSD's router, ...) as accelerate checkpoints it."""
+
+    def __init__(self, method: Method):
+        self.method = method
+
+    def state_dict(self):
+        return self.method.state_dict()
+
+    def load_state_dict(self, state):
+        self.method.load_state_dict(state)
+
+
+@dataclass
+class _Run:
+    """Everything one fit() holds while it runs (not checkpointed: rebuilt by _setup)."""
+
+    method: Method
+    data: object
+    models: dict
+    optimizers: dict
+    schedulers: dict
+    emas: dict
+    skeletons: dict            # weightless copies to gather exported models into (FSDP)
+    state: RunState
+    history: list              # rows of logs/losses.csv
+    resumed_from: str | None
+    finished_before: bool      # resumed a run that had already reached max_train_steps
+    latest: dict = field(default_factory=dict)  # last value of every logged quantity (G losses appear every R-th step)
+    interrupted: bool = False
 
 
 def _lr_lambda(kind: str, warmup: int, total: int):
@@ -84,45 +118,6 @@ def _lr_lambda(kind: str, warmup: int, total: int):
             return 0.5 * (1 + math.cos(math.pi * progress))
         raise UserError(f"Unknown --lr_scheduler {kind!r}; use constant, linear or cosine.")
     return fn
-
-
-def list_checkpoints(output_dir: str) -> list[str]:
-    """Finished checkpoints, oldest first (temporary '.tmp' folders are ignored)."""
-    if not os.path.isdir(output_dir):
-        return []
-    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
-
-
-def load_model_weights(checkpoint: str, models: dict, may_be_new: tuple[str, ...] = ("head.",)) -> None:
-    """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
-    step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. accelerate names
-    the files model.safetensors, model_1.safetensors, ... in the order the models were prepared; a
-    wrapper's key prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped."""
-    from safetensors.torch import load_file
-    if not os.path.isdir(checkpoint):
-        raise UserError(f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run.")
-    for i, (name, model) in enumerate(models.items()):
-        path = os.path.join(checkpoint, "model.safetensors" if i == 0 else f"model_{i}.safetensors")
-        if not os.path.isfile(path):
-            raise UserError(f"{checkpoint} has no {os.path.basename(path)} (the {name}); only single-process and DDP "
-                            f"checkpoints can start a new stage (FSDP ones are stored in another format).")
-        state = {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
-        try:
-            missing, unexpected = model.load_state_dict(state, strict=False)
-        except RuntimeError:  # a shape mismatch
-            missing, unexpected = ["(tensor shapes differ)"], []
-        missing = [k for k in missing if not k.startswith(may_be_new)]
-        if missing or unexpected:
-            raise UserError(f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
-                            f"it holds another architecture or LoRA setting.")
-
-
-def _strip_wrapper_prefix(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 class Trainer:
@@ -177,31 +172,11 @@ class Trainer:
         return value
 
     def save_checkpoint(self, step: int) -> str:
-        """Write to checkpoint-<step>.tmp and rename, so an interrupted save never replaces a good one."""
-        acc, out = self.accelerator, self.config.output_dir
-        final = os.path.join(out, f"{CHECKPOINT_PREFIX}{step}")
-        tmp = final + ".tmp"
-        if self.is_main and os.path.exists(tmp):
-            shutil.rmtree(tmp)
-        acc.wait_for_everyone()
-        acc.save_state(tmp)
-        acc.wait_for_everyone()
+        run = self._run
+        path = save_checkpoint(self.accelerator, self.config.output_dir, step, list(run.models), self.config.checkpoints_total_limit)
         if self.is_main:
-            # Move any previous copy aside before the rename, so a good checkpoint exists at every moment.
-            old = final + ".old"
-            if os.path.exists(final):
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if os.path.exists(old):
-                shutil.rmtree(old)
-            if getattr(self, "_history", None):
-                _write_history(*self._history)
-            limit = self.config.checkpoints_total_limit
-            if limit:
-                for old in list_checkpoints(out)[:-limit]:
-                    shutil.rmtree(old)
-        acc.wait_for_everyone()
-        return final
+            write_history(self._log_path, run.history)  # the CSV always reaches the newest checkpoint
+        return path
 
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self):
@@ -222,10 +197,22 @@ class Trainer:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
-    # -- the loop ----------------------------------------------------------------------------------
+    # -- fit = set-up, loop, finish ----------------------------------------------------------------
     def fit(self, method: Method, data=None, evaluator=None) -> dict:
         """evaluator(sample_fn) -> {name: value}, called every eval_steps iterations and at the end with
         the EMA weights, sample_fn(n, seed) giving n student samples in [-1, 1] (e.g. onestep.eval's FID)."""
+        self._evaluator = evaluator
+        run = self._run = self._setup(method, data)
+        if run.finished_before and (not self.config.export or os.path.isfile(os.path.join(self.config.output_dir, "model_index.json"))):
+            self.accelerator.end_training()  # the run's export, timing and logs stay as they are
+            return {"step": run.state.step, "interrupted": False, "signal": None, "already_finished": True}
+        start, start_step = time.perf_counter(), run.state.step
+        self._loop(run)
+        summary = self.timer.summary(time.perf_counter() - start, run.state.step - start_step)
+        return self._finish(run, summary)
+
+    def _setup(self, method: Method, data) -> _Run:
+        """Checks, preparation of the method's models with accelerate, resume."""
         cfg, acc = self.config, self.accelerator
         if list_checkpoints(cfg.output_dir) and not cfg.resume_from_checkpoint:
             raise UserError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
@@ -240,30 +227,28 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         resume = self._resolve_resume()
         if cfg.init_from_checkpoint and not resume:  # a resumed run already holds its own weights
-            load_model_weights(cfg.init_from_checkpoint, method.models())
+            load_model_weights(cfg.init_from_checkpoint, method.models(), method.new_in_stage)
             self.log(f"Started the models from {cfg.init_from_checkpoint}")
         method.timer = self.timer
         method.to(self.device)
 
-        names = list(method.models())
-        models = method.models()
-        optimizers = method.optimizers()
-        schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
-                      for n, o in optimizers.items()}
+        models, optimizers = method.models(), method.optimizers()
         # Schedulers stay outside prepare(): accelerate would step them once per process per call,
         # and warm-up here counts iterations whatever the number of processes.
-        skeletons = prepare_models(acc, models, optimizers, method.exported_models or tuple(names))
-        state = _TrainState()
+        schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
+                      for n, o in optimizers.items()}
+        skeletons = prepare_models(acc, models, optimizers, method.exported_models or tuple(models))
+        state = RunState()
         acc.register_for_checkpointing(state)
         for sched in schedulers.values():
             acc.register_for_checkpointing(sched)
-        method.attach(models, acc.unwrap_model, sharded=self.sharded)
-
+        method.attach(models, acc.unwrap_model)
         emas = {}
         if cfg.ema_decay:
             for n in method.ema_models:
                 emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay)
                 acc.register_for_checkpointing(emas[n])
+        acc.register_for_checkpointing(_MethodState(method))
 
         if resume:
             self.log(f"Resuming from {resume}")
@@ -272,67 +257,72 @@ class Trainer:
             except (OSError, RuntimeError, KeyError, ValueError) as err:
                 raise UserError(f"Cannot resume from {resume} ({err.__class__.__name__}): it is not a checkpoint of this "
                                 f"configuration (same method options, --ema_decay on/off).") from None
-        if self.is_main and cfg.report_to != "none":
-            acc.init_trackers(cfg.tracker_project_name, config=_flat(cfg.run_config))
+        finished_before = bool(resume) and state.step >= cfg.max_train_steps
+        if finished_before:
+            self.log(f"{resume} is the end of this run ({state.step} of {cfg.max_train_steps} iterations): nothing left "
+                     f"to train. Pass a larger --max_train_steps to train further.")
+        elif self.is_main and cfg.report_to != "none":
+            acc.init_trackers(cfg.tracker_project_name, config=flat(cfg.run_config))
 
-        log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
-        history = _read_history(log_path, state.step) if self.is_main else []
-        self._history = (log_path, history)
+        self._log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
         eval_path = os.path.join(cfg.output_dir, "logs", "eval.csv")
-        self._evals = (eval_path, _read_history(eval_path, state.step) if self.is_main else [])
-        self._evaluator = evaluator
-        latest: dict[str, float] = {}  # last value of every logged quantity (G losses appear every R-th step)
-        grids_dir = os.path.join(cfg.output_dir, "samples")
-        trained = [models[n] for n in names]
-        model_of = {u.name: u.model for u in method.updates}
+        self._evals = (eval_path, read_history(eval_path, state.step) if self.is_main else [])
+        history = read_history(self._log_path, state.step) if self.is_main else []
+        return _Run(method, data, models, optimizers, schedulers, emas, skeletons, state, history, resume, finished_before)
 
+    def _loop(self, run: _Run) -> None:
+        """The iterations, until max_train_steps or a stop signal."""
+        cfg, acc, method, state, models = self.config, self.accelerator, run.method, run.state, run.models
+        model_of = {u.name: u.model for u in method.updates}
+        trained = list(models.values())
         self._install_signal_handlers()
         progress = tqdm(total=cfg.max_train_steps, initial=state.step, disable=not self.is_main, desc="train")
-        start, start_step = time.perf_counter(), state.step
-        interrupted = False
         if state.step == 0:
-            self._validate(method, models, emas, grids_dir, 0)
-            self._evaluate(method, models, emas, 0)
+            self._validate(run, 0)
+            self._evaluate(run, 0)
         try:
             while state.step < cfg.max_train_steps:
                 step = self._step_for_log = state.step
+                # 1. Which updates run now (e.g. DMD2: the generator every R-th iteration, the critic every one).
                 due = tuple(u.name for u in method.updates if step % u.every == 0)
                 finite = True
                 for micro in range(cfg.gradient_accumulation_steps):
+                    # 2. Every random draw of this micro-step follows from (seed, rank, step, micro), so a
+                    #    resumed run replays exactly what an uninterrupted one would have done.
                     shared = torch.Generator().manual_seed(seed_for(cfg.seed, "shared", step))
                     info = StepInfo(step=step, due=due, shared_generator=shared, device=self.device)
-                    # Every random draw of this micro-step follows from (seed, rank, step, micro), so a
-                    # resumed run replays exactly what an uninterrupted one would have done.
                     torch.manual_seed(seed_for(cfg.seed, acc.process_index, step, micro))
                     with acc.accumulate(*trained), acc.autocast():
+                        # 3. The batch for (step, micro, rank), and the method's shared work (DMD2: x = G(z)).
                         with self.timer.phase("data"):
-                            batch = data.batch(step, micro, acc.process_index, self.device) if (data is not None and method.needs_data) else None
+                            batch = run.data.batch(step, micro, acc.process_index, self.device) \
+                                if (run.data is not None and method.needs_data) else None
                         it = method.start_iteration(batch, info)
+                        # 4. One loss -> backward -> clip -> step per due update, skipped if not finite.
                         for name in due:
                             with self.timer.phase(name):
-                                ok, out = self._update(name, it, method, models[model_of[name]], optimizers[model_of[name]])
-                            finite, _ = finite and ok, latest.update(out)
+                                ok, out = self._update(name, it, method, models[model_of[name]], run.optimizers[model_of[name]])
+                            finite, _ = finite and ok, run.latest.update(out)
+                # 5. NaN guard, then the counters, learning rates and weight EMAs move on.
                 state.nonfinite = 0 if finite else state.nonfinite + 1
                 if state.nonfinite >= cfg.nan_patience:
                     raise UserError(f"{state.nonfinite} iterations in a row had non-finite losses or gradients; stopping. "
                                     f"Lower the learning rate or use bf16 instead of fp16, and resume from the last checkpoint.")
+                method.end_iteration(info)
                 state.step += 1
-                for sched in schedulers.values():
+                for sched in run.schedulers.values():
                     sched.step()
-                for n, ema in emas.items():
+                for n, ema in run.emas.items():
                     if any(model_of[u] == n for u in due):  # average the model's updates, not idle iterations
                         ema.update(acc.unwrap_model(models[n]))
                 progress.update(1)
-                if self.is_main and (state.step % cfg.log_every == 0 or state.step == cfg.max_train_steps):
-                    logs = dict(latest, lr=next(iter(schedulers.values())).get_last_lr()[0] if schedulers else 0.0)
-                    history.append({"step": state.step, **logs})
-                    progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
-                    if cfg.report_to != "none":
-                        acc.log(logs, step=state.step)
+                # 6. Logs, sample grids, in-training evaluation.
+                self._log_row(run, progress)
                 if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
-                    self._validate(method, models, emas, grids_dir, state.step)
+                    self._validate(run, state.step)
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_train_steps:
-                    self._evaluate(method, models, emas, state.step)
+                    self._evaluate(run, state.step)
+                # 7. Checkpoint at the interval or on a stop signal (any rank's), then stop if signalled.
                 stop = self._any_rank(self._stop_signal is not None)
                 at_interval = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
                 if (at_interval or stop) and state.step < cfg.max_train_steps:
@@ -340,41 +330,52 @@ class Trainer:
                         path = self.save_checkpoint(state.step)
                     self.log(f"Saved {path}")
                 if stop and state.step < cfg.max_train_steps:
-                    interrupted = True
+                    run.interrupted = True
                     break
         finally:
             progress.close()
             self._restore_signal_handlers()
 
-        elapsed = time.perf_counter() - start
-        summary = self.timer.summary(elapsed, state.step - start_step)
-        result = {"step": state.step, "interrupted": interrupted, "signal": self._stop_signal, "timing": summary}
-        if self.is_main:
-            _write_history(*self._history)
-            _plot_history(history, os.path.join(cfg.output_dir, "loss_curves.png"))
+    def _log_row(self, run: _Run, progress) -> None:
+        cfg, step = self.config, run.state.step
+        if not self.is_main or (step % cfg.log_every and step != cfg.max_train_steps):
+            return
+        logs = dict(run.latest, lr=next(iter(run.schedulers.values())).get_last_lr()[0] if run.schedulers else 0.0)
+        run.history.append({"step": step, **logs})
+        progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k != "lr"})
+        if cfg.report_to != "none":
+            self.accelerator.log(logs, step=step)
+
+    def _finish(self, run: _Run, summary: dict) -> dict:
+        """Records, then (unless interrupted) the final checkpoint, grids, evaluation and the export."""
+        cfg, acc, state, models = self.config, self.accelerator, run.state, run.models
+        result = {"step": state.step, "interrupted": run.interrupted, "signal": self._stop_signal, "timing": summary}
+        if self.is_main and not run.finished_before:  # a finished run resumed only to export keeps its own records
+            write_history(self._log_path, run.history)
+            plot_history(run.history, os.path.join(cfg.output_dir, "loss_curves.png"))
             with open(os.path.join(cfg.output_dir, "timing.json"), "w") as f:
                 json.dump(summary, f, indent=2)
-        if interrupted:
+        if run.interrupted:
             self.log(f"Stopped by signal {self._stop_signal} at step {state.step}; resume with --resume_from_checkpoint latest.")
             acc.end_training()
             return result
-        if cfg.final_checkpoint:
+        if cfg.final_checkpoint and not run.finished_before:
             path = self.save_checkpoint(state.step)
             self.log(f"Saved {path}")
         if not self.sharded:  # DDP replicas must agree; FSDP ranks hold different shards by design
             self._write_weight_digests(models)
-        self._validate(method, models, emas, grids_dir, state.step)
-        result["eval"] = self._evaluate(method, models, emas, state.step)
+        self._validate(run, state.step)
+        result["eval"] = self._evaluate(run, state.step)
         if cfg.export:
             acc.wait_for_everyone()
-            full = gather_for_export(acc, models, skeletons) if self.sharded else None
+            full = gather_for_export(acc, models, run.skeletons) if self.sharded else None
             if self.is_main:
                 card = {"training_steps": state.step, "ema_decay": cfg.ema_decay, "eval": result["eval"], **cfg.run_config}
                 if full is not None:
-                    method.export(full, cfg.output_dir, card)
+                    run.method.export(full, cfg.output_dir, card)
                 else:
-                    with _ema_weights(emas, acc, models):
-                        method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir, card)
+                    with _ema_weights(run.emas, acc, models):
+                        run.method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir, card)
             acc.wait_for_everyone()
         self.log(format_summary(summary))
         acc.end_training()
@@ -417,7 +418,7 @@ class Trainer:
         with open(path, "w") as f:
             json.dump(digests, f, indent=2)
 
-    def _evaluate(self, method, models, emas, step) -> dict:
+    def _evaluate(self, run: _Run, step: int) -> dict:
         """In-training metrics on the main process (other ranks go on and wait at the next reduction)."""
         if self._evaluator is None or not self.is_main:
             return {}
@@ -425,28 +426,29 @@ class Trainer:
             self.log(f"step {step}: in-training evaluation is not available with FSDP; evaluate the export with onestep-eval.")
             return {}
         try:
-            with self.timer.phase("evaluation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
-                values = self._evaluator(lambda n, seed: method.sample_grid(unwrapped, n, seed, self.device))
+            with self.timer.phase("evaluation"), _sampling_models(run.emas, self.accelerator, run.models) as unwrapped:
+                values = self._evaluator(lambda n, seed: run.method.sample_grid(unwrapped, n, seed, self.device))
         except UserError as err:  # e.g. a singular covariance early in training: report it, keep training
             self.log(f"step {step}: evaluation skipped: {err}")
             return {}
         path, rows = self._evals
         rows[:] = [r for r in rows if r["step"] != step] + [{"step": step, **values}]
-        _write_history(path, rows)
-        _plot_history(rows, os.path.join(os.path.dirname(path), "eval.png"))
+        write_history(path, rows)
+        plot_history(rows, os.path.join(os.path.dirname(path), "eval.png"))
         if self.config.report_to != "none":
             self.accelerator.log(values, step=step)
         self.log(f"step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in values.items()))
         return values
 
-    def _validate(self, method, models, emas, grids_dir, step):
+    def _validate(self, run: _Run, step: int) -> None:
         # Under FSDP every rank samples (each forward gathers weights from all of them); one saves.
         if not (self.is_main or self.sharded) or self.config.num_validation_images <= 0:
             return
-        with self.timer.phase("validation"), _sampling_models(emas, self.accelerator, models) as unwrapped:
-            images = method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
+        with self.timer.phase("validation"), _sampling_models(run.emas, self.accelerator, run.models) as unwrapped:
+            images = run.method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
             if self.is_main:
-                save_image_grid(images, os.path.join(grids_dir, f"step-{step:06d}.png"))
+                path = os.path.join(self.config.output_dir, "samples", f"step-{step:06d}.png")
+                save_image_grid(images, path, min_width=512)
 
 
 @contextlib.contextmanager
@@ -479,43 +481,3 @@ class _ema_weights:
             ema.swap(model)
 
 
-def _flat(d: dict) -> dict:
-    return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
-
-
-def _read_history(path: str, upto: int) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    import csv
-    with open(path) as f:
-        rows = [{k: (int(float(v)) if k == "step" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
-    return [r for r in rows if r["step"] <= upto]
-
-
-def _write_history(path: str, history: list[dict]) -> None:
-    import csv
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    keys = sorted({k for r in history for k in r} - {"step"})
-    with open(path + ".tmp", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["step", *keys])
-        w.writeheader()
-        w.writerows(history)
-    os.replace(path + ".tmp", path)
-
-
-def _plot_history(history: list[dict], path: str) -> None:
-    if not history:
-        return
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    keys = sorted({k for r in history for k in r} - {"step", "lr"})
-    fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * max(len(keys), 1)), squeeze=False, sharex=True)
-    for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[key]) for r in history if key in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts])
-        ax.set_ylabel(key, fontsize=8)
-    axes[-1, 0].set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)

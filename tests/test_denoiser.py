@@ -72,8 +72,8 @@ def test_critic_reads_mid_block_through_a_hook_and_stops_early():
     seen, ran_decoder = {}, []
     unet.mid_block.register_forward_hook(lambda m, i, o: seen.__setitem__("mid", o))  # runs before the critic's hook
     unet.up_blocks[0].register_forward_hook(lambda m, i, o: ran_decoder.append(1))
-    critic = Critic(Denoiser(unet, SCHED, "epsilon"), with_head=True, sample_shape=(1, 8, 8),
-                    example_cond=Cond(class_labels=torch.tensor([0])))
+    critic = Critic(Denoiser(unet, SCHED, "epsilon"))
+    critic.head = DMD2Head(critic.feature_shape((1, 8, 8), Cond(class_labels=torch.tensor([0]))))
     ran_decoder.clear()
     x, t, cond = torch.randn(2, 1, 8, 8), torch.tensor([5, 600]), Cond(class_labels=torch.tensor([1, 2]))
     feats = critic.features(x, t, cond)

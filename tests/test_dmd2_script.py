@@ -42,6 +42,7 @@ def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
                  "loss_curves.png"):
         assert (out / name).exists(), name
     assert "Load it" in r.stdout + r.stderr
+    assert "gradient checkpointing" not in r.stdout + r.stderr  # off by default: no note about it
     card = (out / "README.md").read_text()
     for field in ("teacher", "DMD2", "conditioning timesteps", "training_steps"):
         assert field in card
@@ -139,3 +140,12 @@ def test_stage_two_starts_from_stage_one_weights_with_a_new_gan_head(tmp_path):
     # A checkpoint of another model is refused in one sentence before training.
     r = train(tmp_path / "bad", "--max_train_steps", "1", "--no-gan", "--init_from_checkpoint", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "is not a folder" in r.stderr.strip().splitlines()[-1]
+
+
+def test_help_shows_every_default_and_each_presets_values():
+    r = run([PY, "train/dmd2.py", "--help"])
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # argparse wraps lines
+    assert "(default: from --preset)" in text and "(default: 0.01)" in text and "(default: 0)" in text
+    assert "digits-cpu: Bundled default" in text and "learning_rate=0.0002" in text and "lora_rank=64" in text
+    assert "a few minutes" not in text

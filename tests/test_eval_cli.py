@@ -111,7 +111,7 @@ def test_bench_reports_speed_of_student_and_teacher(tmp_path, student):
                     "--repeats", "2", "--run", str(run_dir), "--plot", str(tmp_path / "speed.png"), "--output", str(out)])
     rec = json.loads(out.read_text())
     rows = rec["results"]
-    assert [r["sampler"] for r in rows][1:] == ["teacher DDIM 1 steps", "teacher DDIM 32 steps"]
+    assert [r["sampler"] for r in rows][1:] == ["teacher DDIM 1 step", "teacher DDIM 32 steps"]
     assert all(r["images_per_s"] > 0 and len(r["latency_s_all"]) == 2 for r in rows)
     assert rows[2]["student_speedup"] > rows[1]["student_speedup"]  # 32 teacher steps cost more than 1
     assert rec["training_step_breakdown"] == {"phases": {"critic": 1.0}} and (tmp_path / "speed.png").exists()
@@ -135,6 +135,19 @@ def test_sr_metrics_of_folders_match_the_library(tmp_path):
     assert rec["psnr_rgb"] == pytest.approx(np.mean([metrics.psnr(a, b) for a, b in pairs]), rel=1e-9)
     assert rec["ssim_y"] == pytest.approx(np.mean([metrics.ssim(metrics.rgb_to_y(a), metrics.rgb_to_y(b)) for a, b in pairs]), rel=1e-9)
     assert rec["num_images"] == 2 and rec["protocol"]["crop_border"] == 4 and rec["lpips"] is None
+    # LPIPS is an optional extra: without its package the error names the extra to install.
+    import sys
+    from onestep.errors import UserError
+    saved = sys.modules.get("lpips")
+    sys.modules["lpips"] = None  # makes `import lpips` raise ImportError
+    try:
+        with pytest.raises(UserError, match=r"onestep\[lpips\]"):
+            _main(["sr", "--sr", str(sr_dir), "--hr", str(hr_dir), "--lpips", "--output", str(tmp_path / "lp.json")])
+    finally:
+        sys.modules.pop("lpips")
+        if saved is not None:
+            sys.modules["lpips"] = saved
+    assert not (tmp_path / "lp.json").exists()
 
 
 def test_clip_score_of_a_captioned_folder_with_a_local_checkpoint(tmp_path):

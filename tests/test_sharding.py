@@ -12,7 +12,8 @@ from onestep.errors import UserError
 from onestep.generator import OneStepGenerator
 from onestep.lora import add_lora
 from onestep.schedules import schedule_from_scheduler_config
-from onestep.sharding import check_sharding_supported, fill_from_state_dict, weightless_copy
+from onestep.discriminator import DMD2Head
+from onestep.sharding import check_sharding_supported, fill_from_state_dict, fsdp_unit_names, weightless_copy
 from tests.helpers import sd_scheduler_config, tiny_cond_unet
 
 
@@ -25,16 +26,24 @@ def _cond(n=2):
     return Cond(encoder_hidden_states=torch.randn(n, 5, 12))
 
 
+def _critic_with_head():
+    """A critic with DMD2's head, as the method builds it."""
+    critic = Critic(_denoiser())
+    critic.head = DMD2Head(critic.feature_shape((4, 8, 8), _cond(1)))
+    return critic
+
+
 def test_declared_shard_units_resolve_with_accelerates_lookup():
     from accelerate.utils.dataclasses import get_module_class_from_name
     torch.manual_seed(0)
     gen = OneStepGenerator(_denoiser(), [999])
-    critic = Critic(_denoiser(), with_head=True, sample_shape=(4, 8, 8), example_cond=_cond(1))
-    for model in (gen, critic):
-        assert "UNet2DConditionModel" in model._no_split_modules
-        for name in model._no_split_modules:  # accelerate raises on a name the model lacks
+    critic = _critic_with_head()
+    units = {"gen": fsdp_unit_names(gen), "critic": fsdp_unit_names(critic)}
+    for model, names in ((gen, units["gen"]), (critic, units["critic"])):
+        assert "UNet2DConditionModel" in names
+        for name in names:  # accelerate raises on a name the model lacks
             assert get_module_class_from_name(model, name) is not None, name
-    assert "DMD2Head" in critic._no_split_modules and "DMD2Head" not in gen._no_split_modules
+    assert "DMD2Head" in units["critic"] and "DMD2Head" not in units["gen"]
 
 
 def test_weightless_copy_takes_gathered_weights_and_keeps_lora_structure():
@@ -57,7 +66,7 @@ def test_weightless_copy_takes_gathered_weights_and_keeps_lora_structure():
 
 def test_critic_full_pass_features_equal_the_early_exit_ones():
     torch.manual_seed(0)
-    critic = Critic(_denoiser(), with_head=True, sample_shape=(4, 8, 8), example_cond=_cond(1))
+    critic = _critic_with_head()
     x, t, c = torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), _cond()
     with torch.no_grad():
         early = critic.logits(x, t, c)
@@ -95,7 +104,10 @@ def test_each_model_gets_its_own_wrap_units_from_accelerates_policy():
     from onestep.sharding import WrapPolicyPerModel
     torch.manual_seed(0)
     gen = OneStepGenerator(_denoiser(), [999])
-    critic = Critic(_denoiser(), with_head=True, sample_shape=(4, 8, 8), example_cond=_cond(1))
+    critic = _critic_with_head()
+
+    for model in (gen, critic):  # what onestep.sharding.prepare_models declares before accelerate's prepare
+        model._no_split_modules = fsdp_unit_names(model)
 
     def units(plugin, model):  # what accelerate's fsdp2_prepare_model would wrap
         plugin.set_auto_wrap_policy(model)

@@ -141,10 +141,42 @@ def test_init_from_checkpoint_takes_weights_strips_wrapper_prefixes_and_refuses_
     critic.weight, critic.bias = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
     critic.head = nn.Linear(3, 1)  # new in this stage: allowed to be missing
     now = {"generator": nn.Linear(3, 2), "critic": critic}
-    load_model_weights(str(ckpt), now)
+    load_model_weights(str(ckpt), now, may_be_new={"critic": ("head.",)})
     assert torch.equal(now["generator"].weight, earlier["generator"].weight) and torch.equal(critic.weight, earlier["critic"].weight)
+    with pytest.raises(UserError, match="does not fit the critic"):
+        load_model_weights(str(ckpt), now)  # the head may be missing only when the method says it is new
     with pytest.raises(UserError, match="does not fit the generator"):
-        load_model_weights(str(ckpt), {"generator": nn.Linear(4, 2), "critic": critic})
+        load_model_weights(str(ckpt), {"generator": nn.Linear(4, 2), "critic": critic}, {"critic": ("head.",)})
+    # With the models.json the trainer writes, models are found by name, whatever order this run lists them in.
+    (ckpt / "models.json").write_text('{"model.safetensors": "generator", "model_1.safetensors": "critic"}')
+    fresh = {"critic": nn.Linear(3, 3), "generator": nn.Linear(3, 2)}
+    load_model_weights(str(ckpt), fresh)
+    assert torch.equal(fresh["critic"].weight, earlier["critic"].weight)
+    with pytest.raises(UserError, match="holds no fake_score"):
+        load_model_weights(str(ckpt), {"fake_score": nn.Linear(3, 3)})
     with pytest.raises(UserError, match="has no model_1.safetensors"):
         (ckpt / "model_1.safetensors").unlink()
-        load_model_weights(str(ckpt), now)
+        load_model_weights(str(ckpt), now, {"critic": ("head.",)})
+
+
+def test_resuming_a_finished_run_says_so_and_keeps_its_records(tmp_path, capsys):
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, num_validation_images=0)).fit(Counting())
+    (tmp_path / "model_index.json").write_text("{}")  # what an export leaves behind
+    kept = {name: (tmp_path / name).read_bytes() for name in ("timing.json", "logs/losses.csv")}
+    checkpoint = list_checkpoints(str(tmp_path))[-1]
+    mtime = os.path.getmtime(os.path.join(checkpoint, "model.safetensors"))
+    result = Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, resume_from_checkpoint="latest",
+                                   num_validation_images=0)).fit(Counting())
+    assert result["already_finished"] and result["step"] == 4
+    assert "nothing left to train" in capsys.readouterr().out
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept  # the real run's timing survives
+    assert os.path.getmtime(os.path.join(checkpoint, "model.safetensors")) == mtime  # not re-saved
+
+
+def test_sample_grids_are_enlarged_to_be_seen(tmp_path):
+    from PIL import Image
+
+    from onestep.utils import save_image_grid
+    save_image_grid(torch.zeros(16, 1, 16, 16), str(tmp_path / "g.png"), min_width=512)
+    width = Image.open(tmp_path / "g.png").width
+    assert 512 <= width < 512 + 69 and width % 69 == 0  # whole-number nearest-neighbour factor of the 69-px grid

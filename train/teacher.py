@@ -70,9 +70,9 @@ def main(argv=None):
         sample_shape=(channels, args.resolution, args.resolution),
         scheduler_config=dict(scheduler.config, _class_name="DDPMScheduler"), num_classes=num_classes,
     )
-    from onestep.eval.intraining import build_evaluator
+    from onestep.eval.intraining import build_evaluator_from_args
     # In-training FID scores the teacher's 50-step DDIM samples (sample_grid), against the digits by default.
-    evaluator = build_evaluator(args, "digits" if not args.train_data_dir else args.output_dir, trainer.device) if trainer.is_main else None
+    evaluator = build_evaluator_from_args(args, "digits" if not args.train_data_dir else args.output_dir, trainer.device) if trainer.is_main else None
     result = trainer.fit(method, data, evaluator)
     if not result["interrupted"]:
         trainer.log(f"Teacher written to {os.path.abspath(args.output_dir)} (unet/, scheduler/), samples in {args.output_dir}/samples")

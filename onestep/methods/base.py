@@ -32,12 +32,17 @@ class _NullTimer:
 
 
 class Method:
-    """Base class. Subclasses set `updates`, implement `models`, `optimizers`, `start_iteration`, `loss`."""
+    """Base class. Subclasses set `updates`, implement `models`, `optimizers`, `start_iteration`, `loss`,
+    `sample_grid` and `export`; a method with state of its own (a target index, a router) also
+    implements `state_dict`/`load_state_dict`, and one that acts between iterations `end_iteration`."""
 
     updates: list[Update] = []
     ema_models: tuple[str, ...] = ()   # models whose weight EMA the trainer may keep (and exports)
     exported_models: tuple[str, ...] = ()  # models export() reads (default: all); gathered under FSDP
     needs_data: bool = True
+    # Parameter-name prefixes, per model, that a new stage may add (missing from an earlier run's
+    # checkpoint given to --init_from_checkpoint), e.g. DMD2's GAN head on the critic.
+    new_in_stage: dict[str, tuple[str, ...]] = {}
 
     def __init__(self):
         self.timer = _NullTimer()
@@ -51,9 +56,8 @@ class Method:
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         raise NotImplementedError
 
-    def attach(self, prepared: dict[str, nn.Module], unwrap, sharded: bool = False) -> None:
-        """The trainer hands back the prepared (possibly DDP-wrapped or FSDP-sharded) models; `sharded`
-        tells a method whose direct calls into submodules must change under FSDP."""
+    def attach(self, prepared: dict[str, nn.Module], unwrap) -> None:
+        """The trainer hands back the prepared (possibly DDP-wrapped or FSDP-sharded) models, by name."""
         self.prepared = prepared
         self.unwrap = unwrap
 
@@ -67,6 +71,17 @@ class Method:
 
     def loss(self, name: str, state: Any) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
+
+    def end_iteration(self, info: StepInfo) -> None:
+        """After every iteration's updates, on every rank (e.g. DisBack moves to its next target here)."""
+
+    # -- the method's own state (checkpointed by the trainer) ------------------------------------
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} has no state of its own, but the checkpoint holds {sorted(state)}.")
 
     # -- outputs -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -10,7 +10,7 @@ import torch
 
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
-from ..losses import denoising_loss
+from ..losses import DenoisingLoss
 from ..sampling import ddim_sample
 from .base import Method, Update
 
@@ -35,6 +35,7 @@ class DiffusionTraining(Method):
         self.config = config
         self.sample_shape = sample_shape
         self.num_classes = num_classes
+        self.objective = DenoisingLoss()
 
     def models(self):
         return {"model": self.denoiser}
@@ -52,12 +53,8 @@ class DiffusionTraining(Method):
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_dropout
             labels = torch.where(drop, torch.full_like(cond.class_labels, self.config.null_class), cond.class_labels)
             cond = Cond(class_labels=labels, image=cond.image)
-        sched = self.denoiser.schedule
-        t = torch.randint(0, sched.num_timesteps, (x0.shape[0],), device=x0.device)
-        eps = torch.randn_like(x0)
-        x_t = sched.add_noise(x0, eps, t)
-        target, weight = self.denoiser.denoising_target(x0, eps, t)
-        loss = denoising_loss(self.prepared["model"](x_t, t, cond, native=True), target, weight)
+        model = self.prepared["model"]
+        loss = self.objective(self.denoiser, x0, cond, call=lambda x_t, t, c: model(x_t, t, c, native=True)).mean()
         return loss, {"loss": loss.detach()}
 
     @torch.no_grad()

@@ -14,11 +14,12 @@ from typing import Callable
 import torch
 
 from ..critic import Critic
+from ..discriminator import DMD2Head
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..errors import UserError
 from ..generator import OneStepGenerator
-from ..losses import denoising_loss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
+from ..losses import DenoisingLoss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
 from .base import Method, Update
 
 CondSampler = Callable[[int, torch.device], Cond | None]
@@ -47,13 +48,16 @@ class DMD2Config:
 class DMD2(Method):
     ema_models = ("generator",)
     exported_models = ("generator",)
+    new_in_stage = {"critic": ("head.",)}  # SD1.5 stage 2 adds the GAN head to stage 1's critic
 
     def __init__(self, teacher: Denoiser, config: DMD2Config, sample_shape: tuple[int, ...],
                  cond_sampler: CondSampler | None = None, uncond: Callable[[Cond], Cond] | None = None,
                  export_info: dict | None = None, student_init: Denoiser | None = None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, real_score: Denoiser | None = None):
         """`student_init` (default: the teacher) is the network G and F start from; the toy recipe
-        uses an analytic teacher for the real score and a fitted teacher-net to initialise them."""
+        uses an analytic teacher for the real score and a fitted teacher-net to initialise them.
+        `real_score` (default: the teacher) is what the generator is matched to; DisBack replaces it
+        along its degradation path, through this argument or the `real_score` attribute."""
         super().__init__()
         if config.ttur_ratio < 1:
             raise UserError("The TTUR ratio must be at least 1.")
@@ -72,12 +76,16 @@ class DMD2(Method):
         self.decode = decode  # latent teachers: latents -> images in [-1, 1] for sample grids
         self.needs_data = config.gan
         self.updates = [Update("generator", "generator", every=config.ttur_ratio), Update("critic", "critic", every=1)]
+        self.critic_objective = DenoisingLoss()  # spec 4.2: the teacher's own objective over the full t range
 
         # G and F start as exact copies of the teacher (spec 2); the head is new.
         init = student_init if student_init is not None else teacher
         self.generator = OneStepGenerator(self._trainable_copy(init), config.conditioning_timesteps)
-        self.critic = Critic(self._trainable_copy(init), feature_module=config.feature_module, with_head=config.gan,
-                             sample_shape=self.sample_shape, example_cond=self.cond_sampler(1, torch.device("cpu")))
+        self.critic = Critic(self._trainable_copy(init), feature_module=config.feature_module)
+        example_cond = self.cond_sampler(1, torch.device("cpu"))
+        if config.gan:  # spec 4.3: D = head(bottleneck of F), trained with F
+            self.critic.head = DMD2Head(self.critic.feature_shape(self.sample_shape, example_cond))
+        self.real_score: Denoiser = self.teacher if real_score is None else real_score.eval().requires_grad_(False)
 
     @staticmethod
     def _trainable_copy(teacher: Denoiser) -> Denoiser:
@@ -98,11 +106,8 @@ class DMD2(Method):
 
     def to(self, device):
         self.teacher.to(device)
+        self.real_score.to(device)
         return self
-
-    def attach(self, prepared, unwrap, sharded=False):
-        super().attach(prepared, unwrap, sharded)
-        self.critic.early_exit = not sharded
 
     # -- one iteration -------------------------------------------------------------------------
     def start_iteration(self, batch: Batch | None, info):
@@ -121,9 +126,7 @@ class DMD2(Method):
         return {"x": x, "cond": cond, "real": batch}
 
     def _noised(self, x: torch.Tensor, t_low: int, t_high: int):
-        t = torch.randint(t_low, t_high + 1, (x.shape[0],), device=x.device)
-        eps = torch.randn_like(x)
-        return self.teacher.schedule.add_noise(x, eps, t), t, eps
+        return self.teacher.schedule.sample_noised(x, t_low, t_high)
 
     def loss(self, name, s):
         return self._generator_loss(s) if name == "generator" else self._critic_loss(s)
@@ -136,7 +139,7 @@ class DMD2(Method):
             x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
             with self.timer.phase("teacher"):
                 uncond = self.uncond(cond) if c.guidance_scale > 1 else None
-                x0_real = self.teacher.guided(x_t, t, cond, uncond, c.guidance_scale)
+                x0_real = self.real_score.guided(x_t, t, cond, uncond, c.guidance_scale)
             if c.fake_score == "none":
                 x0_fake = x.detach()
             else:
@@ -165,11 +168,11 @@ class DMD2(Method):
         critic = self.prepared["critic"]
         T = self.teacher.schedule.num_timesteps
         # Spec 4.2: t over the full range, fresh noise, no CFG.
-        x_t, t, eps = self._noised(x, 0, T - 1)
-        target, weight = self.unwrap(critic).denoiser.denoising_target(x, eps, t)
+        noised = self.critic_objective.noise(self.unwrap(critic).denoiser, x, cond)
+        x_t, t = noised.x_t, noised.t
         if not c.gan:
             raw, _ = critic(x_t, t, cond)
-            loss = denoising_loss(raw, target, weight)
+            loss = self.critic_objective.error(raw, noised).mean()
             return loss, {"loss_fake": loss.detach()}
         # Spec 4.3 with real and fake batched through F in one pass. The fake half is the denoising
         # input itself: it is already noised at its own t ~ U{0..T-1} with fresh noise, exactly the
@@ -178,7 +181,7 @@ class DMD2(Method):
         x_r, t_r, _ = self._noised(real.images, 0, T - 1)
         raw, logits = critic(torch.cat([x_t, x_r]), torch.cat([t, t_r]), _cat(cond, real.cond), with_logits=True)
         B = x.shape[0]
-        loss_fake = denoising_loss(raw[:B], target, weight)
+        loss_fake = self.critic_objective.error(raw[:B], noised).mean()
         loss_d = gan_discriminator_loss(logits_real=logits[B:], logits_fake=logits[:B])
         loss = loss_fake + c.gan_discriminator_weight * loss_d
         return loss, {"loss_fake": loss_fake.detach(), "loss_d": loss_d.detach(),

@@ -1,0 +1,96 @@
+"""Checkpoint folders of a run: listing them, writing one safely, and starting a new stage from one.
+
+accelerate names a checkpoint's weight files model.safetensors, model_1.safetensors, ... in the order
+the models were prepared; the trainer writes `models.json` beside them with the method's name for each
+file, so a later stage finds its models by name whatever order it prepares them in.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from .errors import UserError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+MODEL_NAMES_FILE = "models.json"
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """Finished checkpoints, oldest first (temporary '.tmp' folders are ignored)."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
+
+
+def weight_file(index: int) -> str:
+    return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, model_names: list[str], limit: int | None) -> str:
+    """Write to checkpoint-<step>.tmp and rename, so an interrupted save never replaces a good one. Collective."""
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
+    tmp = final + ".tmp"
+    main = accelerator.is_main_process
+    if main and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if main:
+        with open(os.path.join(tmp, MODEL_NAMES_FILE), "w") as f:
+            json.dump({weight_file(i): name for i, name in enumerate(model_names)}, f, indent=2)
+        # Move any previous copy aside before the rename, so a good checkpoint exists at every moment.
+        old = final + ".old"
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        if limit:
+            for stale in list_checkpoints(output_dir)[:-limit]:
+                shutil.rmtree(stale)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tuple[str, ...]] | None = None) -> None:
+    """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
+    step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. Models are matched
+    by name through the checkpoint's models.json (by position in checkpoints without one). Parameters whose
+    names start with a prefix in `may_be_new[model]` may be missing (new in this stage). A wrapper's key
+    prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped."""
+    from safetensors.torch import load_file
+    if not os.path.isdir(checkpoint):
+        raise UserError(f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run.")
+    names_path = os.path.join(checkpoint, MODEL_NAMES_FILE)
+    if os.path.isfile(names_path):
+        with open(names_path) as f:
+            file_of = {name: file for file, name in json.load(f).items()}
+    else:
+        file_of = {name: weight_file(i) for i, name in enumerate(models)}
+    may_be_new = may_be_new or {}
+    for name, model in models.items():
+        if name not in file_of:
+            raise UserError(f"{checkpoint} holds no {name} (it holds {', '.join(sorted(file_of))}); it is from another method.")
+        path = os.path.join(checkpoint, file_of[name])
+        if not os.path.isfile(path):
+            raise UserError(f"{checkpoint} has no {file_of[name]} (the {name}); only single-process and DDP "
+                            f"checkpoints can start a new stage (FSDP ones are stored in another format).")
+        state = {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError:  # a shape mismatch
+            missing, unexpected = ["(tensor shapes differ)"], []
+        missing = [k for k in missing if not k.startswith(may_be_new.get(name, ()))]
+        if missing or unexpected:
+            raise UserError(f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
+                            f"it holds another architecture or LoRA setting.")
+
+
+def _strip_wrapper_prefix(key: str) -> str:
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
