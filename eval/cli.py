@@ -11,6 +11,7 @@ runs from, e.g. ./fid.json) and prints its absolute path; --plot files go where 
 With several processes (seeds do not depend on the process count):
     accelerate launch --num_processes 2 -m onestep.eval.cli fid ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,9 @@ from .record import CommandLine
 def _source_args(p, images_help="an image folder to evaluate as it is"):
     src = p.add_argument_group("what is evaluated (one of)")
     src.add_argument("--pipeline", help="a pipeline folder DiffusionPipeline.from_pretrained loads (ours included)")
-    src.add_argument("--teacher", help="a teacher folder or 'digits', sampled with DDIM (trailing spacing) for --steps")
+    src.add_argument(
+        "--teacher", help="a teacher folder or 'digits', sampled with DDIM (trailing spacing) for --steps"
+    )
     src.add_argument("--images", help=images_help)
     g = p.add_argument_group("sampling")
     g.add_argument("--steps", type=positive_int, default=None, help="num_inference_steps (teacher: DDIM steps)")
@@ -36,8 +39,12 @@ def _source_args(p, images_help="an image folder to evaluate as it is"):
     g.add_argument("--num-samples", type=positive_int, default=None)
     g.add_argument("--batch-size", type=positive_int, default=64)
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--class-sampling", choices=("uniform", "random"), default="uniform",
-                   help="class-conditional pipelines: uniform = label i mod C (equal counts), random = i.i.d.")
+    g.add_argument(
+        "--class-sampling",
+        choices=("uniform", "random"),
+        default="uniform",
+        help="class-conditional pipelines: uniform = label i mod C (equal counts), random = i.i.d.",
+    )
     g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     g.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
     g.add_argument("--trust-remote-code", action="store_true", help="allow a pipeline folder's own code to run")
@@ -45,15 +52,27 @@ def _source_args(p, images_help="an image folder to evaluate as it is"):
 
 def _feature_args(p):
     g = p.add_argument_group("features")
-    g.add_argument("--features", choices=FEATURES, default="inception",
-                   help="inception (clean-fid), clip (open_clip image embeddings) or digits (the shipped digits classifier)")
+    g.add_argument(
+        "--features",
+        choices=FEATURES,
+        default="inception",
+        help="inception (clean-fid), clip (open_clip image embeddings) or digits (the shipped digits classifier)",
+    )
     g.add_argument("--mode", choices=FID_MODES, default="clean", help="clean-fid resize/weights mode (Inception)")
-    g.add_argument("--inception-weights", default=None, help="a local copy of clean-fid's Inception weights (checked by SHA-256, then cached)")
+    g.add_argument(
+        "--inception-weights",
+        default=None,
+        help="a local copy of clean-fid's Inception weights (checked by SHA-256, then cached)",
+    )
     g.add_argument("--clip-model", default="ViT-B-32")
     g.add_argument("--clip-pretrained", default="openai")
-    g.add_argument("--crop-size", type=non_negative_int, default=0,
-                   help="centre-crop every image (generated and reference) to a square and LANCZOS-resize it to this size "
-                        "before the features (DMD2's COCO protocol: 256); 0 = off")
+    g.add_argument(
+        "--crop-size",
+        type=non_negative_int,
+        default=0,
+        help="centre-crop every image (generated and reference) to a square and LANCZOS-resize it to this size "
+        "before the features (DMD2's COCO protocol: 256); 0 = off",
+    )
 
 
 def _ref_args(p):
@@ -65,19 +84,26 @@ def _ref_args(p):
 
 
 def _output_arg(p, default: str) -> None:
-    p.add_argument("--output", default=default,
-                   help=f"the JSON record's path (default: {default} in the folder you run the command from; "
-                        f"a file already there is replaced)")
+    p.add_argument(
+        "--output",
+        default=default,
+        help=f"the JSON record's path (default: {default} in the folder you run the command from; "
+        f"a file already there is replaced)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onestep-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="onestep-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     for name, what in (("fid", "Frechet Inception (or other feature) distance"), ("kid", "kernel Inception distance")):
         s = sub.add_parser(name, help=what)
         _source_args(s)
-        s.add_argument("--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl); N images cycle over it")
+        s.add_argument(
+            "--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl); N images cycle over it"
+        )
         s.add_argument("--stats", help="evaluate a statistics .npz saved earlier (--save-stats) instead of sampling")
         _feature_args(s)
         _ref_args(s)
@@ -97,13 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("clip", help="CLIP score of a text-to-image pipeline (or captioned images)")
     _source_args(s, "an image folder paired with --prompts in sorted order, or with its metadata.jsonl")
-    s.add_argument("--prompts", help="prompt file: .txt (one per line) or .jsonl (text/caption/prompt); with --images, "
-                                      "line i pairs with the i-th image in sorted file-name order (10.png sorts before 2.png)")
+    s.add_argument(
+        "--prompts",
+        help="prompt file: .txt (one per line) or .jsonl (text/caption/prompt); with --images, "
+        "line i pairs with the i-th image in sorted file-name order (10.png sorts before 2.png)",
+    )
     s.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name or a JSON model config file")
-    s.add_argument("--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag, a local checkpoint file, or none (random)")
+    s.add_argument(
+        "--pretrained", default=DEFAULT_PRETRAINED, help="open_clip tag, a local checkpoint file, or none (random)"
+    )
     s.add_argument("--prefix", default=DEFAULT_PREFIX, help="prepended to every caption")
-    s.add_argument("--scale", choices=SCALES, default="raw", help="raw cosine (DMD2) or 100 * max(cos, 0) (torchmetrics)")
-    s.add_argument("--crop-size", type=non_negative_int, default=256, help="centre-crop + LANCZOS resize before CLIP's preprocess; 0 = off")
+    s.add_argument(
+        "--scale", choices=SCALES, default="raw", help="raw cosine (DMD2) or 100 * max(cos, 0) (torchmetrics)"
+    )
+    s.add_argument(
+        "--crop-size",
+        type=non_negative_int,
+        default=256,
+        help="centre-crop + LANCZOS resize before CLIP's preprocess; 0 = off",
+    )
     _output_arg(s, "clip.json")
 
     s = sub.add_parser("sr", help="PSNR / SSIM (RGB and Y) [and LPIPS] of super-resolution outputs")
@@ -113,7 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", help="low-resolution inputs for --pipeline (paired by file name)")
     s.add_argument("--steps", type=positive_int, default=None)
     s.add_argument("--num-samples", type=positive_int, default=None)
-    s.add_argument("--crop-border", type=int, default=0, help="pixels cut from each border before measuring (SR papers: the scale)")
+    s.add_argument(
+        "--crop-border",
+        type=int,
+        default=0,
+        help="pixels cut from each border before measuring (SR papers: the scale)",
+    )
     s.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
@@ -125,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=positive_int, default=None, help="student steps (default: all trained steps)")
     s.add_argument("--teacher", help="teacher folder or 'digits' (DDIM, trailing spacing)")
     s.add_argument("--teacher-steps", type=positive_int, nargs="+", default=[50])
-    s.add_argument("--guidance-scale", type=float, default=None, help="teacher guidance (2 network passes per step when != 1)")
+    s.add_argument(
+        "--guidance-scale", type=float, default=None, help="teacher guidance (2 network passes per step when != 1)"
+    )
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--repeats", type=positive_int, default=5)
     s.add_argument("--warmup", type=int, default=1)
@@ -147,55 +192,118 @@ def _check_sources(args, parser) -> None:
 
 # --- from the parsed command line to the library's typed options (nothing below this file sees `args`) ---
 
+
 def _source(args) -> SourceOptions:
-    return SourceOptions(pipeline=args.pipeline, teacher=args.teacher, images=args.images,
-                         stats=getattr(args, "stats", None), prompts=args.prompts)
+    return SourceOptions(
+        pipeline=args.pipeline,
+        teacher=args.teacher,
+        images=args.images,
+        stats=getattr(args, "stats", None),
+        prompts=args.prompts,
+    )
 
 
 def _sampling(args) -> SamplingOptions:
-    return SamplingOptions(steps=args.steps, guidance_scale=args.guidance_scale, num_samples=args.num_samples,
-                           batch_size=args.batch_size, seed=args.seed, class_sampling=args.class_sampling, device=args.device,
-                           dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    return SamplingOptions(
+        steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        num_samples=args.num_samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        class_sampling=args.class_sampling,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+    )
 
 
 def _features(args) -> FeatureOptions:
-    return FeatureOptions(features=args.features, mode=args.mode, inception_weights=args.inception_weights,
-                          clip_model=args.clip_model, clip_pretrained=args.clip_pretrained, crop_size=args.crop_size)
+    return FeatureOptions(
+        features=args.features,
+        mode=args.mode,
+        inception_weights=args.inception_weights,
+        clip_model=args.clip_model,
+        clip_pretrained=args.clip_pretrained,
+        crop_size=args.crop_size,
+    )
 
 
 def _distance(args, command_line: CommandLine) -> dict:
     from . import commands
+
     reference = ReferenceOptions(ref=args.ref, ref_name=args.ref_name, ref_split=args.ref_split, ref_res=args.ref_res)
     kid = {"kid_subsets": args.kid_subsets, "kid_subset_size": args.kid_subset_size} if args.command == "kid" else {}
-    return commands.distance(args.command, _source(args), _sampling(args), _features(args), reference, args.output,
-                             save_stats=args.save_stats, plot=args.plot, command_line=command_line, **kid)
+    return commands.distance(
+        args.command,
+        _source(args),
+        _sampling(args),
+        _features(args),
+        reference,
+        args.output,
+        save_stats=args.save_stats,
+        plot=args.plot,
+        command_line=command_line,
+        **kid,
+    )
 
 
 def _stats(args, command_line: CommandLine) -> dict:
     from . import commands
-    return commands.make_stats(_source(args), _sampling(args), _features(args), args.output, cleanfid_name=args.cleanfid_name)
+
+    return commands.make_stats(
+        _source(args), _sampling(args), _features(args), args.output, cleanfid_name=args.cleanfid_name
+    )
 
 
 def _clip(args, command_line: CommandLine) -> dict:
     from . import commands
-    clip = ClipOptions(model=args.model, pretrained=args.pretrained, prefix=args.prefix, scale=args.scale, crop_size=args.crop_size)
+
+    clip = ClipOptions(
+        model=args.model, pretrained=args.pretrained, prefix=args.prefix, scale=args.scale, crop_size=args.crop_size
+    )
     return commands.clip_score(_source(args), _sampling(args), clip, args.output, command_line=command_line)
 
 
 def _sr(args, command_line: CommandLine) -> dict:
     from . import commands
-    return commands.super_resolution(args.hr, args.output, sr=args.sr, pipeline=args.pipeline, lr=args.lr, steps=args.steps,
-                                     num_samples=args.num_samples, crop_border=args.crop_border, lpips=args.lpips,
-                                     seed=args.seed, device=args.device, trust_remote_code=args.trust_remote_code,
-                                     command_line=command_line)
+
+    return commands.super_resolution(
+        args.hr,
+        args.output,
+        sr=args.sr,
+        pipeline=args.pipeline,
+        lr=args.lr,
+        steps=args.steps,
+        num_samples=args.num_samples,
+        crop_border=args.crop_border,
+        lpips=args.lpips,
+        seed=args.seed,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        command_line=command_line,
+    )
 
 
 def _bench(args, command_line: CommandLine) -> dict:
     from . import commands
-    return commands.bench(args.pipeline, args.output, steps=args.steps, teacher=args.teacher, teacher_steps=args.teacher_steps,
-                          guidance_scale=args.guidance_scale, batch_size=args.batch_size, repeats=args.repeats,
-                          warmup=args.warmup, seed=args.seed, device=args.device, trust_remote_code=args.trust_remote_code,
-                          run=args.run, plot=args.plot, command_line=command_line)
+
+    return commands.bench(
+        args.pipeline,
+        args.output,
+        steps=args.steps,
+        teacher=args.teacher,
+        teacher_steps=args.teacher_steps,
+        guidance_scale=args.guidance_scale,
+        batch_size=args.batch_size,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        seed=args.seed,
+        device=args.device,
+        trust_remote_code=args.trust_remote_code,
+        run=args.run,
+        plot=args.plot,
+        command_line=command_line,
+    )
 
 
 def main(argv=None):
@@ -207,7 +315,9 @@ def main(argv=None):
         args.crop_size = None
     # Recorded in every JSON: the command line as typed (shell-quoted) and the values it was parsed to.
     command_line = CommandLine(argv=list(sys.argv[1:] if argv is None else argv), arguments=dict(vars(args)))
-    run = {"fid": _distance, "kid": _distance, "stats": _stats, "clip": _clip, "sr": _sr, "bench": _bench}[args.command]
+    run = {"fid": _distance, "kid": _distance, "stats": _stats, "clip": _clip, "sr": _sr, "bench": _bench}[
+        args.command
+    ]
     return run(args, command_line)
 
 

@@ -4,6 +4,7 @@ DMD2 reports the raw cosine between the image and text embeddings of open_clip V
 (laion2b_s12b_b42k), captions prefixed with "A photo depicts ", images centre-cropped and LANCZOS-
 resized to 256 first (~0.3 scale). torchmetrics reports 100 * max(cosine, 0) instead (~30 scale).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,7 +13,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from onestep.errors import UserError
 
@@ -36,7 +36,11 @@ class OpenClip:
 
     @property
     def embed_dim(self) -> int:
-        return int(self.model.text_projection.shape[-1]) if hasattr(self.model, "text_projection") else int(self.model.visual.output_dim)
+        return (
+            int(self.model.text_projection.shape[-1])
+            if hasattr(self.model, "text_projection")
+            else int(self.model.visual.output_dim)
+        )
 
     @torch.no_grad()
     def encode_images(self, images: np.ndarray, crop_size: int | None = None, normalize: bool = True) -> torch.Tensor:
@@ -63,6 +67,7 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
     """`model`: an open_clip name or a JSON model config file; `pretrained`: a tag, a local checkpoint
     file, or "none" (random weights: only for tests, the score then means nothing)."""
     import open_clip
+
     name = model
     if model.endswith(".json"):
         if not os.path.isfile(model):
@@ -78,15 +83,19 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
         reason = f"{err.__class__.__name__}: {str(err).splitlines()[0][:160]}" if str(err) else err.__class__.__name__
         if tag is None:
             raise UserError(f"Cannot build the open_clip model {name} ({reason}).") from None
-        raise UserError(f"Cannot load open_clip weights {tag!r} for {name} ({reason}); they download on first use, "
-                        f"or pass --pretrained with a local checkpoint file.") from None
+        raise UserError(
+            f"Cannot load open_clip weights {tag!r} for {name} ({reason}); they download on first use, "
+            f"or pass --pretrained with a local checkpoint file."
+        ) from None
     net.eval().requires_grad_(False)
-    return OpenClip(net, preprocess, open_clip.get_tokenizer(name), name, tag or "none (random init)",
-                    _state_sha256(net), device)
+    return OpenClip(
+        net, preprocess, open_clip.get_tokenizer(name), name, tag or "none (random init)", _state_sha256(net), device
+    )
 
 
-def clip_scores(clip: OpenClip, images: np.ndarray, captions: list[str], prefix: str = DEFAULT_PREFIX,
-                crop_size: int | None = 256) -> np.ndarray:
+def clip_scores(
+    clip: OpenClip, images: np.ndarray, captions: list[str], prefix: str = DEFAULT_PREFIX, crop_size: int | None = 256
+) -> np.ndarray:
     """Raw cosine per (image, caption) pair."""
     if len(images) != len(captions):
         raise UserError(f"{len(images)} images but {len(captions)} captions; they must pair one to one.")

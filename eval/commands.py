@@ -1,5 +1,6 @@
 """The work behind each `onestep-eval` subcommand, as library functions with typed options (options.py);
 cli.py parses the command line and calls them."""
+
 from __future__ import annotations
 
 import os
@@ -11,21 +12,30 @@ import numpy as np
 import torch
 
 from onestep.errors import UserError
-
 from onestep.utils import file_sha256
 
 from . import metrics
 from .features import DigitsFeatures, build_features
 from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
 from .record import CommandLine, new_record, write_record
-from .sources import (PipelineSampler, SamplePlan, TeacherSampler, check_same_size, digits_reference_images,
-                      list_images, read_image, read_images, run_sharded)
+from .sources import (
+    PipelineSampler,
+    SamplePlan,
+    TeacherSampler,
+    check_same_size,
+    digits_reference_images,
+    list_images,
+    read_image,
+    read_images,
+    run_sharded,
+)
 
 
 def _state():
     """accelerate's process state when launched with several processes, else None (plain single process)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
+
         # PartialState, unlike Accelerator, ignores ACCELERATE_USE_CPU: say it, or a gloo run degrades to 2 copies.
         cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
         return PartialState(cpu=cpu)
@@ -47,28 +57,49 @@ def _is_main(state) -> bool:
 def _sampler(source: SourceOptions, sampling: SamplingOptions, device):
     if source.pipeline:
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[sampling.dtype]
-        return PipelineSampler(source.pipeline, device, sampling.steps, sampling.guidance_scale, dtype, sampling.trust_remote_code)
+        return PipelineSampler(
+            source.pipeline, device, sampling.steps, sampling.guidance_scale, dtype, sampling.trust_remote_code
+        )
     if source.teacher:
         if not sampling.steps:
             raise UserError("--teacher needs --steps (the number of DDIM steps).")
-        return TeacherSampler(source.teacher, sampling.steps, device,
-                              sampling.guidance_scale if sampling.guidance_scale is not None else 1.0)
+        return TeacherSampler(
+            source.teacher,
+            sampling.steps,
+            device,
+            sampling.guidance_scale if sampling.guidance_scale is not None else 1.0,
+        )
     return None
 
 
-def generated_features(source: SourceOptions, sampling: SamplingOptions, extractor, state, device,
-                       crop_size: int | None = None, prompts: list[str] | None = None) -> tuple[metrics.FeatureStats, dict]:
+def generated_features(
+    source: SourceOptions,
+    sampling: SamplingOptions,
+    extractor,
+    state,
+    device,
+    crop_size: int | None = None,
+    prompts: list[str] | None = None,
+) -> tuple[metrics.FeatureStats, dict]:
     """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file);
     crop_size: centre-crop the images of a folder as they are read (None or 0: off)."""
     if source.stats:
         stats = metrics.FeatureStats.load(source.stats)
         _check_same_features(stats, extractor, source.stats)
-        return stats, {"kind": "statistics file", "path": os.path.abspath(source.stats), "sha256": file_sha256(source.stats), **stats.meta}
+        return stats, {
+            "kind": "statistics file",
+            "path": os.path.abspath(source.stats),
+            "sha256": file_sha256(source.stats),
+            **stats.meta,
+        }
     sampler = _sampler(source, sampling, device)
     if prompts is None and source.prompts:
         from onestep.data import read_prompts
+
         if sampler is None:
-            raise UserError("--prompts applies to generated images (--pipeline); an image folder is evaluated as it is.")
+            raise UserError(
+                "--prompts applies to generated images (--pipeline); an image folder is evaluated as it is."
+            )
         prompts = read_prompts(source.prompts)
     num_samples, seed = sampling.num_samples, sampling.seed
     if prompts is not None and num_samples:
@@ -78,15 +109,23 @@ def generated_features(source: SourceOptions, sampling: SamplingOptions, extract
         files = list_images(source.images)
         if num_samples:
             if num_samples > len(files):
-                raise UserError(f"--num-samples {num_samples} is more than the {len(files)} images in {source.images}.")
-            files = files[: num_samples]
+                raise UserError(
+                    f"--num-samples {num_samples} is more than the {len(files)} images in {source.images}."
+                )
+            files = files[:num_samples]
         crop = crop_size or 0
         if not crop:  # with a crop, mixed sizes are fine: every image is cropped before stacking
             check_same_size(files)
         plan = SamplePlan(len(files), sampling.batch_size)
-        described = {"kind": "image folder", "path": os.path.abspath(source.images), "num_images": len(files), "sha256": files_sha256(files)}
+        described = {
+            "kind": "image folder",
+            "path": os.path.abspath(source.images),
+            "num_images": len(files),
+            "sha256": files_sha256(files),
+        }
+
         def work(b):
-            images = read_images(files[b.start:b.stop], crop)
+            images = read_images(files[b.start : b.stop], crop)
             return extractor(images), None, images if b.start == 0 else None
     else:
         if not num_samples:
@@ -96,12 +135,17 @@ def generated_features(source: SourceOptions, sampling: SamplingOptions, extract
         labels = plan.labels()
         described = sampler.describe()
         if prompts is not None:
-            described["prompts_file"] = {"path": os.path.abspath(source.prompts), "sha256": file_sha256(source.prompts)}
+            described["prompts_file"] = {
+                "path": os.path.abspath(source.prompts),
+                "sha256": file_sha256(source.prompts),
+            }
+
         def work(b):
-            lab = labels[b.start:b.stop] if labels is not None else None
-            images = sampler(b, seed, lab, prompts[b.start:b.stop] if prompts is not None else None)
+            lab = labels[b.start : b.stop] if labels is not None else None
+            images = sampler(b, seed, lab, prompts[b.start : b.stop] if prompts is not None else None)
             preds = extractor.classify(images) if (classify and lab is not None) else None
             return extractor(images), preds, images if b.start == 0 else None
+
     parts = run_sharded(plan.batches(), work, state)
     feats = np.concatenate([p[0] for p in parts])
     meta = {"source": described, "sampling": plan.describe(), "features": extractor.describe()}
@@ -116,13 +160,16 @@ def generated_features(source: SourceOptions, sampling: SamplingOptions, extract
 def _check_same_features(stats: metrics.FeatureStats, extractor, path: str) -> None:
     made_with, mine = stats.meta.get("features", {}), extractor.describe()
     if made_with and any(made_with.get(k) != mine[k] for k in ("name", "weights_sha256", "resize")):
-        raise UserError(f"{path} was made with other features ({made_with.get('name')}, weights {str(made_with.get('weights_sha256'))[:12]}) "
-                        f"than this run ({mine['name']}, weights {str(mine['weights_sha256'])[:12]}); remake it or pass the matching --features.")
+        raise UserError(
+            f"{path} was made with other features ({made_with.get('name')}, weights {str(made_with.get('weights_sha256'))[:12]}) "
+            f"than this run ({mine['name']}, weights {str(mine['weights_sha256'])[:12]}); remake it or pass the matching --features."
+        )
 
 
 def files_sha256(files: list[str]) -> str:
     """One hash over a list of image files (names and each file's SHA-256), so a folder reference is pinned."""
     import hashlib
+
     h = hashlib.sha256()
     for path in files:
         h.update(os.path.basename(path).encode())
@@ -130,8 +177,16 @@ def files_sha256(files: list[str]) -> str:
     return h.hexdigest()
 
 
-def reference_features(reference: ReferenceOptions, extractor, state=None, *, batch_size: int = 64, mode: str = "clean",
-                       crop_size: int | None = None, kid: bool = False) -> tuple[metrics.FeatureStats, dict]:
+def reference_features(
+    reference: ReferenceOptions,
+    extractor,
+    state=None,
+    *,
+    batch_size: int = 64,
+    mode: str = "clean",
+    crop_size: int | None = None,
+    kid: bool = False,
+) -> tuple[metrics.FeatureStats, dict]:
     """Features of the reference. mode: clean-fid's mode of named statistics; crop_size: centre-crop the
     images of a reference folder as they are read (None or 0: off); kid: also fetch the features of
     clean-fid's named statistics (KID needs them)."""
@@ -140,58 +195,99 @@ def reference_features(reference: ReferenceOptions, extractor, state=None, *, ba
         if res is None and split != "custom":
             raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
         if not extractor.name.startswith("inception"):
-            raise UserError("clean-fid's named statistics are Inception statistics; use --features inception with --ref-name.")
+            raise UserError(
+                "clean-fid's named statistics are Inception statistics; use --features inception with --ref-name."
+            )
         from cleanfid.features import get_reference_statistics
+
         try:
             mu, sigma = get_reference_statistics(name, res, mode=mode, split=split)
             feats = None
             if kid:
                 feats = get_reference_statistics(name, res, mode=mode, split=split, metric="KID")
         except Exception as err:  # clean-fid raises URLError/HTTPError/FileNotFoundError
-            raise UserError(f"Cannot get clean-fid's statistics {name}/{split}/{res} ({err.__class__.__name__}); "
-                            f"they are downloaded on first use, or pass --ref with a statistics file or image folder.") from None
+            raise UserError(
+                f"Cannot get clean-fid's statistics {name}/{split}/{res} ({err.__class__.__name__}); "
+                f"they are downloaded on first use, or pass --ref with a statistics file or image folder."
+            ) from None
         stats = metrics.FeatureStats(mu, sigma, feats, {})
         return stats, {"kind": "clean-fid statistics", "name": name, "split": split, "res": res, "mode": mode}
     ref = reference.ref
     if ref is None:
-        raise UserError("Give a reference: --ref (image folder, statistics .npz, or 'digits') or --ref-name (clean-fid statistics).")
+        raise UserError(
+            "Give a reference: --ref (image folder, statistics .npz, or 'digits') or --ref-name (clean-fid statistics)."
+        )
     if ref == "digits":
         images, _ = digits_reference_images()
         stats = metrics.FeatureStats.from_features(extractor(images))
         import hashlib
-        return stats, {"kind": "bundled dataset", "name": "scikit-learn digits, all 1,797 images at 16x16", "num_images": len(images),
-                       "sha256": hashlib.sha256(images.tobytes()).hexdigest()}
+
+        return stats, {
+            "kind": "bundled dataset",
+            "name": "scikit-learn digits, all 1,797 images at 16x16",
+            "num_images": len(images),
+            "sha256": hashlib.sha256(images.tobytes()).hexdigest(),
+        }
     if os.path.isfile(ref):
         stats = metrics.FeatureStats.load(ref)
         _check_same_features(stats, extractor, ref)
-        return stats, {"kind": "statistics file", "path": os.path.abspath(ref), "sha256": file_sha256(ref),
-                       "num_images": stats.meta.get("num_images")}
+        return stats, {
+            "kind": "statistics file",
+            "path": os.path.abspath(ref),
+            "sha256": file_sha256(ref),
+            "num_images": stats.meta.get("num_images"),
+        }
     files = list_images(ref)
     crop = crop_size or 0
     if not crop:
         check_same_size(files)
     plan = SamplePlan(len(files), batch_size)
-    feats = np.concatenate(run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start:b.stop], crop)), state))
-    return metrics.FeatureStats.from_features(feats), {"kind": "image folder", "path": os.path.abspath(ref), "num_images": len(files),
-                                                       "sha256": files_sha256(files)}
+    feats = np.concatenate(
+        run_sharded(plan.batches(), lambda b: extractor(read_images(files[b.start : b.stop], crop)), state)
+    )
+    return metrics.FeatureStats.from_features(feats), {
+        "kind": "image folder",
+        "path": os.path.abspath(ref),
+        "num_images": len(files),
+        "sha256": files_sha256(files),
+    }
 
 
 def _extractor(features: FeatureOptions, device):
-    return build_features(features.features, device, features.mode, features.inception_weights, features.clip_model,
-                          features.clip_pretrained, features.crop_size or 0)
+    return build_features(
+        features.features,
+        device,
+        features.mode,
+        features.inception_weights,
+        features.clip_model,
+        features.clip_pretrained,
+        features.crop_size or 0,
+    )
 
 
 def _save_grid(images: np.ndarray | None, path: str) -> None:
     if images is None:
         return
     from onestep.utils import save_image_grid
+
     x = torch.from_numpy(images[:64]).permute(0, 3, 1, 2).float() / 127.5 - 1
     save_image_grid(x, path, scale=max(1, 128 // images.shape[1]))
 
 
-def distance(metric: str, source: SourceOptions, sampling: SamplingOptions, features: FeatureOptions,
-             reference: ReferenceOptions, output: str, *, save_stats: str | None = None, plot: str | None = None,
-             kid_subsets: int = 100, kid_subset_size: int = 1000, command_line: CommandLine | None = None) -> dict:
+def distance(
+    metric: str,
+    source: SourceOptions,
+    sampling: SamplingOptions,
+    features: FeatureOptions,
+    reference: ReferenceOptions,
+    output: str,
+    *,
+    save_stats: str | None = None,
+    plot: str | None = None,
+    kid_subsets: int = 100,
+    kid_subset_size: int = 1000,
+    command_line: CommandLine | None = None,
+) -> dict:
     """fid and kid (metric): generated (or folder, or saved) features against a reference; the JSON record
     goes to output (command_line: recorded in it), and is returned. save_stats: also save the evaluated
     features as .npz; plot: a PNG grid of the first 64 evaluated images."""
@@ -203,18 +299,36 @@ def distance(metric: str, source: SourceOptions, sampling: SamplingOptions, feat
     device = _device(sampling.device, state)
     start = time.perf_counter()
     extractor = _extractor(features, device)
-    ref, ref_info = reference_features(reference, extractor, state, batch_size=sampling.batch_size, mode=features.mode,
-                                       crop_size=features.crop_size, kid=metric == "kid")
+    ref, ref_info = reference_features(
+        reference,
+        extractor,
+        state,
+        batch_size=sampling.batch_size,
+        mode=features.mode,
+        crop_size=features.crop_size,
+        kid=metric == "kid",
+    )
     gen, gen_info = generated_features(source, sampling, extractor, state, device, features.crop_size)
     record = new_record(metric, device, state.num_processes if state else 1, command_line)
     if metric == "fid":
         value = metrics.fid(gen, ref)
     else:
         value = metrics.kid(gen, ref, sampling.seed, kid_subsets, kid_subset_size)
-        record["kid_protocol"] = {"num_subsets": kid_subsets, "max_subset_size": kid_subset_size,
-                                  "subset_seed": sampling.seed, "kernel": "(x.y / d + 1)^3, unbiased MMD^2 (clean-fid kernel_distance)"}
-    record.update({metric: value, "generated": gen_info, "reference": ref_info, "features": extractor.describe(),
-                   "seconds": round(time.perf_counter() - start, 2)})
+        record["kid_protocol"] = {
+            "num_subsets": kid_subsets,
+            "max_subset_size": kid_subset_size,
+            "subset_seed": sampling.seed,
+            "kernel": "(x.y / d + 1)^3, unbiased MMD^2 (clean-fid kernel_distance)",
+        }
+    record.update(
+        {
+            metric: value,
+            "generated": gen_info,
+            "reference": ref_info,
+            "features": extractor.describe(),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     if "class_accuracy" in gen_info:
         record["class_accuracy"] = gen_info["class_accuracy"]
     if _is_main(state):
@@ -224,13 +338,21 @@ def distance(metric: str, source: SourceOptions, sampling: SamplingOptions, feat
             _save_grid(getattr(gen, "first_images", None), plot)
         write_record(output, record)
         extra = f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""
-        print(f"{metric.upper()} {value:.6g} ({gen.meta.get('num_images', '?')} vs {ref.meta.get('num_images', len(ref.feats) if ref.feats is not None else '?')} images, "
-              f"{extractor.name}{extra}) -> {output}")
+        print(
+            f"{metric.upper()} {value:.6g} ({gen.meta.get('num_images', '?')} vs {ref.meta.get('num_images', len(ref.feats) if ref.feats is not None else '?')} images, "
+            f"{extractor.name}{extra}) -> {output}"
+        )
     return record
 
 
-def make_stats(source: SourceOptions, sampling: SamplingOptions, features: FeatureOptions, output: str, *,
-               cleanfid_name: str | None = None) -> dict:
+def make_stats(
+    source: SourceOptions,
+    sampling: SamplingOptions,
+    features: FeatureOptions,
+    output: str,
+    *,
+    cleanfid_name: str | None = None,
+) -> dict:
     """Features of any source saved as .npz at output (source.images "digits": the bundled dataset), and,
     with cleanfid_name, as clean-fid custom statistics. Returns the statistics' meta."""
     state = _state()
@@ -238,14 +360,18 @@ def make_stats(source: SourceOptions, sampling: SamplingOptions, features: Featu
     extractor = _extractor(features, device)
     if source.images == "digits":
         images, _ = digits_reference_images()
-        stats = metrics.FeatureStats.from_features(extractor(images), {"source": {"kind": "bundled dataset", "name": "sklearn digits"},
-                                                                         "features": extractor.describe()})
+        stats = metrics.FeatureStats.from_features(
+            extractor(images),
+            {"source": {"kind": "bundled dataset", "name": "sklearn digits"}, "features": extractor.describe()},
+        )
     else:
         stats, _ = generated_features(source, sampling, extractor, state, device, features.crop_size)
     if not _is_main(state):
         return {}
     if cleanfid_name and not extractor.name.startswith("inception"):
-        raise UserError("clean-fid custom statistics are Inception statistics; use --features inception with --cleanfid-name.")
+        raise UserError(
+            "clean-fid custom statistics are Inception statistics; use --features inception with --cleanfid-name."
+        )
     stats.save(output)
     if cleanfid_name:
         _write_cleanfid_custom(stats, cleanfid_name, features.mode, extractor)
@@ -256,23 +382,34 @@ def make_stats(source: SourceOptions, sampling: SamplingOptions, features: Featu
 def _write_cleanfid_custom(stats, name: str, mode: str, extractor) -> None:
     """Where clean-fid's make_custom_stats puts them, so compute_fid(dataset_split="custom") finds them."""
     import cleanfid
+
     if not extractor.name.startswith("inception"):
         raise UserError("clean-fid custom statistics are Inception statistics; use --features inception.")
     folder = os.path.join(os.path.dirname(cleanfid.__file__), "stats")
     os.makedirs(folder, exist_ok=True)
     base = os.path.join(folder, f"{name}_{mode}_custom_na".lower())
     if os.path.exists(base + ".npz"):
-        raise UserError(f"clean-fid already has custom statistics named {name}; remove them with cleanfid.fid.remove_custom_stats first.")
+        raise UserError(
+            f"clean-fid already has custom statistics named {name}; remove them with cleanfid.fid.remove_custom_stats first."
+        )
     np.savez(base + ".npz", mu=stats.mu, sigma=stats.sigma)
     np.savez(base + "_kid.npz", feats=stats.feats)
 
 
-def clip_score(source: SourceOptions, sampling: SamplingOptions, clip_options: ClipOptions, output: str, *,
-               command_line: CommandLine | None = None) -> dict:
+def clip_score(
+    source: SourceOptions,
+    sampling: SamplingOptions,
+    clip_options: ClipOptions,
+    output: str,
+    *,
+    command_line: CommandLine | None = None,
+) -> dict:
     """CLIP score of a text-to-image pipeline over source.prompts, or of captioned images (source.images with
     source.prompts or its metadata.jsonl); the JSON record goes to output, and is returned."""
     from onestep.data import read_captions, read_prompts
+
     from .clip import clip_scores, load_open_clip, scale_scores
+
     state = _state()
     device = _device(sampling.device, state)
     start = time.perf_counter()
@@ -287,18 +424,29 @@ def clip_score(source: SourceOptions, sampling: SamplingOptions, clip_options: C
         else:
             raise UserError(f"Pass --prompts, or put a metadata.jsonl (file_name, text) in {source.images}.")
         if len(prompts) != len(files):
-            raise UserError(f"{source.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order.")
+            raise UserError(
+                f"{source.images} holds {len(files)} images but there are {len(prompts)} prompts; they pair in sorted order."
+            )
         n = sampling.num_samples or len(files)
         if n > len(files):
             raise UserError(f"--num-samples {n} is more than the {len(files)} images in {source.images}.")
         files, prompts = files[:n], prompts[:n]
         plan = SamplePlan(n, sampling.batch_size)
-        work = lambda b: clip_scores(clip, [read_image(p) for p in files[b.start:b.stop]],  # noqa: E731
-                                     prompts[b.start:b.stop], prefix, crop_size)
+        work = (
+            lambda b: clip_scores(
+                clip,
+                [read_image(p) for p in files[b.start : b.stop]],  # noqa: E731
+                prompts[b.start : b.stop],
+                prefix,
+                crop_size,
+            )
+        )
         described = {"kind": "image folder", "path": os.path.abspath(source.images)}
     else:
         if source.teacher:
-            raise UserError("clip scores text-to-image pipelines (--pipeline) or captioned images (--images), not --teacher.")
+            raise UserError(
+                "clip scores text-to-image pipelines (--pipeline) or captioned images (--images), not --teacher."
+            )
         if not source.prompts:
             raise UserError("--prompts FILE is required with --pipeline.")
         all_prompts = read_prompts(source.prompts)
@@ -306,23 +454,46 @@ def clip_score(source: SourceOptions, sampling: SamplingOptions, clip_options: C
         prompts = [all_prompts[i % len(all_prompts)] for i in range(n)]
         sampler = _sampler(source, sampling, device)
         plan = SamplePlan(n, sampling.batch_size, seed)
-        work = lambda b: clip_scores(clip, sampler(b, seed, None, prompts[b.start:b.stop]), prompts[b.start:b.stop],  # noqa: E731
-                                     prefix, crop_size)
+        work = lambda b: clip_scores(
+            clip,
+            sampler(b, seed, None, prompts[b.start : b.stop]),
+            prompts[b.start : b.stop],  # noqa: E731
+            prefix,
+            crop_size,
+        )
         described = sampler.describe()
     clip = load_open_clip(clip_options.model, clip_options.pretrained, device)
     cos = np.concatenate(run_sharded(plan.batches(), work, state))
     value = float(np.mean(scale_scores(cos, clip_options.scale)))
     record = new_record("clip", device, state.num_processes if state else 1, command_line)
-    record.update({"clip_score": value, "scale": {"raw": "raw cosine (DMD2's convention, ~0.3)",
-                                                   "100": "100 * max(cosine, 0) (torchmetrics' convention, ~30)"}[clip_options.scale],
-                   "prompt_prefix": prefix, "prompts_file": os.path.abspath(source.prompts) if source.prompts else None,
-                   "num_images": int(len(cos)), "image_preprocess": f"centre crop to square, LANCZOS resize to {crop_size}, then open_clip's preprocess"
-                   if crop_size else "open_clip's preprocess only",
-                   "clip_model": {"name": clip.model_name, "pretrained": clip.pretrained, "weights_sha256": clip.weights_sha256},
-                   "source": described, "sampling": plan.describe(), "seconds": round(time.perf_counter() - start, 2)})
+    record.update(
+        {
+            "clip_score": value,
+            "scale": {
+                "raw": "raw cosine (DMD2's convention, ~0.3)",
+                "100": "100 * max(cosine, 0) (torchmetrics' convention, ~30)",
+            }[clip_options.scale],
+            "prompt_prefix": prefix,
+            "prompts_file": os.path.abspath(source.prompts) if source.prompts else None,
+            "num_images": int(len(cos)),
+            "image_preprocess": f"centre crop to square, LANCZOS resize to {crop_size}, then open_clip's preprocess"
+            if crop_size
+            else "open_clip's preprocess only",
+            "clip_model": {
+                "name": clip.model_name,
+                "pretrained": clip.pretrained,
+                "weights_sha256": clip.weights_sha256,
+            },
+            "source": described,
+            "sampling": plan.describe(),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+    )
     if _is_main(state):
         write_record(output, record)
-        print(f"CLIP score {value:.6g} ({clip_options.scale}, {len(cos)} images, {clip.model_name}/{clip.pretrained}) -> {output}")
+        print(
+            f"CLIP score {value:.6g} ({clip_options.scale}, {len(cos)} images, {clip.model_name}/{clip.pretrained}) -> {output}"
+        )
     return record
 
 
@@ -331,10 +502,22 @@ def _by_name(folder: str) -> dict[str, str]:
     return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in list_images(folder)}
 
 
-def super_resolution(hr: str, output: str, *, sr: str | None = None, pipeline: str | None = None, lr: str | None = None,
-                     steps: int | None = None, num_samples: int | None = None, crop_border: int = 0, lpips: bool = False,
-                     seed: int = 0, device: str | None = None, trust_remote_code: bool = False,
-                     command_line: CommandLine | None = None) -> dict:
+def super_resolution(
+    hr: str,
+    output: str,
+    *,
+    sr: str | None = None,
+    pipeline: str | None = None,
+    lr: str | None = None,
+    steps: int | None = None,
+    num_samples: int | None = None,
+    crop_border: int = 0,
+    lpips: bool = False,
+    seed: int = 0,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    command_line: CommandLine | None = None,
+) -> dict:
     """PSNR / SSIM (RGB and Y) [and LPIPS] of the super-resolved images in folder sr, or of a pipeline's
     outputs from the low-resolution folder lr, against the folder hr (paired by file name); crop_border:
     pixels cut from each border first. The JSON record goes to output, and is returned."""
@@ -349,8 +532,10 @@ def super_resolution(hr: str, output: str, *, sr: str | None = None, pipeline: s
         other = _by_name(lr)
     missing = sorted(set(hr_files) - set(other))
     if missing:
-        raise UserError(f"No {'SR' if sr else 'LR'} image matches the HR image {hr_files[missing[0]]} (images pair by file name).")
-    names = sorted(hr_files)[: num_samples] if num_samples else sorted(hr_files)
+        raise UserError(
+            f"No {'SR' if sr else 'LR'} image matches the HR image {hr_files[missing[0]]} (images pair by file name)."
+        )
+    names = sorted(hr_files)[:num_samples] if num_samples else sorted(hr_files)
     sampler = None if sr else PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
     rows = []
     for i, name in enumerate(names):
@@ -359,34 +544,60 @@ def super_resolution(hr: str, output: str, *, sr: str | None = None, pipeline: s
             out = read_image(other[name])
         else:
             from PIL import Image
+
             from onestep.utils import to_uint8
+
             from .sources import generators
+
             low = Image.fromarray(read_image(other[name]))
             kwargs = {"image": low, "generator": generators(seed, [i])[0], "output_type": "np"}
             if steps:
                 kwargs["num_inference_steps"] = steps
             out = to_uint8(sampler.pipe(**kwargs).images, (0, 1), "auto")[0]  # pipeline output: [0, 1]
         if out.shape != target.shape:
-            raise UserError(f"The output for {name} is {out.shape[1]}x{out.shape[0]} but its HR image is {target.shape[1]}x{target.shape[0]}.")
+            raise UserError(
+                f"The output for {name} is {out.shape[1]}x{out.shape[0]} but its HR image is {target.shape[1]}x{target.shape[0]}."
+            )
         a, b = metrics.crop_border(out, crop_border), metrics.crop_border(target, crop_border)
         ya, yb = metrics.rgb_to_y(a), metrics.rgb_to_y(b)
-        rows.append({"image": name, "psnr_rgb": metrics.psnr(a, b), "ssim_rgb": metrics.ssim(a, b),
-                     "psnr_y": metrics.psnr(ya, yb), "ssim_y": metrics.ssim(ya, yb)})
+        rows.append(
+            {
+                "image": name,
+                "psnr_rgb": metrics.psnr(a, b),
+                "ssim_rgb": metrics.ssim(a, b),
+                "psnr_y": metrics.psnr(ya, yb),
+                "ssim_y": metrics.ssim(ya, yb),
+            }
+        )
     record = new_record("sr", device, 1, command_line)
     for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y"):
         record[key] = float(np.mean([r[key] for r in rows]))
     record["lpips"] = None
-    record["lpips_note"] = "not computed: LPIPS needs the lpips package and its backbone weights (pip install lpips; downloads AlexNet once)"
+    record["lpips_note"] = (
+        "not computed: LPIPS needs the lpips package and its backbone weights (pip install lpips; downloads AlexNet once)"
+    )
     if lpips:
         record["lpips"], record["lpips_note"] = _lpips(names, hr_files, other, sampler, device)
-    record.update({"protocol": {"data_range": 255, "crop_border": crop_border, "y_channel": "BT.601 (MATLAB rgb2ycbcr), 16..235",
-                                "ssim": "Gaussian window sigma 1.5 (11 taps), K1 0.01, K2 0.03, population covariance, mean over channels"},
-                   "hr": os.path.abspath(hr), "source": sampler.describe() if sampler else {"kind": "image folder", "path": os.path.abspath(sr)},
-                   "num_images": len(rows), "per_image": rows})
+    record.update(
+        {
+            "protocol": {
+                "data_range": 255,
+                "crop_border": crop_border,
+                "y_channel": "BT.601 (MATLAB rgb2ycbcr), 16..235",
+                "ssim": "Gaussian window sigma 1.5 (11 taps), K1 0.01, K2 0.03, population covariance, mean over channels",
+            },
+            "hr": os.path.abspath(hr),
+            "source": sampler.describe() if sampler else {"kind": "image folder", "path": os.path.abspath(sr)},
+            "num_images": len(rows),
+            "per_image": rows,
+        }
+    )
     if _is_main(state):
         write_record(output, record)
-        print(f"PSNR {record['psnr_rgb']:.3f} dB (Y {record['psnr_y']:.3f}), SSIM {record['ssim_rgb']:.4f} (Y {record['ssim_y']:.4f}) "
-              f"over {len(rows)} images -> {output}")
+        print(
+            f"PSNR {record['psnr_rgb']:.3f} dB (Y {record['psnr_y']:.3f}), SSIM {record['ssim_rgb']:.4f} (Y {record['ssim_y']:.4f}) "
+            f"over {len(rows)} images -> {output}"
+        )
     return record
 
 
@@ -400,8 +611,10 @@ def _lpips(names, hr, other, sampler, device):
     try:
         net = lpips.LPIPS(net="alex", verbose=False).to(device)
     except Exception as err:  # torchvision fetches the AlexNet backbone on first use
-        raise UserError(f"--lpips could not load its AlexNet weights ({err.__class__.__name__}); run it once on a machine "
-                        f"with internet so torchvision caches them.") from None
+        raise UserError(
+            f"--lpips could not load its AlexNet weights ({err.__class__.__name__}); run it once on a machine "
+            f"with internet so torchvision caches them."
+        ) from None
     vals = []
     for name in names:
         a = torch.from_numpy(read_image(other[name])).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -425,10 +638,24 @@ def _time(fn, repeats: int, warmup: int, device) -> list[float]:
     return out
 
 
-def bench(pipeline: str, output: str, *, steps: int | None = None, teacher: str | None = None,
-          teacher_steps: Sequence[int] = (50,), guidance_scale: float | None = None, batch_size: int = 64, repeats: int = 5,
-          warmup: int = 1, seed: int = 0, device: str | None = None, trust_remote_code: bool = False, run: str | None = None,
-          plot: str | None = None, command_line: CommandLine | None = None) -> dict:
+def bench(
+    pipeline: str,
+    output: str,
+    *,
+    steps: int | None = None,
+    teacher: str | None = None,
+    teacher_steps: Sequence[int] = (50,),
+    guidance_scale: float | None = None,
+    batch_size: int = 64,
+    repeats: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    device: str | None = None,
+    trust_remote_code: bool = False,
+    run: str | None = None,
+    plot: str | None = None,
+    command_line: CommandLine | None = None,
+) -> dict:
     """Sampling speed of a student pipeline beside its teacher at N steps (each of teacher_steps): same batch,
     device, noise. run: a training output folder whose timing.json is included; plot: a PNG bar chart.
     The JSON record goes to output, and is returned."""
@@ -444,17 +671,33 @@ def bench(pipeline: str, output: str, *, steps: int | None = None, teacher: str 
     batch = range(batch_size)
     rows = []
     for name, sampler in samplers:
-        times = _time(lambda: sampler(batch, seed, labels), repeats, warmup, device)
+        times = _time(lambda sampler=sampler: sampler(batch, seed, labels), repeats, warmup, device)
         med = statistics.median(times)
-        rows.append({"sampler": name, "source": sampler.describe(), "latency_s_median": med, "latency_s_all": times,
-                     "images_per_s": batch_size / med})
+        rows.append(
+            {
+                "sampler": name,
+                "source": sampler.describe(),
+                "latency_s_median": med,
+                "latency_s_all": times,
+                "images_per_s": batch_size / med,
+            }
+        )
     for r in rows[1:]:
         r["student_speedup"] = rows[0]["images_per_s"] and rows[0]["images_per_s"] / r["images_per_s"]
     record = new_record("bench", device, 1, command_line)
-    record.update({"batch_size": batch_size, "repeats": repeats, "warmup": warmup, "torch_threads": torch.get_num_threads(),
-                   "timing": "wall clock per pipeline call (noise, network, decode to uint8), median of repeats", "results": rows})
+    record.update(
+        {
+            "batch_size": batch_size,
+            "repeats": repeats,
+            "warmup": warmup,
+            "torch_threads": torch.get_num_threads(),
+            "timing": "wall clock per pipeline call (noise, network, decode to uint8), median of repeats",
+            "results": rows,
+        }
+    )
     if run:
         import json
+
         path = os.path.join(run, "timing.json")
         if not os.path.isfile(path):
             raise UserError(f"{run} has no timing.json; pass the output folder of a training run.")
@@ -465,16 +708,21 @@ def bench(pipeline: str, output: str, *, steps: int | None = None, teacher: str 
     write_record(output, record)
     for r in rows:
         extra = f", student is {r['student_speedup']:.1f}x faster" if "student_speedup" in r else ""
-        print(f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['latency_s_median'] * 1000:.1f} ms per batch of {batch_size}{extra})")
+        print(
+            f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['latency_s_median'] * 1000:.1f} ms per batch of {batch_size}{extra})"
+        )
     return record
 
 
 def _speed_plot(rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 0.6 * len(rows) + 1))
     from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
     ax.barh([r["sampler"] for r in rows], [r["images_per_s"] for r in rows])
     ax.set_xscale("log")
     # Label the decades only: matplotlib's default also labels minor ticks, which then overlap.

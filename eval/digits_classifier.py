@@ -9,6 +9,7 @@ Train (about 3 minutes on 2 CPU cores) and write the shipped weights:
 
     python -m onestep.eval.digits_classifier --output onestep/assets/digits-classifier
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "onestep", "assets", "digits-classifier")
+ASSET_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "onestep", "assets", "digits-classifier"
+)
 WEIGHTS_FILE = "model.safetensors"
 INFO_FILE = "classifier.json"
 IMAGE_SIZE = 16
@@ -31,6 +34,7 @@ FEATURE_DIM = 64
 def bundled_dir() -> str:
     """The shipped classifier: beside the installed package (wheel) or the checkout's onestep/assets."""
     import onestep
+
     return os.path.join(os.path.dirname(onestep.__file__), "assets", "digits-classifier")
 
 
@@ -40,10 +44,18 @@ class DigitsClassifier(nn.Module):
     def __init__(self, num_classes: int = 10):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.GroupNorm(8, 32), nn.SiLU(),
-            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.GroupNorm(8, 64), nn.SiLU(),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, FEATURE_DIM), nn.SiLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.GroupNorm(8, 32),
+            nn.SiLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 64),
+            nn.SiLU(),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, FEATURE_DIM),
+            nn.SiLU(),
         )
         self.head = nn.Linear(FEATURE_DIM, num_classes)
 
@@ -68,7 +80,9 @@ def preprocess(images_uint8: np.ndarray) -> torch.Tensor:
 def split_digits(seed: int = 0):
     """The fixed 75/25 stratified split the shipped classifier was trained and tested on."""
     from sklearn.model_selection import train_test_split
+
     from onestep.data import load_digits_images
+
     images, labels = load_digits_images(IMAGE_SIZE)
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(idx, test_size=0.25, stratify=labels.numpy(), random_state=seed)
@@ -107,11 +121,21 @@ def train(steps: int = 3000, batch_size: int = 128, seed: int = 0) -> tuple[Digi
         test_acc = (model(images[test_idx]).argmax(1) == labels[test_idx]).float().mean().item()
         train_acc = (model(images[train_idx]).argmax(1) == labels[train_idx]).float().mean().item()
         feature_scale = feature_rms(model, images)
-    info = {"test_accuracy": round(test_acc, 4), "feature_scale": feature_scale, "train_accuracy": round(train_acc, 4), "num_test": len(test_idx),
-            "num_train": len(train_idx), "split": "sklearn train_test_split(test_size=0.25, stratify=labels, random_state=0)",
-            "steps": steps, "batch_size": batch_size, "seed": seed, "train_seconds": round(time.perf_counter() - start, 1),
-            "image_size": IMAGE_SIZE, "feature_dim": FEATURE_DIM,
-            "preprocess": "grey = mean of RGB, antialiased bilinear resize to 16x16, scaled to [-1, 1]"}
+    info = {
+        "test_accuracy": round(test_acc, 4),
+        "feature_scale": feature_scale,
+        "train_accuracy": round(train_acc, 4),
+        "num_test": len(test_idx),
+        "num_train": len(train_idx),
+        "split": "sklearn train_test_split(test_size=0.25, stratify=labels, random_state=0)",
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "image_size": IMAGE_SIZE,
+        "feature_dim": FEATURE_DIM,
+        "preprocess": "grey = mean of RGB, antialiased bilinear resize to 16x16, scaled to [-1, 1]",
+    }
     return model, info
 
 
@@ -125,12 +149,16 @@ def feature_rms(model: DigitsClassifier, images: torch.Tensor) -> float:
 
 def load(path: str | None = None) -> tuple[DigitsClassifier, dict]:
     from safetensors.torch import load_file
+
     from onestep.errors import UserError
+
     path = path or bundled_dir()
     weights = os.path.join(path, WEIGHTS_FILE)
     if not os.path.isfile(weights):
-        raise UserError(f"The digits classifier weights are missing ({weights}); reinstall onestep or run "
-                        f"python -m onestep.eval.digits_classifier --output {path}.")
+        raise UserError(
+            f"The digits classifier weights are missing ({weights}); reinstall onestep or run "
+            f"python -m onestep.eval.digits_classifier --output {path}."
+        )
     model = DigitsClassifier()
     model.load_state_dict(load_file(weights))
     with open(os.path.join(path, INFO_FILE)) as f:
@@ -140,6 +168,7 @@ def load(path: str | None = None) -> tuple[DigitsClassifier, dict]:
 
 def main(argv=None):
     from safetensors.torch import save_file
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=ASSET_DIR)
     p.add_argument("--steps", type=int, default=3000)

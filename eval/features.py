@@ -3,6 +3,7 @@
 Every extractor maps uint8 images (N, H, W, C) to float64 features (N, D) and describes itself (name,
 weights hash, resize policy) so a result file says exactly what was measured.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,8 @@ FID_MODES = ("clean", "legacy_tensorflow", "legacy_pytorch")
 def cache_dir(*parts: str) -> str:
     """Per-user cache ($ONESTEP_CACHE, else $XDG_CACHE_HOME/onestep, else ~/.cache/onestep)."""
     root = os.environ.get("ONESTEP_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "onestep")
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "onestep"
+    )
     path = os.path.join(root, *parts)
     os.makedirs(path, exist_ok=True)
     return path
@@ -48,7 +50,9 @@ def _install_weights(given: str | None, target: str, matches, url: str, what: st
             raise UserError(f"--inception-weights {given} does not exist.")
         digest = file_sha256(given)
         if not matches(digest):
-            raise UserError(f"{given} is not {what} (SHA-256 {digest[:16]}... does not match); download it from {url}.")
+            raise UserError(
+                f"{given} is not {what} (SHA-256 {digest[:16]}... does not match); download it from {url}."
+            )
         if os.path.abspath(given) != os.path.abspath(target):
             shutil.copyfile(given, tmp)
             os.replace(tmp, target)
@@ -58,7 +62,7 @@ def _install_weights(given: str | None, target: str, matches, url: str, what: st
         if matches(digest):
             return digest
         os.replace(target, tmp)  # a corrupt cache entry: set it aside (atomic, other ranks may look too) ...
-        os.remove(tmp)           # ... and fetch again below
+        os.remove(tmp)  # ... and fetch again below
     hint = f"download {url} on a machine with internet and pass --inception-weights PATH"
     if _offline():
         raise UserError(f"{what} is not in the cache ({target}) and downloads are off (HF_HUB_OFFLINE); {hint}.")
@@ -89,7 +93,7 @@ class FeatureExtractor:
     batch_size: int = 64
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        out = [self.extract(images[i:i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
+        out = [self.extract(images[i : i + self.batch_size]) for i in range(0, len(images), self.batch_size)]
         return np.concatenate(out).astype(np.float64) if out else np.zeros((0, self.dim))
 
     def extract(self, images: np.ndarray) -> np.ndarray:
@@ -104,6 +108,7 @@ class DigitsFeatures(FeatureExtractor):
 
     def __init__(self, device="cpu", path: str | None = None):
         from . import digits_classifier as dc
+
         self.model, self.info = dc.load(path)
         self.model.to(device)
         self.device, self.dim, self.name = device, dc.FEATURE_DIM, "digits-classifier"
@@ -120,12 +125,18 @@ class DigitsFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def classify(self, images: np.ndarray) -> np.ndarray:
-        out = [self.model(self._preprocess(images[i:i + 256]).to(self.device)).argmax(1).cpu().numpy()
-               for i in range(0, len(images), 256)]
+        out = [
+            self.model(self._preprocess(images[i : i + 256]).to(self.device)).argmax(1).cpu().numpy()
+            for i in range(0, len(images), 256)
+        ]
         return np.concatenate(out)
 
     def describe(self):
-        return {**super().describe(), "test_accuracy": self.info.get("test_accuracy"), "feature_scale": self.info["feature_scale"]}
+        return {
+            **super().describe(),
+            "test_accuracy": self.info.get("test_accuracy"),
+            "feature_scale": self.info["feature_scale"],
+        }
 
 
 class InceptionFeatures(FeatureExtractor):
@@ -133,20 +144,29 @@ class InceptionFeatures(FeatureExtractor):
 
     def __init__(self, mode: str = "clean", device="cpu", weights: str | None = None):
         from cleanfid.resize import build_resizer
+
         if mode not in FID_MODES:
             raise UserError(f"Unknown clean-fid mode {mode!r}; choose one of {', '.join(FID_MODES)}.")
         self.mode, self.device, self.dim = mode, device, 2048
         self.name = f"inception-v3 (clean-fid, mode {mode})"
-        self.resize = {"clean": "PIL bicubic on float channels to 299x299 (clean-fid 'clean')",
-                       "legacy_tensorflow": "TF-style bilinear inside the network (clean-fid 'legacy_tensorflow')",
-                       "legacy_pytorch": "torch bilinear to 299x299 (clean-fid 'legacy_pytorch')"}[mode]
+        self.resize = {
+            "clean": "PIL bicubic on float channels to 299x299 (clean-fid 'clean')",
+            "legacy_tensorflow": "TF-style bilinear inside the network (clean-fid 'legacy_tensorflow')",
+            "legacy_pytorch": "torch bilinear to 299x299 (clean-fid 'legacy_pytorch')",
+        }[mode]
         folder = cache_dir("inception")
         if mode == "legacy_pytorch":
             hub = cache_dir("inception", "torch_hub")
             target = os.path.join(cache_dir("inception", "torch_hub", "checkpoints"), PT_INCEPTION_FILE)
-            self.weights_sha256 = _install_weights(weights, target, lambda d: d.startswith(PT_INCEPTION_SHA256_PREFIX),
-                                                   PT_INCEPTION_URL, "pytorch-fid's Inception weights")
+            self.weights_sha256 = _install_weights(
+                weights,
+                target,
+                lambda d: d.startswith(PT_INCEPTION_SHA256_PREFIX),
+                PT_INCEPTION_URL,
+                "pytorch-fid's Inception weights",
+            )
             from cleanfid.inception_pytorch import InceptionV3
+
             previous = torch.hub.get_dir()
             torch.hub.set_dir(hub)  # clean-fid loads the weights through torch.hub; ours are already there
             try:
@@ -157,10 +177,14 @@ class InceptionFeatures(FeatureExtractor):
             self._forward = lambda x: self.model(x / 255)[0].squeeze(-1).squeeze(-1)
         else:
             target = os.path.join(folder, INCEPTION_FILE)
-            self.weights_sha256 = _install_weights(weights, target, lambda d: d == INCEPTION_SHA256,
-                                                   INCEPTION_URL, "clean-fid's Inception weights")
+            self.weights_sha256 = _install_weights(
+                weights, target, lambda d: d == INCEPTION_SHA256, INCEPTION_URL, "clean-fid's Inception weights"
+            )
             from cleanfid.inception_torchscript import InceptionV3W
-            self.model = InceptionV3W(folder, download=False, resize_inside=(mode == "legacy_tensorflow")).to(device).eval()
+
+            self.model = (
+                InceptionV3W(folder, download=False, resize_inside=(mode == "legacy_tensorflow")).to(device).eval()
+            )
             self._forward = self.model
         self._resizer = build_resizer(mode)
 
@@ -177,6 +201,7 @@ class ClipImageFeatures(FeatureExtractor):
 
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", device="cpu"):
         from .clip import load_open_clip
+
         self.clip = load_open_clip(model, pretrained, device)
         self.device, self.dim = device, self.clip.embed_dim
         self.name = f"open_clip {self.clip.model_name} / {self.clip.pretrained}"
@@ -202,6 +227,7 @@ class CenterCropped(FeatureExtractor):
 
     def extract(self, images):
         from .sources import center_crop_resize
+
         if images.shape[1:3] != (self.size, self.size):  # folders are cropped as they are read
             images = np.stack([np.asarray(center_crop_resize(im, self.size)) for im in images])
         return self.inner.extract(images)
@@ -210,10 +236,19 @@ class CenterCropped(FeatureExtractor):
         return {**self.inner.describe(), "resize": self.resize}
 
 
-def build_features(name: str, device="cpu", mode: str = "clean", inception_weights: str | None = None,
-                   clip_model: str = "ViT-B-32", clip_pretrained: str = "openai", crop_size: int = 0) -> FeatureExtractor:
+def build_features(
+    name: str,
+    device="cpu",
+    mode: str = "clean",
+    inception_weights: str | None = None,
+    clip_model: str = "ViT-B-32",
+    clip_pretrained: str = "openai",
+    crop_size: int = 0,
+) -> FeatureExtractor:
     if crop_size:
-        return CenterCropped(build_features(name, device, mode, inception_weights, clip_model, clip_pretrained), crop_size)
+        return CenterCropped(
+            build_features(name, device, mode, inception_weights, clip_model, clip_pretrained), crop_size
+        )
     if name == "digits":
         return DigitsFeatures(device)
     if name == "inception":

@@ -1,7 +1,8 @@
 """Side-by-side sample grid: teacher DDIM at 1 and 50 steps (trailing spacing) beside a student pipeline.
 
-    python -m onestep.eval.grid --student outputs/dmd2-digits --output grid.png
+python -m onestep.eval.grid --student outputs/dmd2-digits --output grid.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,11 +24,19 @@ def comparison_grid(teacher_id: str, student_dir: str, num_per_class: int = 2, s
     num_classes = info.get("num_classes") or 1
     cfg = teacher.unet_config
     labels = torch.arange(num_classes).repeat(num_per_class)
-    z = torch.randn(len(labels), cfg["in_channels"], cfg["sample_size"], cfg["sample_size"], generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(
+        len(labels),
+        cfg["in_channels"],
+        cfg["sample_size"],
+        cfg["sample_size"],
+        generator=torch.Generator().manual_seed(seed),
+    )
     cond = Cond(class_labels=labels) if info.get("num_classes") else None
     rows = [ddim_sample(teacher.denoiser, z, cond, num_steps=n).clamp(-1, 1) for n in teacher_steps]
     pipe = OneStepPipeline.from_pretrained(student_dir)
-    student = pipe(class_labels=labels if cond is not None else None, batch_size=len(labels), latents=z, output_type="pt").images
+    student = pipe(
+        class_labels=labels if cond is not None else None, batch_size=len(labels), latents=z, output_type="pt"
+    ).images
     rows.append(student * 2 - 1)
     names = [f"teacher DDIM {n} step{'s' if n > 1 else ''}" for n in teacher_steps] + ["student (1 step)"]
     return torch.cat(rows), len(labels), names

@@ -2,6 +2,7 @@
 
 The same seeds are used at every evaluation, so the curve shows the student changing, not the noise.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,12 +18,23 @@ from .features import DigitsFeatures, build_features
 
 
 class FIDEvaluator:
-    def __init__(self, features: str = "digits", reference: str = "digits", num_samples: int = 500,
-                 batch_size: int = 100, seed: int = 0, device="cpu", inception_weights: str | None = None):
+    def __init__(
+        self,
+        features: str = "digits",
+        reference: str = "digits",
+        num_samples: int = 500,
+        batch_size: int = 100,
+        seed: int = 0,
+        device="cpu",
+        inception_weights: str | None = None,
+    ):
         from .commands import reference_features
         from .options import ReferenceOptions
+
         self.extractor = build_features(features, device, inception_weights=inception_weights)
-        self.reference, _ = reference_features(ReferenceOptions(ref=reference), self.extractor, None, batch_size=batch_size)
+        self.reference, _ = reference_features(
+            ReferenceOptions(ref=reference), self.extractor, None, batch_size=batch_size
+        )
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.name = f"fid_{features}_{num_samples}"
 
@@ -46,10 +58,11 @@ class FIDEvaluator:
 @dataclass
 class InTrainingEvalOptions:
     """The train scripts' --eval_* options (evaluation itself is on: the caller checks --eval_steps)."""
-    samples: int = 500                     # --eval_samples
-    features: str | None = None            # --eval_features; None: digits for the digits teacher, else inception
-    reference: str | None = None           # --eval_reference; None: 'digits' for the digits teacher, else an error
-    inception_weights: str | None = None   # --inception_weights
+
+    samples: int = 500  # --eval_samples
+    features: str | None = None  # --eval_features; None: digits for the digits teacher, else inception
+    reference: str | None = None  # --eval_reference; None: 'digits' for the digits teacher, else an error
+    inception_weights: str | None = None  # --inception_weights
 
 
 def build_evaluator(options: InTrainingEvalOptions, teacher_id: str, seed: int, device) -> FIDEvaluator:
@@ -57,16 +70,9 @@ def build_evaluator(options: InTrainingEvalOptions, teacher_id: str, seed: int, 
     reference = options.reference or ("digits" if teacher_id == "digits" else None)
     features = options.features or ("digits" if teacher_id == "digits" else "inception")
     if reference is None:
-        raise UserError("--eval_steps needs --eval_reference (an image folder or a statistics .npz from onestep-eval stats).")
-    return FIDEvaluator(features, reference, options.samples, seed=seed, device=device,
-                        inception_weights=options.inception_weights)
-
-
-def build_evaluator_from_args(args, teacher_id: str, device) -> FIDEvaluator | None:
-    """Deprecated, for the train scripts until they call build_evaluator: from their parsed --eval_*
-    options; None when --eval_steps is off."""
-    if not args.eval_steps:
-        return None
-    options = InTrainingEvalOptions(samples=args.eval_samples, features=args.eval_features, reference=args.eval_reference,
-                                    inception_weights=args.inception_weights)
-    return build_evaluator(options, teacher_id, args.seed, device)
+        raise UserError(
+            "--eval_steps needs --eval_reference (an image folder or a statistics .npz from onestep-eval stats)."
+        )
+    return FIDEvaluator(
+        features, reference, options.samples, seed=seed, device=device, inception_weights=options.inception_weights
+    )

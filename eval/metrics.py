@@ -1,5 +1,6 @@
 """Metric math: Frechet and kernel distances on features (through clean-fid's own functions),
 feature statistics files, and PSNR/SSIM for super-resolution."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,14 @@ from onestep.errors import UserError
 @dataclass
 class FeatureStats:
     """Mean and covariance of a feature set (and the features, for KID), with how they were made."""
+
     mu: np.ndarray
     sigma: np.ndarray
     feats: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     @classmethod
-    def from_features(cls, feats: np.ndarray, meta: dict | None = None) -> "FeatureStats":
+    def from_features(cls, feats: np.ndarray, meta: dict | None = None) -> FeatureStats:
         if len(feats) < 2:
             raise UserError(f"FID needs at least 2 images per set; got {len(feats)}.")
         # Exactly clean-fid's fid_from_feats: np.mean and np.cov(rowvar=False) in float64.
@@ -41,7 +43,7 @@ class FeatureStats:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "FeatureStats":
+    def load(cls, path: str) -> FeatureStats:
         """Our files and clean-fid's (mu/sigma for FID, feats-only `_kid.npz` for KID)."""
         if not os.path.isfile(path):
             raise UserError(f"The statistics file {path} does not exist.")
@@ -66,23 +68,30 @@ class FeatureStats:
 def _check_dims(a: FeatureStats, b: FeatureStats) -> None:
     if a.dim != b.dim:
         ea, eb = a.meta.get("features", {}).get("name", "?"), b.meta.get("features", {}).get("name", "?")
-        raise UserError(f"The two feature sets have different dimensions ({a.dim} from {ea}, {b.dim} from {eb}); "
-                        f"make both with the same --features.")
+        raise UserError(
+            f"The two feature sets have different dimensions ({a.dim} from {ea}, {b.dim} from {eb}); "
+            f"make both with the same --features."
+        )
 
 
 def fid(a: FeatureStats, b: FeatureStats) -> float:
     """Frechet distance between two Gaussians fitted to features (clean-fid's frechet_distance)."""
     from cleanfid.fid import frechet_distance
+
     _check_dims(a, b)
     try:
         return float(frechet_distance(a.mu, a.sigma, b.mu, b.sigma))
     except ValueError as err:  # clean-fid: "Imaginary component" when the covariances are too singular
         n = min(a.meta.get("num_images", 0) or 0, b.meta.get("num_images", 0) or 0)
-        raise UserError(f"The Frechet distance is numerically undefined ({err}); with {n or 'few'} images for "
-                        f"{a.dim}-d features the covariance is singular: use more samples.") from None
+        raise UserError(
+            f"The Frechet distance is numerically undefined ({err}); with {n or 'few'} images for "
+            f"{a.dim}-d features the covariance is singular: use more samples."
+        ) from None
 
 
-def kid(gen: FeatureStats, ref: FeatureStats, seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000) -> float:
+def kid(
+    gen: FeatureStats, ref: FeatureStats, seed: int = 0, num_subsets: int = 100, max_subset_size: int = 1000
+) -> float:
     """Unbiased MMD^2 with the cubic polynomial kernel over random subsets (clean-fid's kernel_distance,
     called as its compute_kid does: reference first). The estimator is unbiased, so it can dip below 0
     when the two sets are close.
@@ -90,9 +99,12 @@ def kid(gen: FeatureStats, ref: FeatureStats, seed: int = 0, num_subsets: int = 
     clean-fid draws the subsets from numpy's global generator; seed it here and restore it after, so
     the figure is reproducible from the recorded seed without disturbing the caller."""
     from cleanfid.fid import kernel_distance
+
     _check_dims(gen, ref)
     if gen.feats is None or ref.feats is None:
-        raise UserError("KID needs the features themselves, not only mu/sigma; make the statistics with onestep-eval stats.")
+        raise UserError(
+            "KID needs the features themselves, not only mu/sigma; make the statistics with onestep-eval stats."
+        )
     if max_subset_size < 2:
         raise UserError("--kid-subset-size must be at least 2.")
     state = np.random.get_state()
@@ -104,6 +116,7 @@ def kid(gen: FeatureStats, ref: FeatureStats, seed: int = 0, num_subsets: int = 
 
 
 # --- super-resolution -------------------------------------------------------------------------------
+
 
 def rgb_to_y(images: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma as MATLAB's rgb2ycbcr (16..235), the SR literature's Y channel; (..., 3) -> (..., 1)."""
@@ -118,7 +131,7 @@ def crop_border(image: np.ndarray, border: int) -> np.ndarray:
 
 def psnr(a: np.ndarray, b: np.ndarray, data_range: float = 255.0) -> float:
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
-    return float("inf") if mse == 0 else float(10 * np.log10(data_range ** 2 / mse))
+    return float("inf") if mse == 0 else float(10 * np.log10(data_range**2 / mse))
 
 
 def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float = 1.5) -> float:
@@ -126,6 +139,7 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
     channels (H, W, C): scikit-image's structural_similarity(gaussian_weights=True,
     use_sample_covariance=False, data_range=255, channel_axis=-1)."""
     from scipy.ndimage import gaussian_filter
+
     a, b = a.astype(np.float64), b.astype(np.float64)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     truncate = 3.5

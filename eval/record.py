@@ -1,10 +1,11 @@
 """The JSON record written beside every figure: the number and everything needed to reproduce it."""
+
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import math
+import os
 import platform
 import shlex
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 def library_versions() -> dict:
     from importlib import metadata
+
     out = {"python": platform.python_version()}
     for pkg in ("onestep", "torch", "diffusers", "clean-fid", "open_clip_torch", "numpy", "scipy", "accelerate"):
         try:
@@ -25,6 +27,7 @@ def library_versions() -> dict:
 class CommandLine:
     """How a record was asked for, stored in it: the command line as typed (argv, after `onestep-eval`)
     and the values its options were parsed to (name -> value)."""
+
     argv: list[str] = field(default_factory=list)
     arguments: dict = field(default_factory=dict)
 

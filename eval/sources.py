@@ -5,6 +5,7 @@ torch.Generator seeded with sha256(seed, "sample", i), and its class label is fi
 work is split into batches of fixed content; with P processes, batch b runs on process b mod P and the
 features are gathered back in batch order, so 1 and 2 processes give identical numbers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,7 @@ class SamplePlan:
     num_samples: int
     batch_size: int
     seed: int = 0
-    class_sampling: str = "uniform"      # uniform: label i mod C (equal counts); random: i.i.d. from the seed
+    class_sampling: str = "uniform"  # uniform: label i mod C (equal counts); random: i.i.d. from the seed
     num_classes: int | None = None
 
     def labels(self) -> np.ndarray | None:
@@ -38,15 +39,25 @@ class SamplePlan:
         if self.class_sampling == "uniform":
             return np.arange(self.num_samples) % self.num_classes
         if self.class_sampling == "random":
-            return np.random.RandomState(seed_for(self.seed, "labels") % (2 ** 32)).randint(0, self.num_classes, self.num_samples)
+            return np.random.RandomState(seed_for(self.seed, "labels") % (2**32)).randint(
+                0, self.num_classes, self.num_samples
+            )
         raise UserError(f"Unknown class sampling {self.class_sampling!r}; choose uniform or random.")
 
     def batches(self) -> list[range]:
-        return [range(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)]
+        return [
+            range(s, min(s + self.batch_size, self.num_samples)) for s in range(0, self.num_samples, self.batch_size)
+        ]
 
     def describe(self) -> dict:
-        return {"num_samples": self.num_samples, "batch_size": self.batch_size, "seed": self.seed, "seed_scheme": SEED_SCHEME,
-                "class_sampling": self.class_sampling if self.num_classes else "unconditional", "num_classes": self.num_classes}
+        return {
+            "num_samples": self.num_samples,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "seed_scheme": SEED_SCHEME,
+            "class_sampling": self.class_sampling if self.num_classes else "unconditional",
+            "num_classes": self.num_classes,
+        }
 
 
 def generators(seed: int, indices) -> list[torch.Generator]:
@@ -67,6 +78,7 @@ def weights_sha256(folder: str) -> str:
 
 # --- pipeline folders ---------------------------------------------------------------------------------
 
+
 def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False):
     """Any folder DiffusionPipeline.from_pretrained loads. Our own OneStepPipeline folders load with the
     installed class, so they need no --trust-remote-code."""
@@ -84,12 +96,18 @@ def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False
     try:
         if class_name == ["one_step", "OneStepPipeline"]:
             from onestep.pipelines import OneStepPipeline
+
             pipe = OneStepPipeline.from_pretrained(path, **kwargs)
         else:
             from diffusers import DiffusionPipeline
+
             pipe = DiffusionPipeline.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError, TypeError, AttributeError, ImportError) as err:
-        hint = " (its pipeline class is custom code: pass --trust-remote-code if you trust it)" if isinstance(class_name, list) and not trust_remote_code else ""
+        hint = (
+            " (its pipeline class is custom code: pass --trust-remote-code if you trust it)"
+            if isinstance(class_name, list) and not trust_remote_code
+            else ""
+        )
         raise UserError(f"Cannot load the pipeline at {path}{hint}: {str(err).splitlines()[0][:200]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -98,8 +116,15 @@ def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False
 class PipelineSampler:
     """Calls a diffusers pipeline with per-image generators and whatever conditioning it takes."""
 
-    def __init__(self, path: str, device, steps: int | None = None, guidance_scale: float | None = None,
-                 dtype=None, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        path: str,
+        device,
+        steps: int | None = None,
+        guidance_scale: float | None = None,
+        dtype=None,
+        trust_remote_code: bool = False,
+    ):
         self.path, self.steps, self.guidance_scale = path, steps, guidance_scale
         self.pipe = load_pipeline(path, device, dtype, trust_remote_code)
         self.params = inspect.signature(self.pipe.__call__).parameters
@@ -110,15 +135,23 @@ class PipelineSampler:
         self.takes_prompt = "prompt" in self.params
 
     def describe(self) -> dict:
-        return {"kind": "pipeline", "path": os.path.abspath(self.path), "class": type(self.pipe).__name__, "dtype": str(self.pipe.dtype),
-                "weights_sha256": weights_sha256(self.path), "num_inference_steps": self.steps or "pipeline default",
-                "guidance_scale": self.guidance_scale}
+        return {
+            "kind": "pipeline",
+            "path": os.path.abspath(self.path),
+            "class": type(self.pipe).__name__,
+            "dtype": str(self.pipe.dtype),
+            "weights_sha256": weights_sha256(self.path),
+            "num_inference_steps": self.steps or "pipeline default",
+            "guidance_scale": self.guidance_scale,
+        }
 
     def __call__(self, indices, seed: int, labels=None, prompts=None) -> np.ndarray:
         kwargs = {"generator": generators(seed, indices), "output_type": "np"}
         if prompts is not None:
             if not self.takes_prompt:
-                raise UserError(f"The pipeline {type(self.pipe).__name__} takes no prompt; --prompts needs a text-to-image pipeline.")
+                raise UserError(
+                    f"The pipeline {type(self.pipe).__name__} takes no prompt; --prompts needs a text-to-image pipeline."
+                )
             kwargs["prompt"] = list(prompts)
         elif labels is not None:
             kwargs["class_labels"] = [int(c) for c in labels]
@@ -138,34 +171,49 @@ class TeacherSampler:
 
     def __init__(self, name: str, steps: int, device, guidance_scale: float = 1.0):
         from onestep.loading import load_teacher, read_class_info
+
         self.name, self.steps, self.guidance_scale, self.device = name, steps, guidance_scale, device
         self.teacher = load_teacher(name)
         if self.teacher.unet_class != "UNet2DModel":
-            raise UserError("Teacher sampling here covers pixel-space UNet2DModel teachers; export text-to-image teachers as a pipeline and pass --pipeline.")
+            raise UserError(
+                "Teacher sampling here covers pixel-space UNet2DModel teachers; export text-to-image teachers as a pipeline and pass --pipeline."
+            )
         self.teacher.denoiser.to(device)
         self.info = read_class_info(name, self.teacher.unet_config)
         self.num_classes = self.info.get("num_classes")
 
     def describe(self) -> dict:
         from onestep.loading import resolve_teacher_path
+
         path = resolve_teacher_path(self.name)
-        return {"kind": "teacher", "path": os.path.abspath(path), "weights_sha256": weights_sha256(path),
-                "sampler": "DDIM eta=0, trailing spacing", "num_inference_steps": self.steps, "guidance_scale": self.guidance_scale}
+        return {
+            "kind": "teacher",
+            "path": os.path.abspath(path),
+            "weights_sha256": weights_sha256(path),
+            "sampler": "DDIM eta=0, trailing spacing",
+            "num_inference_steps": self.steps,
+            "guidance_scale": self.guidance_scale,
+        }
 
     @torch.no_grad()
     def __call__(self, indices, seed: int, labels=None, prompts=None) -> np.ndarray:
         from onestep.denoiser import Cond
         from onestep.sampling import ddim_sample
+
         cfg = self.teacher.unet_config
         size = cfg["sample_size"] if isinstance(cfg["sample_size"], int) else cfg["sample_size"][0]
-        z = torch.cat([torch.randn(1, cfg["in_channels"], size, size, generator=g) for g in generators(seed, indices)]).to(self.device)
+        z = torch.cat(
+            [torch.randn(1, cfg["in_channels"], size, size, generator=g) for g in generators(seed, indices)]
+        ).to(self.device)
         cond = uncond = None
         if labels is not None:
             cond = Cond(class_labels=torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device))
             null = self.info.get("null_class")
             if self.guidance_scale != 1.0:
                 if null is None:
-                    raise UserError("This teacher has no null class, so it cannot be sampled with guidance; use --guidance-scale 1.")
+                    raise UserError(
+                        "This teacher has no null class, so it cannot be sampled with guidance; use --guidance-scale 1."
+                    )
                 uncond = Cond(class_labels=torch.full((len(indices),), null, dtype=torch.long, device=self.device))
         x0 = ddim_sample(self.teacher.denoiser, z, cond, self.steps, self.guidance_scale, uncond)
         return to_uint8(x0)
@@ -173,10 +221,13 @@ class TeacherSampler:
 
 # --- image folders ------------------------------------------------------------------------------------
 
+
 def list_images(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise UserError(f"The image folder {folder} does not exist.")
-    files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS))
+    files = sorted(
+        os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not files:
         raise UserError(f"The image folder {folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}).")
     return files
@@ -209,7 +260,6 @@ def center_crop_resize(image: np.ndarray, size: int | None) -> Image.Image:
     return pil
 
 
-
 def check_same_size(files: list[str]) -> None:
     """Every image the same size, read from the headers only (before any batch is decoded)."""
     first = None
@@ -218,28 +268,35 @@ def check_same_size(files: list[str]) -> None:
             with Image.open(path) as im:
                 size = im.size
         except OSError as err:
-            raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
+            raise UserError(
+                f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it."
+            ) from None
         if first is None:
             first = (path, size)
         elif size != first[1]:
-            raise UserError(f"The images have mixed sizes ({first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
-                            f"{size[0]}x{size[1]}); resize them to one size first.")
+            raise UserError(
+                f"The images have mixed sizes ({first[0]} is {first[1][0]}x{first[1][1]}, {path} is "
+                f"{size[0]}x{size[1]}); resize them to one size first."
+            )
 
 
 def digits_reference_images() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's 1,797 digits at 16x16 as uint8 (N, 16, 16, 1), the bundled default's training set."""
     from onestep.data import load_digits_images
+
     x, y = load_digits_images(16)
     return to_uint8(x), y.numpy()  # x: float32 in [-1, 1]
 
 
 # --- processes ----------------------------------------------------------------------------------------
 
+
 def run_sharded(plan_batches: list, work, state=None) -> list:
     """work(batch) for the batches of this process (b mod P); every process gets all results in order."""
     if state is None or state.num_processes == 1:
         return [work(b) for b in plan_batches]
     from accelerate.utils import gather_object
+
     mine = [(i, work(b)) for i, b in enumerate(plan_batches) if i % state.num_processes == state.process_index]
     gathered = gather_object([mine])
     results = dict(pair for part in gathered for pair in part)

@@ -4,6 +4,7 @@ accelerate names a checkpoint's weight files model.safetensors, model_1.safetens
 the models were prepared; the trainer writes `models.json` beside them with the method's name for each
 file, so a later stage finds its models by name whatever order it prepares them in.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,10 @@ def list_checkpoints(output_dir: str) -> list[str]:
     """Finished checkpoints, oldest first (temporary '.tmp' folders are ignored)."""
     if not os.path.isdir(output_dir):
         return []
-    names = [n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
-    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))]
+    names = [
+        n for n in os.listdir(output_dir) if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX) :].isdigit()
+    ]
+    return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX) :]))]
 
 
 def weight_file(index: int) -> str:
@@ -62,8 +65,11 @@ def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tupl
     names start with a prefix in `may_be_new[model]` may be missing (new in this stage). A wrapper's key
     prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped."""
     from safetensors.torch import load_file
+
     if not os.path.isdir(checkpoint):
-        raise UserError(f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run.")
+        raise UserError(
+            f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run."
+        )
     names_path = os.path.join(checkpoint, MODEL_NAMES_FILE)
     if os.path.isfile(names_path):
         with open(names_path) as f:
@@ -73,11 +79,15 @@ def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tupl
     may_be_new = may_be_new or {}
     for name, model in models.items():
         if name not in file_of:
-            raise UserError(f"{checkpoint} holds no {name} (it holds {', '.join(sorted(file_of))}); it is from another method.")
+            raise UserError(
+                f"{checkpoint} holds no {name} (it holds {', '.join(sorted(file_of))}); it is from another method."
+            )
         path = os.path.join(checkpoint, file_of[name])
         if not os.path.isfile(path):
-            raise UserError(f"{checkpoint} has no {file_of[name]} (the {name}); only single-process and DDP "
-                            f"checkpoints can start a new stage (FSDP ones are stored in another format).")
+            raise UserError(
+                f"{checkpoint} has no {file_of[name]} (the {name}); only single-process and DDP "
+                f"checkpoints can start a new stage (FSDP ones are stored in another format)."
+            )
         state = {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
@@ -85,12 +95,14 @@ def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tupl
             missing, unexpected = ["(tensor shapes differ)"], []
         missing = [k for k in missing if not k.startswith(may_be_new.get(name, ()))]
         if missing or unexpected:
-            raise UserError(f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
-                            f"it holds another architecture or LoRA setting.")
+            raise UserError(
+                f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
+                f"it holds another architecture or LoRA setting."
+            )
 
 
 def _strip_wrapper_prefix(key: str) -> str:
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key

@@ -5,6 +5,7 @@ copying the UNet's forward. For a features-only pass the hook stops the forward 
 does not run (DMD2's generator GAN term needs only D(x) = head(bottleneck)). A GAN head is the method's:
 it sets `critic.head` (a module reading the features) after sizing it with `feature_shape`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -42,11 +43,15 @@ class Critic(nn.Module):
         if self._hooked:
             return
         if self.feature_module is None:
-            raise ValueError("Critic features need a bottleneck: pass feature_module (a submodule name of the critic network).")
+            raise ValueError(
+                "Critic features need a bottleneck: pass feature_module (a submodule name of the critic network)."
+            )
         try:
             module = self.denoiser.net.get_submodule(self.feature_module)
         except AttributeError as err:
-            raise ValueError(f"The critic network has no submodule {self.feature_module!r} to read features from.") from err
+            raise ValueError(
+                f"The critic network has no submodule {self.feature_module!r} to read features from."
+            ) from err
         module.register_forward_hook(self._capture)
         self._hooked = True
 

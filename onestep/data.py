@@ -4,6 +4,7 @@ A batch source returns the batch for (step, micro-step, rank) deterministically:
 with replacement from a generator seeded by those numbers, so a resumed run sees exactly the batches an
 uninterrupted one would, and no sampler state needs checkpointing.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,7 @@ def random_indices(n: int, batch_size: int, seed: int, rank: int, step: int, mic
 
 @dataclass
 class Batch:
-    images: torch.Tensor          # (B, C, H, W) in [-1, 1]
+    images: torch.Tensor  # (B, C, H, W) in [-1, 1]
     cond: Cond | None = None
 
 
@@ -68,7 +69,9 @@ class ImageFolder(torch.utils.data.Dataset):
     convention). Every file is checked once up front so that a corrupt image is reported by name
     before training starts, not hours into it."""
 
-    def __init__(self, root: str, resolution: int, channels: int = 3, class_folders: bool = False, verify: bool = True):
+    def __init__(
+        self, root: str, resolution: int, channels: int = 3, class_folders: bool = False, verify: bool = True
+    ):
         if not os.path.isdir(root):
             raise UserError(f"The data folder {root} does not exist.")
         self.paths = sorted(
@@ -83,8 +86,12 @@ class ImageFolder(torch.utils.data.Dataset):
             if all(n.isdigit() for n in names):
                 names = sorted(names, key=int)  # folders "0".."10" are class ids, not strings
             self.class_names = names
-            self.labels = torch.tensor([names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths])
-        self.captions = read_captions(root, self.paths) if os.path.isfile(os.path.join(root, "metadata.jsonl")) else None
+            self.labels = torch.tensor(
+                [names.index(os.path.relpath(os.path.dirname(p), root).split(os.sep)[0]) for p in self.paths]
+            )
+        self.captions = (
+            read_captions(root, self.paths) if os.path.isfile(os.path.join(root, "metadata.jsonl")) else None
+        )
         if verify:
             for p in self.paths:
                 self._verify(p)
@@ -93,21 +100,27 @@ class ImageFolder(torch.utils.data.Dataset):
     def _verify(path):
         """Header and structure check (cheaper than decoding every image)."""
         from PIL import Image, UnidentifiedImageError
+
         try:
             with Image.open(path) as img:
                 img.verify()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file.") from None
+            raise UserError(
+                f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file."
+            ) from None
 
     @staticmethod
     def _open(path):
         from PIL import Image, UnidentifiedImageError
+
         try:
             with Image.open(path) as img:
                 img.load()
                 return img.copy()
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file.") from None
+            raise UserError(
+                f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file."
+            ) from None
 
     def __len__(self):
         return len(self.paths)
@@ -126,6 +139,7 @@ class ImageFolder(torch.utils.data.Dataset):
 def center_crop_tensor(img, r: int) -> torch.Tensor:
     """Resize the short side to r (bicubic), centre-crop r x r, scale to [-1, 1], CHW."""
     from PIL import Image
+
     scale = r / min(img.size)
     img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.BICUBIC)
     left, top = (img.width - r) // 2, (img.height - r) // 2
@@ -139,7 +153,9 @@ def _one_caption(value, row: int, name: str, column: str) -> str:
     if isinstance(value, (list, tuple)) and value and isinstance(value[0], str):
         value = value[0]
     if not isinstance(value, str):
-        raise UserError(f"Row {row} of dataset {name!r} has no text caption in column {column!r} (found {type(value).__name__}).")
+        raise UserError(
+            f"Row {row} of dataset {name!r} has no text caption in column {column!r} (found {type(value).__name__})."
+        )
     return value
 
 
@@ -147,8 +163,15 @@ class HFImageCaptions(torch.utils.data.Dataset):
     """Image-caption pairs from a Hugging Face dataset (hub id or local dataset folder, through
     `datasets.load_dataset`), centre-cropped to `resolution`; the same interface as ImageFolder."""
 
-    def __init__(self, name: str, resolution: int, split: str = "train", config_name: str | None = None,
-                 image_column: str = "image", caption_column: str = "text"):
+    def __init__(
+        self,
+        name: str,
+        resolution: int,
+        split: str = "train",
+        config_name: str | None = None,
+        image_column: str = "image",
+        caption_column: str = "text",
+    ):
         try:
             import datasets
         except ImportError:
@@ -156,11 +179,15 @@ class HFImageCaptions(torch.utils.data.Dataset):
         try:
             ds = datasets.load_dataset(name, config_name, split=split)
         except Exception as err:  # offline, unknown id, bad split: datasets raises many types
-            raise UserError(f"Cannot load dataset {name!r} (split {split!r}): {str(err).splitlines()[0] if str(err) else err.__class__.__name__}") from None
+            raise UserError(
+                f"Cannot load dataset {name!r} (split {split!r}): {str(err).splitlines()[0] if str(err) else err.__class__.__name__}"
+            ) from None
         for column in (image_column, caption_column):
             if column not in ds.column_names:
-                raise UserError(f"Dataset {name!r} has no column {column!r}; its columns are {', '.join(ds.column_names)} "
-                                f"(choose with --image_column / --caption_column).")
+                raise UserError(
+                    f"Dataset {name!r} has no column {column!r}; its columns are {', '.join(ds.column_names)} "
+                    f"(choose with --image_column / --caption_column)."
+                )
         if len(ds) == 0:
             raise UserError(f"Dataset {name!r} (split {split!r}) is empty.")
         self.ds, self.name, self.resolution, self.image_column = ds, name, resolution, image_column
@@ -176,6 +203,7 @@ class HFImageCaptions(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         from PIL import Image
+
         try:
             img = self.ds[int(i)][self.image_column]
             if not isinstance(img, Image.Image):
@@ -188,6 +216,7 @@ class HFImageCaptions(torch.utils.data.Dataset):
 def read_captions(root: str, paths: list[str]) -> list[str]:
     """Captions from an HF imagefolder metadata.jsonl (file_name + text/caption), in the order of paths."""
     import json
+
     meta = os.path.join(root, "metadata.jsonl")
     by_name = {}
     with open(meta, encoding="utf-8") as f:
@@ -215,11 +244,24 @@ class CaptionedLatentBatches:
     a hash of the file list, resolution and VAE), and training reads latents only; a later run with the
     same data reuses them. Latents are the VAE posterior mean (deterministic), times its scaling factor."""
 
-    def __init__(self, dataset: "ImageFolder | HFImageCaptions", batch_size: int, seed: int, encode_images, encode_text,
-                 cache_dir: str | None = None, cache_key: str = "", shard_size: int = 256,
-                 rank: int = 0, world_size: int = 1, barrier=None):
+    def __init__(
+        self,
+        dataset: ImageFolder | HFImageCaptions,
+        batch_size: int,
+        seed: int,
+        encode_images,
+        encode_text,
+        cache_dir: str | None = None,
+        cache_key: str = "",
+        shard_size: int = 256,
+        rank: int = 0,
+        world_size: int = 1,
+        barrier=None,
+    ):
         if dataset.captions is None:
-            raise UserError("Text-to-image GAN data needs captions: put a metadata.jsonl (file_name, text) in --train_data_dir.")
+            raise UserError(
+                "Text-to-image GAN data needs captions: put a metadata.jsonl (file_name, text) in --train_data_dir."
+            )
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.encode_images, self.encode_text = encode_images, encode_text
         self.latents = None
@@ -229,15 +271,21 @@ class CaptionedLatentBatches:
     def _cached(self, cache_dir: str, key: str, shard_size: int, rank: int, world_size: int, barrier) -> torch.Tensor:
         """Shard k is encoded by rank k mod world_size (missing shards only), then every rank reads all."""
         import hashlib
+
         from safetensors.torch import load_file, save_file
+
         os.makedirs(cache_dir, exist_ok=True)
-        digest = hashlib.sha256(repr((self.dataset.cache_identity, self.dataset.resolution, key)).encode()).hexdigest()[:16]
+        digest = hashlib.sha256(
+            repr((self.dataset.cache_identity, self.dataset.resolution, key)).encode()
+        ).hexdigest()[:16]
         paths = []
         for k, start in enumerate(range(0, len(self.dataset), shard_size)):
             path = os.path.join(cache_dir, f"latents-{digest}-{k:05d}.safetensors")
             paths.append(path)
             if k % world_size == rank and not os.path.exists(path):
-                images = torch.stack([self.dataset[i][0] for i in range(start, min(start + shard_size, len(self.dataset)))])
+                images = torch.stack(
+                    [self.dataset[i][0] for i in range(start, min(start + shard_size, len(self.dataset)))]
+                )
                 save_file({"latents": self.encode_images(images).cpu().contiguous()}, f"{path}.{rank}.tmp")
                 os.replace(f"{path}.{rank}.tmp", path)
         barrier()
@@ -259,7 +307,9 @@ class CaptionedLatentBatches:
 class DatasetBatches:
     """Random batches from a map-style dataset, loaded by DataLoader workers in the background."""
 
-    def __init__(self, dataset: ImageFolder, batch_size: int, seed: int = 0, num_workers: int = 0, micro_steps: int = 1):
+    def __init__(
+        self, dataset: ImageFolder, batch_size: int, seed: int = 0, num_workers: int = 0, micro_steps: int = 1
+    ):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.num_workers, self.micro_steps = num_workers, micro_steps
         self._iter, self._expected = None, None
@@ -274,8 +324,9 @@ class DatasetBatches:
     def batch(self, step: int, micro: int, rank: int, device) -> Batch:
         if self._expected != (step, micro):
             # (Re)start the loader here: the first call, or after a resume.
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=self._index_lists(step, micro, rank),
-                                                 num_workers=self.num_workers)
+            loader = torch.utils.data.DataLoader(
+                self.dataset, batch_sampler=self._index_lists(step, micro, rank), num_workers=self.num_workers
+            )
             self._iter = iter(loader)
         images, labels = next(self._iter)
         self._expected = (step, micro + 1) if micro + 1 < self.micro_steps else (step + 1, 0)
@@ -287,6 +338,7 @@ def read_prompts(path: str) -> list[str]:
     """A prompt file: plain text (one prompt per line, blank lines skipped) or JSON lines with a
     "text", "caption" or "prompt" field."""
     import json
+
     if not os.path.isfile(path):
         raise UserError(f"The prompt file {path} does not exist.")
     prompts = []
@@ -302,9 +354,31 @@ def read_prompts(path: str) -> list[str]:
                     raise UserError(f"{path} line {n} is not valid JSON.") from None
                 text = next((row[k] for k in ("text", "caption", "prompt") if k in row), None)
                 if not isinstance(text, str):
-                    raise UserError(f"{path} line {n} has no \"text\", \"caption\" or \"prompt\" string.")
+                    raise UserError(f'{path} line {n} has no "text", "caption" or "prompt" string.')
                 line = text
             prompts.append(line)
     if not prompts:
         raise UserError(f"The prompt file {path} holds no prompts.")
     return prompts
+
+
+def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
+    """The SR specs' degradation: bicubic downsampling by `scale` with antialiasing (oftsr.md section 3)."""
+    return F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
+
+
+def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
+    """u, the low-resolution image brought back to the high resolution (bicubic), which SR teachers read."""
+    return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
+
+
+class SRBatches:
+    """Super-resolution pairs from high-resolution images: each batch holds the HR images and, as the
+    condition, u = upsample(degrade(HR)) (`Cond.image`, concatenated on the teacher's input channels)."""
+
+    def __init__(self, hr_source, scale: int):
+        self.hr_source, self.scale = hr_source, scale
+
+    def batch(self, step: int, micro: int, rank: int, device) -> Batch:
+        hr = self.hr_source.batch(step, micro, rank, device).images
+        return Batch(hr, Cond(image=upsample(degrade(hr, self.scale), self.scale)))

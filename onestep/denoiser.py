@@ -4,6 +4,7 @@ Everything below this layer speaks x0-space through `Denoiser`; the network-spec
 small adapter (diffusers UNet2DModel, UNet2DConditionModel, or a plain module). Conditioning travels as
 one `Cond` object so that methods never care whether a teacher takes class labels or text.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -18,22 +19,24 @@ from .schedules import NoiseSchedule
 class Cond:
     """Per-sample conditioning. Every tensor field has the batch on dim 0; None means absent."""
 
-    class_labels: torch.Tensor | None = None          # (B,) long
+    class_labels: torch.Tensor | None = None  # (B,) long
     encoder_hidden_states: torch.Tensor | None = None  # (B, L, D) text embeddings
-    text_embeds: torch.Tensor | None = None            # (B, D) SDXL pooled embeddings
-    time_ids: torch.Tensor | None = None               # (B, 6) SDXL added time ids
-    image: torch.Tensor | None = None                  # (B, C, H, W) concatenated on channels (SR)
+    text_embeds: torch.Tensor | None = None  # (B, D) SDXL pooled embeddings
+    time_ids: torch.Tensor | None = None  # (B, 6) SDXL added time ids
+    image: torch.Tensor | None = None  # (B, C, H, W) concatenated on channels (SR)
 
-    def _map(self, fn) -> "Cond":
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+    def _map(self, fn) -> Cond:
+        return replace(
+            self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None}
+        )
 
-    def to(self, device) -> "Cond":
+    def to(self, device) -> Cond:
         return self._map(lambda v: v.to(device))
 
-    def __getitem__(self, index) -> "Cond":
+    def __getitem__(self, index) -> Cond:
         return self._map(lambda v: v[index])
 
-    def cat(self, other: "Cond") -> "Cond":
+    def cat(self, other: Cond) -> Cond:
         kw = {}
         for f in fields(self):
             a, b = getattr(self, f.name), getattr(other, f.name)
@@ -130,7 +133,9 @@ class Denoiser(nn.Module):
         """The network's native output (eps, v, velocity or x0), as its training loss sees it."""
         return self(x_t, t, cond, native=True)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, native: bool = False) -> torch.Tensor:
+    def forward(
+        self, x_t: torch.Tensor, t: torch.Tensor, cond: Cond | None = None, native: bool = False
+    ) -> torch.Tensor:
         """x0_hat, or with native=True the network's own output (one forward either way, so a
         DDP-wrapped Denoiser can serve both). EDM networks are preconditioned: their native output is D."""
         sched, kind = self.schedule, self.prediction_type

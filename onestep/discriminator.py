@@ -1,4 +1,5 @@
 """GAN heads. DMD2's head reads the fake-score critic's bottleneck features (DMD2 spec 4.3)."""
+
 from __future__ import annotations
 
 import math

@@ -4,6 +4,7 @@ Only what sampling needs is written (no critic, head, EMA shadow or teacher). Fi
 to a temporary folder beside the target and then moved in, so a failed export never leaves a
 half-written pipeline over a good one.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,11 @@ import tempfile
 
 from .errors import UserError
 
+
 def _pipelines_source(name: str) -> str:
     """Path of a pipeline file: beside the package in a checkout, or inside it when installed."""
     import onestep.pipelines as pkg
+
     return os.path.join(os.path.dirname(pkg.__file__), name)
 
 
@@ -31,6 +34,7 @@ def _move_into(tmp: str, output_dir: str) -> None:
 
 def _scheduler(config: dict):
     import diffusers
+
     cls = getattr(diffusers, config.get("_class_name", "DDPMScheduler"), None)
     if cls is None:
         raise UserError(f"Unknown scheduler class {config.get('_class_name')!r} in the teacher's scheduler config.")
@@ -56,13 +60,16 @@ def save_teacher(unet, scheduler_config: dict, output_dir: str, card: dict, clas
         _move_into(tmp, output_dir)
 
 
-def export_one_step(unet, scheduler_config: dict, timesteps: list[int], output_dir: str, card: dict,
-                    num_classes: int | None = None) -> None:
+def export_one_step(
+    unet, scheduler_config: dict, timesteps: list[int], output_dir: str, card: dict, num_classes: int | None = None
+) -> None:
     """A UNet2DModel student as a OneStepPipeline folder (our pipeline class, file copied in)."""
     from onestep.pipelines import OneStepPipeline
 
     os.makedirs(output_dir, exist_ok=True)
-    pipe = OneStepPipeline(unet=unet, scheduler=_scheduler(scheduler_config), timesteps=timesteps, num_classes=num_classes)
+    pipe = OneStepPipeline(
+        unet=unet, scheduler=_scheduler(scheduler_config), timesteps=timesteps, num_classes=num_classes
+    )
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         pipe.save_pretrained(tmp)
         shutil.copy(_pipelines_source("one_step.py"), os.path.join(tmp, "one_step.py"))
@@ -83,7 +90,11 @@ def export_one_step(unet, scheduler_config: dict, timesteps: list[int], output_d
             f"timestep(s) {timesteps}; no guidance at inference (it was distilled in).\n"
         )
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card("One-step student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps}, usage))
+            f.write(
+                model_card(
+                    "One-step student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps}, usage
+                )
+            )
         _move_into(tmp, output_dir)
 
 
@@ -99,39 +110,56 @@ def stock_scheduler(teacher_scheduler_config: dict, timesteps: list[int], offset
       terms vanish: timestep_scaling is set so that c_skip ~ 1e-16).
     DDIM's set_alpha_to_one makes the last update return the x0 prediction itself."""
     from diffusers import DDIMScheduler, LCMScheduler
+
     base = {k: v for k, v in teacher_scheduler_config.items() if not k.startswith("_")}
     last = int(base.get("num_train_timesteps", 1000)) - 1
     common = {"clip_sample": False, "thresholding": False}
     if len(timesteps) == 1 and int(timesteps[0]) == last:
-        sched = DDIMScheduler.from_config({**base, **common, "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": True})
+        sched = DDIMScheduler.from_config(
+            {**base, **common, "timestep_spacing": "trailing", "steps_offset": 1, "set_alpha_to_one": True}
+        )
     elif len(timesteps) == 1:
         if not offset_allowed:
-            raise UserError(f"StableDiffusionPipeline resets steps_offset to 1 on loading, so its stock scheduler can start a "
-                            f"one-step student only at t = {last}; use --conditioning_timesteps {last} (SDXL pipelines take any t).")
-        sched = DDIMScheduler.from_config({**base, **common, "timestep_spacing": "leading", "steps_offset": int(timesteps[0]),
-                                           "set_alpha_to_one": True})
+            raise UserError(
+                f"StableDiffusionPipeline resets steps_offset to 1 on loading, so its stock scheduler can start a "
+                f"one-step student only at t = {last}; use --conditioning_timesteps {last} (SDXL pipelines take any t)."
+            )
+        sched = DDIMScheduler.from_config(
+            {
+                **base,
+                **common,
+                "timestep_spacing": "leading",
+                "steps_offset": int(timesteps[0]),
+                "set_alpha_to_one": True,
+            }
+        )
     else:
-        sched = LCMScheduler.from_config({**base, **common, "original_inference_steps": len(timesteps), "steps_offset": 1,
-                                          "timestep_scaling": 1e7})
+        sched = LCMScheduler.from_config(
+            {**base, **common, "original_inference_steps": len(timesteps), "steps_offset": 1, "timestep_scaling": 1e7}
+        )
     sched.set_timesteps(len(timesteps))
     got = [int(t) for t in sched.timesteps]
     if got != [int(t) for t in timesteps]:
-        raise UserError(f"No stock scheduler reproduces the trained timesteps {list(timesteps)} (closest: {got}); "
-                        f"train with evenly spaced ones ending at T/k - 1, e.g. 999,749,499,249.")
+        raise UserError(
+            f"No stock scheduler reproduces the trained timesteps {list(timesteps)} (closest: {got}); "
+            f"train with evenly spaced ones ending at T/k - 1, e.g. 999,749,499,249."
+        )
     return sched
 
 
 LORA_FOLDER = "lora"
 
 
-def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict,
-                         lora: dict | None = None) -> None:
+def export_text_to_image(
+    unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict, lora: dict | None = None
+) -> None:
     """A Stable Diffusion student as the stock StableDiffusion(XL)Pipeline: the teacher's VAE, text
     encoders and tokenizers, the distilled UNet, and a scheduler that reproduces the training timesteps.
     A LoRA student (lora = its adapter config) also gets lora/pytorch_lora_weights.safetensors, which
     `teacher_pipe.load_lora_weights(folder + "/lora")` takes; the folder's own UNet has it fused in,
     made through that same diffusers path."""
     import diffusers
+
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
         scheduler = stock_scheduler(json.load(f), timesteps, offset_allowed=sdxl)
@@ -140,6 +168,7 @@ def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[in
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         if lora is not None:
             from .lora import lora_state_dict
+
             adapter = os.path.join(tmp, LORA_FOLDER)
             cls.save_lora_weights(adapter, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=lora)
             pipe = cls.from_pretrained(teacher_path, scheduler=scheduler, **extra)
@@ -157,9 +186,16 @@ def export_text_to_image(unet, teacher_path: str, sdxl: bool, timesteps: list[in
             "(guidance was distilled in; the saved scheduler config reproduces the training timesteps).\n"
         )
         if lora is not None:
-            usage += ("\nThe LoRA adapter alone: `teacher_pipe.load_lora_weights(folder + \"/lora\")`, then the same call "
-                      "with the scheduler from this folder (`scheduler = LCMScheduler/DDIMScheduler.from_pretrained(folder, subfolder=\"scheduler\")`).\n")
+            usage += (
+                '\nThe LoRA adapter alone: `teacher_pipe.load_lora_weights(folder + "/lora")`, then the same call '
+                'with the scheduler from this folder (`scheduler = LCMScheduler/DDIMScheduler.from_pretrained(folder, subfolder="scheduler")`).\n'
+            )
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card("Text-to-image student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps,
-                                                         "pipeline": cls.__name__}, usage))
+            f.write(
+                model_card(
+                    "Text-to-image student",
+                    {**card, "sampling steps": steps, "conditioning timesteps": timesteps, "pipeline": cls.__name__},
+                    usage,
+                )
+            )
         _move_into(tmp, output_dir)

@@ -4,9 +4,10 @@ DMD2 spec 3 and 5: G reads pure noise at t_c (scaled by the schedule's prior std
 sigma_max for EDM) and returns x0. Few-step generation re-noises each x0 to the next listed timestep
 with fresh noise; training uses backward simulation to reach the inputs the sampler will produce.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -22,10 +23,12 @@ class OneStepGenerator(nn.Module):
 
     def __init__(self, denoiser: Denoiser, timesteps: list[int]):
         super().__init__()
-        if not timesteps or list(timesteps) != sorted(timesteps, reverse=True):
-            raise UserError(f"Generator timesteps must be a non-empty descending list, got {timesteps}.")
+        if not timesteps or list(timesteps) != sorted(set(timesteps), reverse=True):
+            raise UserError(f"--conditioning_timesteps must be distinct and descending, got {list(timesteps)}.")
         if max(timesteps) >= denoiser.schedule.num_timesteps or min(timesteps) < 0:
-            raise UserError(f"Generator timesteps {timesteps} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}.")
+            raise UserError(
+                f"--conditioning_timesteps {list(timesteps)} fall outside the schedule's 0..{denoiser.schedule.num_timesteps - 1}."
+            )
         self.denoiser = denoiser
         self.timesteps = [int(t) for t in timesteps]
 
@@ -44,8 +47,14 @@ class OneStepGenerator(nn.Module):
         return torch.full((like.shape[0],), self.timesteps[index], dtype=torch.long, device=like.device)
 
     @torch.no_grad()
-    def sample(self, z: torch.Tensor, cond: Cond | None = None, num_steps: int | None = None,
-               call: GeneratorCall | None = None, noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        z: torch.Tensor,
+        cond: Cond | None = None,
+        num_steps: int | None = None,
+        call: GeneratorCall | None = None,
+        noise_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Run the trained chain: G at t_0 -> x0 -> re-noise to t_1 with fresh noise -> ... -> x0."""
         call = call or self
         noise_fn = noise_fn or torch.randn_like
@@ -58,8 +67,9 @@ class OneStepGenerator(nn.Module):
         return x0
 
     @torch.no_grad()
-    def backward_simulate(self, z: torch.Tensor, cond: Cond | None, k: int,
-                          call: GeneratorCall | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def backward_simulate(
+        self, z: torch.Tensor, cond: Cond | None, k: int, call: GeneratorCall | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """DMD2 spec 5, multi-step: the generator input at list entry k, made by the current G itself.
 
         k = 0: pure noise z. k > 0: from fresh pure noise run G through the first k entries (each x0

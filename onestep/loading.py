@@ -1,4 +1,5 @@
 """Loading teachers from a diffusers folder or hub id into a Denoiser, with one-sentence errors."""
+
 from __future__ import annotations
 
 import json
@@ -53,12 +54,17 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
         unet_cfg, sched_cfg = _hub_configs(path, revision)
     cls_name = unet_cfg.get("_class_name")
     if cls_name not in SUPPORTED_UNETS:
-        raise UserError(f"Teacher UNet type {cls_name!r} is not supported; expected one of {', '.join(SUPPORTED_UNETS)}.")
+        raise UserError(
+            f"Teacher UNet type {cls_name!r} is not supported; expected one of {', '.join(SUPPORTED_UNETS)}."
+        )
     import diffusers
+
     cls = getattr(diffusers, cls_name)
     try:
-        unet = cls.from_pretrained(path, subfolder="unet", revision=revision, variant=variant, torch_dtype=torch.float32)
-    except (OSError, ValueError, EnvironmentError) as err:
+        unet = cls.from_pretrained(
+            path, subfolder="unet", revision=revision, variant=variant, torch_dtype=torch.float32
+        )
+    except (OSError, ValueError) as err:
         raise UserError(f"Cannot load the teacher UNet from {path}: {str(err).splitlines()[0]}") from None
     try:
         spec = schedule_from_scheduler_config(sched_cfg)
@@ -84,9 +90,12 @@ def read_class_info(name_or_path: str, unet_config: dict) -> dict:
 
 def _hub_configs(repo_id: str, revision: str | None):
     from huggingface_hub import hf_hub_download
+
     try:
         unet_cfg = _read_json(hf_hub_download(repo_id, "unet/config.json", revision=revision))
         sched_cfg = _read_json(hf_hub_download(repo_id, "scheduler/scheduler_config.json", revision=revision))
     except Exception as err:  # network, auth, missing repo: one sentence whatever the cause
-        raise UserError(f"Cannot fetch teacher {repo_id} from the hub ({err.__class__.__name__}); check the id, your network, or pass a local folder.") from None
+        raise UserError(
+            f"Cannot fetch teacher {repo_id} from the hub ({err.__class__.__name__}); check the id, your network, or pass a local folder."
+        ) from None
     return unet_cfg, sched_cfg

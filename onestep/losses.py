@@ -1,5 +1,6 @@
 """Losses: small pure functions on tensors (no models inside), so each can be unit-tested alone, and the
 denoising objective (DenoisingLoss), which draws its own t and noise and calls the network it is given."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,7 +23,9 @@ def dm_loss(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     return 0.5 * F.mse_loss(x.float(), target.float(), reduction="mean")
 
 
-def weighted_squared_error(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+def weighted_squared_error(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
     """Unreduced (per-element) squared error of a denoiser's native output, optionally weighted per sample."""
     err = (pred.float() - target.float()) ** 2
     if weight is not None:

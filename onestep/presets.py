@@ -1,119 +1,189 @@
-"""Named, typed recipes: the published DMD2 settings (shared/methods/dmd2.md section 7) and the CPU default.
+"""Named, typed DMD2 recipes: the published settings (shared/methods/dmd2.md section 7) and the CPU default.
 
-A preset fills every option a user does not pass on the command line. Batch sizes are per process;
-the published global batch is per-process batch x number of GPUs (x accumulation).
+Each preset is one `RunConfig` (the method's config, the trainer's, the teacher, memory options); the
+published variants are built from a base with `dataclasses.replace`. Batch sizes are per process; the
+published global batch is per-process batch x number of GPUs (x accumulation).
 """
+
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import replace
 
-from .errors import UserError
+from .config import EvalConfig, MemoryConfig, Preset, RunConfig, TeacherConfig
+from .methods.dmd2 import DMD2Config
+from .trainer import TrainerConfig
 
+DEFAULT_PRESET = "digits-cpu"
+OUTPUT_DIR = "outputs/dmd2-digits"
 
-@dataclass(frozen=True)
-class DMD2Preset:
-    name: str
-    description: str
-    teacher: str                       # --pretrained_model_name_or_path default
-    learning_rate: float
-    ttur_ratio: int
-    guidance_scale: float
-    conditioning_timesteps: tuple[int, ...]
-    gan: bool
-    gan_generator_weight: float
-    gan_discriminator_weight: float
-    train_batch_size: int              # per process
-    max_train_steps: int              # critic iterations
-    mixed_precision: str = "bf16"
-    lr_warmup_steps: int = 500
-    max_grad_norm: float = 10.0
-    ema_decay: float = 0.0             # 0 = off (the reference uses none)
-    validation_steps: int = 1000
-    eval_steps: int | None = None      # in-training FID (needs a reference the teacher comes with)
-    checkpointing_steps: int = 1000
-    gradient_checkpointing: bool = False
-    lora_rank: int = 0                 # LoRA on G only (text-to-image presets)
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
+# The published GPU runs: bf16, 500 warm-up iterations, clipping at 10, no EMA, checkpoints every 1,000.
+_GPU_TRAINER = TrainerConfig(
+    output_dir=OUTPUT_DIR,
+    max_train_steps=200_000,
+    mixed_precision="bf16",
+    lr_warmup_steps=500,
+    max_grad_norm=10.0,
+    validation_steps=1000,
+    checkpointing_steps=1000,
+)
+_SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+_SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
+_FOUR_STEPS = [999, 749, 499, 249]
 
 
-PRESETS: dict[str, DMD2Preset] = {
+def _preset(
+    name,
+    description,
+    method: DMD2Config,
+    trainer: TrainerConfig,
+    teacher: str,
+    notes: str = "",
+    memory: MemoryConfig | None = None,
+    evaluation: EvalConfig | None = None,
+) -> Preset:
+    config = RunConfig(
+        method=method,
+        trainer=trainer,
+        teacher=TeacherConfig(pretrained_model_name_or_path=teacher),
+        memory=memory or MemoryConfig(),
+        evaluation=evaluation or EvalConfig(),
+    )
+    return Preset(name, description, config, notes)
+
+
+_DIGITS = _preset(
+    "digits-cpu",
+    "Bundled default: the class-conditional digits teacher (16x16), one step, GAN on, 2 CPU cores.",
+    DMD2Config(
+        learning_rate=2e-4,
+        ttur_ratio=5,
+        guidance_scale=1.0,
+        conditioning_timesteps=[399],
+        gan=True,
+        gan_generator_weight=3e-3,
+        gan_discriminator_weight=1e-2,
+        train_batch_size=16,
+    ),
+    TrainerConfig(
+        output_dir=OUTPUT_DIR,
+        max_train_steps=1200,
+        mixed_precision="no",
+        lr_warmup_steps=0,
+        max_grad_norm=10.0,
+        ema_decay=0.99,
+        validation_steps=300,
+        checkpointing_steps=600,
+        eval_steps=300,
+    ),
+    teacher="digits",
+    notes="Conditioning timestep 399 (as SDXL one-step): at 999 the eps->x0 conversion multiplies the "
+    "network's error by 1/alpha_999 = 14.6 and a CPU budget does not train it away (README).",
+)
+
+_IMAGENET = _preset(
+    "imagenet64-edm",
+    "ImageNet 64x64, EDM class-conditional teacher, sigma 80 one step (paper FID 1.51 from scratch with GAN).",
+    DMD2Config(
+        learning_rate=2e-6,
+        ttur_ratio=5,
+        conditioning_timesteps=[999],
+        gan=True,
+        gan_generator_weight=3e-3,
+        gan_discriminator_weight=1e-2,
+        train_batch_size=40,
+    ),
+    _GPU_TRAINER,
+    teacher="<EDM ImageNet-64 teacher converted to diffusers>",
+    notes="Published: 7 GPUs x 40 = 280 global batch; final resume at lr 5e-7 reached FID 1.28.",
+)
+
+_SD15_STAGE1 = _preset(
+    "sd15",
+    "Stable Diffusion 1.5, one step at t=999, stage 1 (no GAN), real-score CFG 1.75.",
+    DMD2Config(
+        learning_rate=1e-5,
+        ttur_ratio=10,
+        guidance_scale=1.75,
+        conditioning_timesteps=[999],
+        gan=False,
+        gan_generator_weight=1e-3,
+        gan_discriminator_weight=1e-2,
+        train_batch_size=32,
+    ),
+    replace(_GPU_TRAINER, max_train_steps=40_000),
+    teacher=_SD15,
+    memory=MemoryConfig(gradient_checkpointing=True),
+    notes="Published: 64 GPUs x 32 = 2048 global batch; stage 2 is preset sd15-stage2.",
+)
+
+_SDXL_4STEP = _preset(
+    "sdxl-4step",
+    "SDXL base, four steps [999, 749, 499, 249] with backward simulation, CFG 8, GAN.",
+    DMD2Config(
+        learning_rate=5e-7,
+        ttur_ratio=5,
+        guidance_scale=8.0,
+        conditioning_timesteps=_FOUR_STEPS,
+        gan=True,
+        gan_generator_weight=5e-3,
+        gan_discriminator_weight=1e-2,
+        train_batch_size=2,
+    ),
+    replace(_GPU_TRAINER, max_train_steps=19_000),
+    teacher=_SDXL,
+    memory=MemoryConfig(gradient_checkpointing=True),
+    notes="Published: 64 GPUs x 2 = 128 global batch, FSDP.",
+)
+
+
+def _variant(
+    base: Preset,
+    name: str,
+    description: str,
+    notes: str = "",
+    method: dict | None = None,
+    trainer: dict | None = None,
+    memory: dict | None = None,
+) -> Preset:
+    c = base.config
+    config = replace(
+        c,
+        method=replace(c.method, **(method or {})),
+        trainer=replace(c.trainer, **(trainer or {})),
+        memory=replace(c.memory, **(memory or {})),
+    )
+    return Preset(name, description, config, notes)
+
+
+PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
-        DMD2Preset(
-            name="digits-cpu",
-            description="Bundled default: the class-conditional digits teacher (16x16), one step, GAN on, 2 CPU cores.",
-            teacher="digits", learning_rate=2e-4, ttur_ratio=5, guidance_scale=1.0, conditioning_timesteps=(399,),
-            gan=True, gan_generator_weight=3e-3, gan_discriminator_weight=1e-2, train_batch_size=16,
-            max_train_steps=1200, mixed_precision="no", lr_warmup_steps=0, ema_decay=0.99,
-            validation_steps=300, checkpointing_steps=600, eval_steps=300,
-            notes="Conditioning timestep 399 (as SDXL one-step): at 999 the eps->x0 conversion multiplies the "
-                  "network's error by 1/alpha_999 = 14.6 and a CPU budget does not train it away (README).",
+        _DIGITS,
+        _IMAGENET,
+        _SD15_STAGE1,
+        _variant(
+            _SD15_STAGE1,
+            "sd15-stage2",
+            "Stable Diffusion 1.5 stage 2: resume stage 1 and add the GAN at a lower learning rate.",
+            "Released checkpoint: +2k iterations; the paper says +5k (COCO FID 8.35).",
+            method={"learning_rate": 5e-7, "gan": True},
+            trainer={"max_train_steps": 5_000},
         ),
-        DMD2Preset(
-            name="imagenet64-edm",
-            description="ImageNet 64x64, EDM class-conditional teacher, sigma 80 one step (paper FID 1.51 from scratch with GAN).",
-            teacher="<EDM ImageNet-64 teacher converted to diffusers>", learning_rate=2e-6, ttur_ratio=5, guidance_scale=1.0,
-            conditioning_timesteps=(999,), gan=True, gan_generator_weight=3e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=40, max_train_steps=200_000,
-            notes="Published: 7 GPUs x 40 = 280 global batch; final resume at lr 5e-7 reached FID 1.28.",
+        _SDXL_4STEP,
+        _variant(
+            _SDXL_4STEP,
+            "sdxl-1step",
+            "SDXL base, one step with the network told t=399, CFG 8, GAN (after a regression warm start).",
+            "The published run starts from a DMD1-style LPIPS regression warm start.",
+            method={"conditioning_timesteps": [399]},
+            trainer={"max_train_steps": 24_000},
         ),
-        DMD2Preset(
-            name="sd15",
-            description="Stable Diffusion 1.5, one step at t=999, stage 1 (no GAN), real-score CFG 1.75.",
-            teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=1e-5, ttur_ratio=10, guidance_scale=1.75,
-            conditioning_timesteps=(999,), gan=False, gan_generator_weight=1e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=32, max_train_steps=40_000, gradient_checkpointing=True,
-            notes="Published: 64 GPUs x 32 = 2048 global batch; stage 2 is preset sd15-stage2.",
-        ),
-        DMD2Preset(
-            name="sd15-stage2",
-            description="Stable Diffusion 1.5 stage 2: resume stage 1 and add the GAN at a lower learning rate.",
-            teacher="stable-diffusion-v1-5/stable-diffusion-v1-5", learning_rate=5e-7, ttur_ratio=10, guidance_scale=1.75,
-            conditioning_timesteps=(999,), gan=True, gan_generator_weight=1e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=32, max_train_steps=5_000, gradient_checkpointing=True,
-            notes="Released checkpoint: +2k iterations; the paper says +5k (COCO FID 8.35).",
-        ),
-        DMD2Preset(
-            name="sdxl-4step",
-            description="SDXL base, four steps [999, 749, 499, 249] with backward simulation, CFG 8, GAN.",
-            teacher="stabilityai/stable-diffusion-xl-base-1.0", learning_rate=5e-7, ttur_ratio=5, guidance_scale=8.0,
-            conditioning_timesteps=(999, 749, 499, 249), gan=True, gan_generator_weight=5e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=2, max_train_steps=19_000, gradient_checkpointing=True,
-            notes="Published: 64 GPUs x 2 = 128 global batch, FSDP.",
-        ),
-        DMD2Preset(
-            name="sdxl-1step",
-            description="SDXL base, one step with the network told t=399, CFG 8, GAN (after a regression warm start).",
-            teacher="stabilityai/stable-diffusion-xl-base-1.0", learning_rate=5e-7, ttur_ratio=5, guidance_scale=8.0,
-            conditioning_timesteps=(399,), gan=True, gan_generator_weight=5e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=2, max_train_steps=24_000, gradient_checkpointing=True,
-            notes="The published run starts from a DMD1-style LPIPS regression warm start.",
-        ),
-        DMD2Preset(
-            name="sdxl-lora",
-            description="SDXL base, four steps, LoRA on the generator (rank 64, alpha 8), lr 5e-5.",
-            teacher="stabilityai/stable-diffusion-xl-base-1.0", learning_rate=5e-5, ttur_ratio=5, guidance_scale=8.0,
-            conditioning_timesteps=(999, 749, 499, 249), gan=True, gan_generator_weight=5e-3, gan_discriminator_weight=1e-2,
-            train_batch_size=2, max_train_steps=19_000, gradient_checkpointing=True, lora_rank=64,
+        _variant(
+            _SDXL_4STEP,
+            "sdxl-lora",
+            "SDXL base, four steps, LoRA on the generator (rank 64, alpha 8), lr 5e-5.",
+            method={"learning_rate": 5e-5},
+            memory={"lora_rank": 64},
         ),
     ]
 }
-
-
-def presets_help(presets: dict) -> str:
-    """The --help epilog: each preset with the values it gives the flags a user leaves unset."""
-    import textwrap
-    from dataclasses import fields
-    lines = ["presets (--preset NAME; a flag on the command line overrides the preset's value):"]
-    for p in presets.values():
-        values = ", ".join(f"{f.name}={getattr(p, f.name)}" for f in fields(p)
-                           if f.name not in ("name", "description", "notes", "extra"))
-        lines += [f"  {p.name}: {p.description}", textwrap.fill(values, 110, initial_indent=" " * 6, subsequent_indent=" " * 6)]
-    return "\n".join(lines)
-
-
-def get_preset(name: str) -> DMD2Preset:
-    if name not in PRESETS:
-        raise UserError(f"Unknown preset {name!r}; choose one of: {', '.join(PRESETS)}.")
-    return PRESETS[name]

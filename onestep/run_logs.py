@@ -1,4 +1,5 @@
 """The CSV logs and curves a run writes (logs/losses.csv, logs/eval.csv, loss_curves.png, eval.png)."""
+
 from __future__ import annotations
 
 import csv
@@ -15,7 +16,10 @@ def read_history(path: str, upto: int) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        rows = [{k: (int(float(v)) if k == "step" else float(v)) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
+        rows = [
+            {k: (int(float(v)) if k == "step" else float(v)) for k, v in r.items() if v != ""}
+            for r in csv.DictReader(f)
+        ]
     return [r for r in rows if r["step"] <= upto]
 
 
@@ -33,8 +37,10 @@ def plot_history(history: list[dict], path: str) -> None:
     if not history:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     keys = sorted({k for r in history for k in r} - {"step", "lr"})
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * max(len(keys), 1)), squeeze=False, sharex=True)
     for ax, key in zip(axes[:, 0], keys):

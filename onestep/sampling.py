@@ -1,4 +1,5 @@
 """Multi-step teacher samplers (baselines and sample grids)."""
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,14 @@ def trailing_timesteps(num_timesteps: int, num_steps: int) -> list[int]:
 
 
 @torch.no_grad()
-def ddim_sample(denoiser: Denoiser, z: torch.Tensor, cond: Cond | None = None, num_steps: int = 50,
-                guidance_scale: float = 1.0, uncond: Cond | None = None) -> torch.Tensor:
+def ddim_sample(
+    denoiser: Denoiser,
+    z: torch.Tensor,
+    cond: Cond | None = None,
+    num_steps: int = 50,
+    guidance_scale: float = 1.0,
+    uncond: Cond | None = None,
+) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) from pure noise with trailing spacing; returns the final x0_hat."""
     sched = denoiser.schedule
     ts = trailing_timesteps(sched.num_timesteps, num_steps)

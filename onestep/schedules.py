@@ -16,6 +16,7 @@ Conversions (shared/methods/README.md "Converting a network output to an x0 pred
     edm:           x0 = c_skip x_t + c_out F(c_in x_t)         (Karras et al. 2022, Table 1; alpha = 1)
 and their inverses (`from_x0`); `model_input` applies EDM's c_in (and ResShift's latent scaling).
 """
+
 from __future__ import annotations
 
 import math
@@ -79,7 +80,9 @@ class NoiseSchedule:
         b = self._tables(like.device)[2][t.long().to(like.device)]
         return _expand(b, like) * u.double()
 
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    def add_noise(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None
+    ) -> torch.Tensor:
         a, s = self.coefficients(t, x0.device)
         out = _expand(a, x0) * x0.double() + _expand(s, x0) * eps.double()
         bu = self.shift(t, u, x0)
@@ -118,8 +121,14 @@ class NoiseSchedule:
         return (_expand(c_in, x_t) * x_t.double()).to(x_t.dtype)
 
     # -- conversions -----------------------------------------------------------------------------
-    def to_x0(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str,
-              u: torch.Tensor | None = None) -> torch.Tensor:
+    def to_x0(
+        self,
+        output: torch.Tensor,
+        x_t: torch.Tensor,
+        t: torch.Tensor,
+        prediction_type: str,
+        u: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Convert a network output of `prediction_type` at (x_t, t) into an x0 prediction."""
         if prediction_type == "sample":
             return output
@@ -144,7 +153,9 @@ class NoiseSchedule:
             raise _unknown(prediction_type)
         return x0.to(output.dtype)
 
-    def eps_from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    def eps_from_x0(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """eps_hat = (x_t - a x0 - b u) / c, in float64."""
         a, s = self.coefficients(t, x_t.device)
         xt = x_t.double()
@@ -153,8 +164,9 @@ class NoiseSchedule:
             xt = xt - bu
         return (xt - _expand(a, x_t) * x0.double()) / _expand(s, x_t)
 
-    def from_x0(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str,
-                u: torch.Tensor | None = None) -> torch.Tensor:
+    def from_x0(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, u: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Inverse of `to_x0`: the network output that would give x0 at (x_t, t)."""
         if prediction_type == "sample":
             return x0
@@ -175,8 +187,9 @@ class NoiseSchedule:
             raise _unknown(prediction_type)
         return out.to(x0.dtype)
 
-    def denoising_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str,
-                         u: torch.Tensor | None = None):
+    def denoising_target(
+        self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str, u: torch.Tensor | None = None
+    ):
         """(target for the network's native output, per-sample weight or None): each parametrisation's own
         denoising objective (DMD2 spec 4.2: eps-MSE unweighted for eps networks; EDM: x0-MSE weighted by
         1/sigma^2 + 1/sigma_data^2, the output being D = c_skip x + c_out F)."""
@@ -197,8 +210,14 @@ class NoiseSchedule:
             return eps - x0, None
         raise _unknown(prediction_type)
 
-    def ddim_step(self, x_t: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, s: torch.Tensor | None,
-                  u: torch.Tensor | None = None) -> torch.Tensor:
+    def ddim_step(
+        self,
+        x_t: torch.Tensor,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        s: torch.Tensor | None,
+        u: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Deterministic step t -> s: x_s = a_s x0 + b_s u + (c_s / c_t)(x_t - a_t x0 - b_t u); s=None: clean."""
         if s is None:
             return x0
@@ -284,8 +303,15 @@ class ResShiftSchedule(NoiseSchedule):
 
     kind = "resshift"
 
-    def __init__(self, num_timesteps: int = 15, kappa: float = 2.0, min_noise: float = 0.04, eta_end: float = 0.99,
-                 power: float = 0.3, scale_input: bool = False):
+    def __init__(
+        self,
+        num_timesteps: int = 15,
+        kappa: float = 2.0,
+        min_noise: float = 0.04,
+        eta_end: float = 0.99,
+        power: float = 0.3,
+        scale_input: bool = False,
+    ):
         T = num_timesteps
         s1 = min(min_noise / kappa, min_noise, math.sqrt(0.001))
         i = torch.arange(1, T + 1, dtype=torch.float64)
@@ -337,8 +363,10 @@ def schedule_from_scheduler_config(config: dict) -> ScheduleSpec:
         return ScheduleSpec(RectifiedFlowSchedule(config.get("num_train_timesteps", 1000)), "flow")
     if name.startswith("EDM"):
         sched = KarrasSchedule(
-            sigma_min=config.get("sigma_min", 0.002), sigma_max=config.get("sigma_max", 80.0),
-            rho=config.get("rho", 7.0), sigma_data=config.get("sigma_data", 0.5),
+            sigma_min=config.get("sigma_min", 0.002),
+            sigma_max=config.get("sigma_max", 80.0),
+            rho=config.get("rho", 7.0),
+            sigma_data=config.get("sigma_data", 0.5),
         )
         return ScheduleSpec(sched, "edm")
     if config.get("trained_betas") is not None:
@@ -346,9 +374,13 @@ def schedule_from_scheduler_config(config: dict) -> ScheduleSpec:
         sched = DiscreteVPSchedule(torch.cumprod(1 - betas, 0))
     else:
         sched = DiscreteVPSchedule.from_betas(
-            config.get("beta_start", 0.0001), config.get("beta_end", 0.02),
-            config.get("beta_schedule", "linear"), config.get("num_train_timesteps", 1000),
+            config.get("beta_start", 0.0001),
+            config.get("beta_end", 0.02),
+            config.get("beta_schedule", "linear"),
+            config.get("num_train_timesteps", 1000),
         )
     if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"Scheduler prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}.")
+        raise ValueError(
+            f"Scheduler prediction_type {prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}."
+        )
     return ScheduleSpec(sched, prediction_type)

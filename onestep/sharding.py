@@ -6,6 +6,7 @@ which FSDP1's flat parameters would not. Every forward is a collective under FSD
 computed on all ranks, and the student is exported from a full state dict gathered onto rank 0 and
 loaded into a weightless copy made before sharding.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,11 +27,15 @@ def check_sharding_supported(accelerator, ema_decay) -> None:
         return
     version = getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1)
     if version != 2:
-        raise UserError(f"FSDP version {version} is not supported; set fsdp_version: 2 in the accelerate config "
-                        f"(train/fsdp_sdxl.yaml is one).")
+        raise UserError(
+            f"FSDP version {version} is not supported; set fsdp_version: 2 in the accelerate config "
+            f"(train/fsdp_sdxl.yaml is one)."
+        )
     if ema_decay:
-        raise UserError("--ema_decay is not supported with FSDP (the EMA would hold only this rank's shard); "
-                        "the SD presets train without EMA, as published.")
+        raise UserError(
+            "--ema_decay is not supported with FSDP (the EMA would hold only this rank's shard); "
+            "the SD presets train without EMA, as published."
+        )
 
 
 def fsdp_unit_names(model: nn.Module) -> list[str]:
@@ -40,11 +45,14 @@ def fsdp_unit_names(model: nn.Module) -> list[str]:
     blocks, so that only one block's weights are whole at a time; and every other direct child of the model
     with parameters outside those networks (a GAN head), so that a direct call into it gathers them."""
     from .denoiser import Denoiser
+
     names: list[str] = []
     networks = [m.net for m in model.modules() if isinstance(m, Denoiser)]
     for net in networks:
         present = {type(m).__name__ for m in net.modules()}
-        blocks = [n for n in getattr(net, "_no_split_modules", None) or [] if n in present]  # accelerate refuses absent names
+        blocks = [
+            n for n in getattr(net, "_no_split_modules", None) or [] if n in present
+        ]  # accelerate refuses absent names
         names += [type(net).__name__, *blocks]
     in_networks = {id(p) for net in networks for p in net.parameters()}
     for child in model.children():
@@ -59,6 +67,7 @@ def keep_fp32_weights(accelerator) -> None:
     fp32 weights under autocast; keep the same numbers under FSDP: fp32 weights and reductions, with
     accelerate's autocast (which it applies to every prepared forward either way) doing the bf16 compute."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
+
     accelerator.state.fsdp_plugin.mixed_precision_policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
 
 
@@ -94,8 +103,10 @@ def mark_roots(models) -> None:
 def weightless_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` whose parameters live on the meta device: same structure and names (LoRA
     layers included), no memory. Buffers (small) are real copies. Filled by `fill_from_state_dict`."""
-    memo = {id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-            for p in module.parameters()}
+    memo = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
     return copy.deepcopy(module, memo)
 
 
@@ -113,11 +124,15 @@ def fill_from_state_dict(skeleton: nn.Module, state: dict) -> nn.Module:
                 mod._buffers[name] = b.cpu()
     missing, unexpected = skeleton.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"Gathered state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}.")
+        raise RuntimeError(
+            f"Gathered state does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}."
+        )
     return skeleton
 
 
-def gather_for_export(accelerator, models: dict[str, nn.Module], skeletons: dict[str, nn.Module]) -> dict[str, nn.Module]:
+def gather_for_export(
+    accelerator, models: dict[str, nn.Module], skeletons: dict[str, nn.Module]
+) -> dict[str, nn.Module]:
     """Collective: every rank must call it. Returns full CPU copies on the main process, {} elsewhere."""
     full = {}
     for name, skeleton in skeletons.items():

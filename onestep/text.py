@@ -4,6 +4,7 @@ embeddings and added time ids), loaded from the teacher's diffusers folder.
 The unconditional input follows the DMD2 spec: SD1.5 encodes the empty prompt; SDXL uses zeros for both
 the token embeddings and the pooled embedding (diffusers' `force_zeros_for_empty_prompt`).
 """
+
 from __future__ import annotations
 
 import os
@@ -21,20 +22,25 @@ class PromptEncoder:
             enc.eval().requires_grad_(False)
 
     @classmethod
-    def from_pretrained(cls, path: str, sdxl: bool, resolution: int, revision: str | None = None) -> "PromptEncoder":
+    def from_pretrained(cls, path: str, sdxl: bool, resolution: int, revision: str | None = None) -> PromptEncoder:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
         names = [("tokenizer", "text_encoder")] + ([("tokenizer_2", "text_encoder_2")] if sdxl else [])
         tokenizers, encoders = [], []
         for tok_name, enc_name in names:
             for sub in (tok_name, enc_name):
                 if os.path.isdir(path) and not os.path.isdir(os.path.join(path, sub)):
-                    raise UserError(f"The teacher folder {path} has no {sub}/; a text-to-image teacher needs its tokenizer(s) and text encoder(s).")
+                    raise UserError(
+                        f"The teacher folder {path} has no {sub}/; a text-to-image teacher needs its tokenizer(s) and text encoder(s)."
+                    )
             enc_cls = CLIPTextModelWithProjection if enc_name == "text_encoder_2" else CLIPTextModel
             try:
                 tokenizers.append(CLIPTokenizer.from_pretrained(path, subfolder=tok_name, revision=revision))
                 encoders.append(enc_cls.from_pretrained(path, subfolder=enc_name, revision=revision))
             except (OSError, ValueError) as err:
-                raise UserError(f"Cannot load {tok_name}/{enc_name} from {path}: {str(err).splitlines()[0][:160]}") from None
+                raise UserError(
+                    f"Cannot load {tok_name}/{enc_name} from {path}: {str(err).splitlines()[0][:160]}"
+                ) from None
         return cls(tokenizers, encoders, sdxl, resolution)
 
     def to(self, device):
@@ -47,11 +53,13 @@ class PromptEncoder:
         device = self.encoders[0].device
         hidden, pooled = [], None
         for tok, enc in zip(self.tokenizers, self.encoders):
-            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+            ids = tok(
+                prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
             out = enc(ids.to(device), output_hidden_states=True)
             if self.sdxl:
-                hidden.append(out.hidden_states[-2])   # SDXL conditions on the penultimate layer of both
-                pooled = out[0]                         # text_embeds of the projection encoder (the last one)
+                hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer of both
+                pooled = out[0]  # text_embeds of the projection encoder (the last one)
             else:
                 hidden.append(out.last_hidden_state)
         states = torch.cat(hidden, dim=-1)
@@ -67,7 +75,10 @@ class PromptEncoder:
     def uncond(self, cond: Cond) -> Cond:
         n = cond.encoder_hidden_states.shape[0]
         if self.sdxl:
-            return Cond(encoder_hidden_states=torch.zeros_like(cond.encoder_hidden_states),
-                        text_embeds=torch.zeros_like(cond.text_embeds), time_ids=cond.time_ids)
+            return Cond(
+                encoder_hidden_states=torch.zeros_like(cond.encoder_hidden_states),
+                text_embeds=torch.zeros_like(cond.text_embeds),
+                time_ids=cond.time_ids,
+            )
         empty = self.encode([""])
         return Cond(encoder_hidden_states=empty.encoder_hidden_states.expand(n, -1, -1))

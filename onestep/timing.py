@@ -1,4 +1,5 @@
 """Per-phase wall-clock accounting (exclusive time: a nested phase is not counted in its parent)."""
+
 from __future__ import annotations
 
 import time
@@ -43,12 +44,16 @@ class PhaseTimer:
             "total_seconds": total_seconds,
             "steps": steps,
             "seconds_per_step": total_seconds / max(steps, 1),
-            "phases": {k: {"seconds": v, "share": v / total_seconds if total_seconds else 0.0} for k, v in rows.items()},
+            "phases": {
+                k: {"seconds": v, "share": v / total_seconds if total_seconds else 0.0} for k, v in rows.items()
+            },
         }
 
 
 def format_summary(summary: dict) -> str:
-    lines = [f"timing: {summary['steps']} steps in {summary['total_seconds']:.1f}s ({1000 * summary['seconds_per_step']:.1f} ms/step)"]
+    lines = [
+        f"timing: {summary['steps']} steps in {summary['total_seconds']:.1f}s ({1000 * summary['seconds_per_step']:.1f} ms/step)"
+    ]
     for name, row in sorted(summary["phases"].items(), key=lambda kv: -kv[1]["seconds"]):
         lines.append(f"  {name:<12} {row['seconds']:9.2f}s  {100 * row['share']:5.1f}%")
     return "\n".join(lines)

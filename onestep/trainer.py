@@ -3,6 +3,7 @@ optimisers and update schedule, and computes one loss at a time; the trainer doe
 (prepare, mixed precision, accumulation, clipping, EMA, checkpoints, resume, trackers, grids, NaN
 guard, signals, timing, export). `fit` is three parts: `_setup` (prepare and resume), `_loop` (the
 iterations) and `_finish` (final checkpoint, evaluation, export)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -34,37 +35,42 @@ __all__ = ["Trainer", "TrainerConfig", "RunState", "list_checkpoints", "load_mod
 @dataclass
 class TrainerConfig:
     output_dir: str = "outputs/run"
-    max_train_steps: int = 1000              # optimisation iterations (DMD2: critic steps)
-    gradient_accumulation_steps: int = 1     # micro-batches per iteration
-    mixed_precision: str = "no"              # no | fp16 | bf16
-    max_grad_norm: float | None = 10.0       # per-model gradient-norm clip; None = off
-    lr_scheduler: str = "constant"           # constant | linear | cosine (after warm-up)
-    lr_warmup_steps: int = 0                 # iterations
-    ema_decay: float | None = None           # weight EMA of the method's ema_models; None = off
-    checkpointing_steps: int | None = None   # iterations between checkpoints; None = only at the end
+    max_train_steps: int = 1000  # optimisation iterations (DMD2: critic steps)
+    gradient_accumulation_steps: int = 1  # micro-batches per iteration
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_grad_norm: float | None = 10.0  # per-model gradient-norm clip; None = off
+    lr_scheduler: str = "constant"  # constant | linear | cosine (after warm-up)
+    lr_warmup_steps: int = 0  # iterations
+    ema_decay: float | None = None  # weight EMA of the method's ema_models; None = off
+    checkpointing_steps: int | None = None  # iterations between checkpoints; None = only at the end
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    init_from_checkpoint: str | None = None    # start the models from an earlier run's weights (a new stage)
-    report_to: str = "none"                  # none | tensorboard | wandb | all
+    init_from_checkpoint: str | None = None  # start the models from an earlier run's weights (a new stage)
+    report_to: str = "none"  # none | tensorboard | wandb | all
     tracker_project_name: str = "onestep"
-    validation_steps: int | None = None      # iterations between sample grids; None = start and end only
+    validation_steps: int | None = None  # iterations between sample grids; None = start and end only
     num_validation_images: int = 16
-    eval_steps: int | None = None            # iterations between in-training evaluations (needs an evaluator)
-    log_every: int = 10                      # iterations between tracker/CSV log rows
+    eval_steps: int | None = None  # iterations between in-training evaluations (needs an evaluator)
+    log_every: int = 10  # iterations between tracker/CSV log rows
     seed: int = 0
-    nan_patience: int = 20                   # consecutive non-finite losses before the run stops
+    nan_patience: int = 20  # consecutive non-finite losses before the run stops
     export: bool = True
-    distributed_timeout_s: int = 7200         # collectives' timeout: rank 0 may download or encode data while others wait
-    final_checkpoint: bool = True            # benchmarks turn it off (an SD-size state is tens of GB)
+    distributed_timeout_s: int = 7200  # collectives' timeout: rank 0 may download or encode data while others wait
+    final_checkpoint: bool = True  # benchmarks turn it off (an SD-size state is tens of GB)
     run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
+    resolved_config: dict = field(default_factory=dict)  # the whole run's configuration: training_config.json
+
+    def __post_init__(self):
+        if not self.ema_decay:  # presets and flags write 0 for off
+            self.ema_decay = None
 
 
 class RunState:
     """The loop's counters: the one piece of run state the trainer checkpoints (with accelerate)."""
 
     def __init__(self):
-        self.step = 0        # optimisation iterations completed
-        self.nonfinite = 0   # iterations in a row whose losses or gradients were not finite
+        self.step = 0  # optimisation iterations completed
+        self.nonfinite = 0  # iterations in a row whose losses or gradients were not finite
 
     def state_dict(self):
         return {"step": self.step, "nonfinite": self.nonfinite}
@@ -96,11 +102,11 @@ class _Run:
     optimizers: dict
     schedulers: dict
     emas: dict
-    skeletons: dict            # weightless copies to gather exported models into (FSDP)
+    skeletons: dict  # weightless copies to gather exported models into (FSDP)
     state: RunState
-    history: list              # rows of logs/losses.csv
+    history: list  # rows of logs/losses.csv
     resumed_from: str | None
-    finished_before: bool      # resumed a run that had already reached max_train_steps
+    finished_before: bool  # resumed a run that had already reached max_train_steps
     latest: dict = field(default_factory=dict)  # last value of every logged quantity (G losses appear every R-th step)
     interrupted: bool = False
 
@@ -117,6 +123,7 @@ def _lr_lambda(kind: str, warmup: int, total: int):
         if kind == "cosine":
             return 0.5 * (1 + math.cos(math.pi * progress))
         raise UserError(f"Unknown --lr_scheduler {kind!r}; use constant, linear or cosine.")
+
     return fn
 
 
@@ -131,12 +138,15 @@ class Trainer:
         # accelerate keeps its settings in a process-wide singleton; a second Trainer in the same
         # process (tests, notebooks, sweeps) may ask for another precision. The process group stays.
         from accelerate.state import AcceleratorState
+
         AcceleratorState._reset_state(reset_partial_state=False)
         self.accelerator = Accelerator(
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=report_to,
-            project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+            project_config=ProjectConfiguration(
+                project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")
+            ),
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         self.device = self.accelerator.device
@@ -168,12 +178,16 @@ class Trainer:
                 return None
             return found[-1]
         if not os.path.isdir(value):
-            raise UserError(f"--resume_from_checkpoint {value} is not a folder; pass 'latest' or an existing checkpoint-<step> folder.")
+            raise UserError(
+                f"--resume_from_checkpoint {value} is not a folder; pass 'latest' or an existing checkpoint-<step> folder."
+            )
         return value
 
     def save_checkpoint(self, step: int) -> str:
         run = self._run
-        path = save_checkpoint(self.accelerator, self.config.output_dir, step, list(run.models), self.config.checkpoints_total_limit)
+        path = save_checkpoint(
+            self.accelerator, self.config.output_dir, step, list(run.models), self.config.checkpoints_total_limit
+        )
         if self.is_main:
             write_history(self._log_path, run.history)  # the CSV always reaches the newest checkpoint
         return path
@@ -185,6 +199,7 @@ class Trainer:
                 raise KeyboardInterrupt
             self._stop_signal = signum
             self.log(f"Signal {signum}: finishing this step, then writing a checkpoint (repeat to abort at once).")
+
         self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _restore_signal_handlers(self):
@@ -203,7 +218,9 @@ class Trainer:
         the EMA weights, sample_fn(n, seed) giving n student samples in [-1, 1] (e.g. onestep.eval's FID)."""
         self._evaluator = evaluator
         run = self._run = self._setup(method, data)
-        if run.finished_before and (not self.config.export or os.path.isfile(os.path.join(self.config.output_dir, "model_index.json"))):
+        if run.finished_before and (
+            not self.config.export or os.path.isfile(os.path.join(self.config.output_dir, "model_index.json"))
+        ):
             self.accelerator.end_training()  # the run's export, timing and logs stay as they are
             return {"step": run.state.step, "interrupted": False, "signal": None, "already_finished": True}
         start, start_step = time.perf_counter(), run.state.step
@@ -215,13 +232,25 @@ class Trainer:
         """Checks, preparation of the method's models with accelerate, resume."""
         cfg, acc = self.config, self.accelerator
         if list_checkpoints(cfg.output_dir) and not cfg.resume_from_checkpoint:
-            raise UserError(f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
-                            f"latest to continue it, or choose another --output_dir.")
+            raise UserError(
+                f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
+                f"latest to continue it, or choose another --output_dir."
+            )
         if method.needs_data and data is None:
             raise UserError("This method needs real training data; pass --train_data_dir.")
-        if acc.distributed_type.name not in ("NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "FSDP"):
-            raise UserError(f"Distributed type {acc.distributed_type.name} is not supported; use DDP (accelerate launch "
-                            f"--multi_gpu) or FSDP2 (accelerate launch --config_file train/fsdp_sdxl.yaml).")
+        if acc.distributed_type.name not in (
+            "NO",
+            "MULTI_CPU",
+            "MULTI_GPU",
+            "MULTI_XPU",
+            "MULTI_NPU",
+            "MULTI_MLU",
+            "FSDP",
+        ):
+            raise UserError(
+                f"Distributed type {acc.distributed_type.name} is not supported; use DDP (accelerate launch "
+                f"--multi_gpu) or FSDP2 (accelerate launch --config_file train/fsdp_sdxl.yaml)."
+            )
         check_sharding_supported(acc, cfg.ema_decay)
         self.sharded = is_sharded(acc)
         os.makedirs(cfg.output_dir, exist_ok=True)
@@ -235,8 +264,12 @@ class Trainer:
         models, optimizers = method.models(), method.optimizers()
         # Schedulers stay outside prepare(): accelerate would step them once per process per call,
         # and warm-up here counts iterations whatever the number of processes.
-        schedulers = {n: torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps))
-                      for n, o in optimizers.items()}
+        schedulers = {
+            n: torch.optim.lr_scheduler.LambdaLR(
+                o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
+            )
+            for n, o in optimizers.items()
+        }
         skeletons = prepare_models(acc, models, optimizers, method.exported_models or tuple(models))
         state = RunState()
         acc.register_for_checkpointing(state)
@@ -251,24 +284,63 @@ class Trainer:
         acc.register_for_checkpointing(_MethodState(method))
 
         if resume:
+            self._report_config_changes()
             self.log(f"Resuming from {resume}")
             try:
                 acc.load_state(resume)
             except (OSError, RuntimeError, KeyError, ValueError) as err:
-                raise UserError(f"Cannot resume from {resume} ({err.__class__.__name__}): it is not a checkpoint of this "
-                                f"configuration (same method options, --ema_decay on/off).") from None
+                raise UserError(
+                    f"Cannot resume from {resume} ({err.__class__.__name__}): it is not a checkpoint of this "
+                    f"configuration (same method options, --ema_decay on/off)."
+                ) from None
         finished_before = bool(resume) and state.step >= cfg.max_train_steps
+        if not finished_before:
+            self._write_config()  # only once the resume has worked: a failed start leaves the folder as it was
         if finished_before:
-            self.log(f"{resume} is the end of this run ({state.step} of {cfg.max_train_steps} iterations): nothing left "
-                     f"to train. Pass a larger --max_train_steps to train further.")
+            self.log(
+                f"{resume} is the end of this run ({state.step} of {cfg.max_train_steps} iterations): nothing left "
+                f"to train. Pass a larger --max_train_steps to train further."
+            )
         elif self.is_main and cfg.report_to != "none":
-            acc.init_trackers(cfg.tracker_project_name, config=flat(cfg.run_config))
+            tracked = {
+                f"{g}.{k}": v for g, d in cfg.resolved_config.items() if isinstance(d, dict) for k, v in d.items()
+            }
+            acc.init_trackers(cfg.tracker_project_name, config=flat(tracked or cfg.run_config))
 
         self._log_path = os.path.join(cfg.output_dir, "logs", "losses.csv")
         eval_path = os.path.join(cfg.output_dir, "logs", "eval.csv")
         self._evals = (eval_path, read_history(eval_path, state.step) if self.is_main else [])
         history = read_history(self._log_path, state.step) if self.is_main else []
-        return _Run(method, data, models, optimizers, schedulers, emas, skeletons, state, history, resume, finished_before)
+        return _Run(
+            method, data, models, optimizers, schedulers, emas, skeletons, state, history, resume, finished_before
+        )
+
+    def _report_config_changes(self) -> None:
+        """On resume: say which settings differ from those the run was started with."""
+        from .config import CONFIG_FILE, differences
+
+        path = os.path.join(self.config.output_dir, CONFIG_FILE)
+        if not (self.is_main and self.config.resolved_config and os.path.isfile(path)):
+            return
+        with open(path) as f:
+            earlier = json.load(f)
+        changed = differences(earlier, json.loads(json.dumps(self.config.resolved_config, default=str)))
+        if changed:
+            self.log(
+                f"Resuming with {len(changed)} setting(s) changed since {CONFIG_FILE} was written: "
+                + "; ".join(changed)
+            )
+
+    def _write_config(self) -> None:
+        """The resolved configuration of the run, written before the first iteration (and again on resume)."""
+        from .config import CONFIG_FILE
+
+        if not (self.is_main and self.config.resolved_config):
+            return
+        path = os.path.join(self.config.output_dir, CONFIG_FILE)
+        with open(path + ".tmp", "w") as f:
+            json.dump(self.config.resolved_config, f, indent=2, default=str)
+        os.replace(path + ".tmp", path)
 
     def _loop(self, run: _Run) -> None:
         """The iterations, until max_train_steps or a stop signal."""
@@ -295,19 +367,26 @@ class Trainer:
                     with acc.accumulate(*trained), acc.autocast():
                         # 3. The batch for (step, micro, rank), and the method's shared work (DMD2: x = G(z)).
                         with self.timer.phase("data"):
-                            batch = run.data.batch(step, micro, acc.process_index, self.device) \
-                                if (run.data is not None and method.needs_data) else None
+                            batch = (
+                                run.data.batch(step, micro, acc.process_index, self.device)
+                                if (run.data is not None and method.needs_data)
+                                else None
+                            )
                         it = method.start_iteration(batch, info)
                         # 4. One loss -> backward -> clip -> step per due update, skipped if not finite.
                         for name in due:
                             with self.timer.phase(name):
-                                ok, out = self._update(name, it, method, models[model_of[name]], run.optimizers[model_of[name]])
+                                ok, out = self._update(
+                                    name, it, method, models[model_of[name]], run.optimizers[model_of[name]]
+                                )
                             finite, _ = finite and ok, run.latest.update(out)
                 # 5. NaN guard, then the counters, learning rates and weight EMAs move on.
                 state.nonfinite = 0 if finite else state.nonfinite + 1
                 if state.nonfinite >= cfg.nan_patience:
-                    raise UserError(f"{state.nonfinite} iterations in a row had non-finite losses or gradients; stopping. "
-                                    f"Lower the learning rate or use bf16 instead of fp16, and resume from the last checkpoint.")
+                    raise UserError(
+                        f"{state.nonfinite} iterations in a row had non-finite losses or gradients; stopping. "
+                        f"Lower the learning rate or use bf16 instead of fp16, and resume from the last checkpoint."
+                    )
                 method.end_iteration(info)
                 state.step += 1
                 for sched in run.schedulers.values():
@@ -318,7 +397,11 @@ class Trainer:
                 progress.update(1)
                 # 6. Logs, sample grids, in-training evaluation.
                 self._log_row(run, progress)
-                if cfg.validation_steps and state.step % cfg.validation_steps == 0 and state.step < cfg.max_train_steps:
+                if (
+                    cfg.validation_steps
+                    and state.step % cfg.validation_steps == 0
+                    and state.step < cfg.max_train_steps
+                ):
                     self._validate(run, state.step)
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_train_steps:
                     self._evaluate(run, state.step)
@@ -356,7 +439,9 @@ class Trainer:
             with open(os.path.join(cfg.output_dir, "timing.json"), "w") as f:
                 json.dump(summary, f, indent=2)
         if run.interrupted:
-            self.log(f"Stopped by signal {self._stop_signal} at step {state.step}; resume with --resume_from_checkpoint latest.")
+            self.log(
+                f"Stopped by signal {self._stop_signal} at step {state.step}; resume with --resume_from_checkpoint latest."
+            )
             acc.end_training()
             return result
         if cfg.final_checkpoint and not run.finished_before:
@@ -370,7 +455,12 @@ class Trainer:
             acc.wait_for_everyone()
             full = gather_for_export(acc, models, run.skeletons) if self.sharded else None
             if self.is_main:
-                card = {"training_steps": state.step, "ema_decay": cfg.ema_decay, "eval": result["eval"], **cfg.run_config}
+                card = {
+                    "training_steps": state.step,
+                    "ema_decay": cfg.ema_decay,
+                    "eval": result["eval"],
+                    **cfg.run_config,
+                }
                 if full is not None:
                     run.method.export(full, cfg.output_dir, card)
                 else:
@@ -406,6 +496,7 @@ class Trainer:
     def _write_weight_digests(self, models) -> None:
         """Each rank records a hash of its trained weights: replicas must agree after a DDP run."""
         import hashlib
+
         digests = {}
         for name, model in models.items():
             h = hashlib.sha256()
@@ -423,7 +514,9 @@ class Trainer:
         if self._evaluator is None or not self.is_main:
             return {}
         if self.sharded:  # the evaluator samples on the main process only, and every FSDP forward is collective
-            self.log(f"step {step}: in-training evaluation is not available with FSDP; evaluate the export with onestep-eval.")
+            self.log(
+                f"step {step}: in-training evaluation is not available with FSDP; evaluate the export with onestep-eval."
+            )
             return {}
         try:
             with self.timer.phase("evaluation"), _sampling_models(run.emas, self.accelerator, run.models) as unwrapped:
@@ -445,7 +538,9 @@ class Trainer:
         if not (self.is_main or self.sharded) or self.config.num_validation_images <= 0:
             return
         with self.timer.phase("validation"), _sampling_models(run.emas, self.accelerator, run.models) as unwrapped:
-            images = run.method.sample_grid(unwrapped, self.config.num_validation_images, self.config.seed, self.device)
+            images = run.method.sample_grid(
+                unwrapped, self.config.num_validation_images, self.config.seed, self.device
+            )
             if self.is_main:
                 path = os.path.join(self.config.output_dir, "samples", f"step-{step:06d}.png")
                 save_image_grid(images, path, min_width=512)
@@ -479,5 +574,3 @@ class _ema_weights:
     def __exit__(self, *exc):
         for ema, model in self.pairs:
             ema.swap(model)
-
-

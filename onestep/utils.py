@@ -1,4 +1,5 @@
 """Small helpers shared by several layers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -31,7 +32,9 @@ def to_uint8(images, value_range: tuple[float, float] = (-1, 1), layout: str = "
     scale = 255 / (hi - lo)
     if isinstance(images, torch.Tensor):
         x = images.detach().float()
-        if layout == "NCHW" or (layout == "auto" and x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)):
+        if layout == "NCHW" or (
+            layout == "auto" and x.ndim == 4 and x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4)
+        ):
             x = x.permute(0, 2, 3, 1)
         return ((x.clamp(lo, hi) - lo) * scale).round().to(torch.uint8).cpu().numpy()
     x = np.asarray(images)
@@ -57,14 +60,17 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 1) -> n
     grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = arr[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = arr[i]
     return grid[..., 0] if c == 1 else grid
 
 
-def save_image_grid(images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1, min_width: int = 0) -> None:
+def save_image_grid(
+    images: torch.Tensor, path: str, nrow: int | None = None, scale: int = 1, min_width: int = 0
+) -> None:
     """Write a PNG grid, enlarged `scale` times (nearest neighbour), or by the smallest whole factor that
     makes it at least `min_width` pixels wide: small images stay sharp and big enough to see in a viewer."""
     from PIL import Image
+
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     img = Image.fromarray(image_grid(images, nrow))
     scale = max(scale, -(-min_width // img.width))

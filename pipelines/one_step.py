@@ -7,12 +7,12 @@ The sampling contract is saved in model_index.json (`timesteps`: the conditionin
 student was trained at) and in the scheduler config (the noise schedule and prediction type), so a user
 only writes `pipe(class_labels=[3, 7], generator=g)`.
 """
+
 from __future__ import annotations
 
 import inspect
 import json
 import os
-from typing import List, Optional, Union
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
@@ -22,7 +22,7 @@ from diffusers.utils.torch_utils import randn_tensor
 class OneStepPipeline(DiffusionPipeline):
     """G(z, t_0) -> x0 -> re-noise to t_1 with fresh noise -> G -> ... (DMD2 multi-step sampling)."""
 
-    def __init__(self, unet, scheduler, timesteps: Optional[List[int]] = None, num_classes: Optional[int] = None):
+    def __init__(self, unet, scheduler, timesteps: list[int] | None = None, num_classes: int | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         # num_classes: the real classes (a teacher trained for CFG also embeds a null class after them).
@@ -77,11 +77,11 @@ class OneStepPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(
         self,
-        batch_size: Optional[int] = None,
-        class_labels: Optional[Union[int, List[int], torch.Tensor]] = None,
-        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
-        num_inference_steps: Optional[int] = None,
-        latents: Optional[torch.Tensor] = None,
+        batch_size: int | None = None,
+        class_labels: int | list[int] | torch.Tensor | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
     ):
@@ -90,7 +90,9 @@ class OneStepPipeline(DiffusionPipeline):
         trained = list(self.config.timesteps)
         steps = num_inference_steps or len(trained)
         if not 1 <= steps <= len(trained):
-            raise ValueError(f"This student was trained for at most {len(trained)} step(s) ({trained}); got num_inference_steps={steps}.")
+            raise ValueError(
+                f"This student was trained for at most {len(trained)} step(s) ({trained}); got num_inference_steps={steps}."
+            )
         num_classes = self.config.num_classes
         if class_labels is not None:
             if num_classes is None:
@@ -103,13 +105,21 @@ class OneStepPipeline(DiffusionPipeline):
             batch_size = batch_size or 1
             labels = None
             if num_classes is not None:
-                labels = torch.randint(0, num_classes, (batch_size,),
-                                       generator=generator if isinstance(generator, torch.Generator) else None)
+                labels = torch.randint(
+                    0,
+                    num_classes,
+                    (batch_size,),
+                    generator=generator if isinstance(generator, torch.Generator) else None,
+                )
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
         device, dtype = self._execution_device, self.unet.dtype
-        x = latents.to(device) if latents is not None else randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        x = (
+            latents.to(device)
+            if latents is not None
+            else randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        )
         if labels is not None:
             labels = labels.to(device)
         for i, t in enumerate(trained[:steps]):

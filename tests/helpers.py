@@ -1,4 +1,5 @@
 """Tiny models built in code for the tests (nothing is downloaded)."""
+
 import os
 import subprocess
 import sys
@@ -10,37 +11,61 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def tiny_unet(num_class_embeds=None, sample_size=8, channels=1):
     from diffusers import UNet2DModel
+
     return UNet2DModel(
-        sample_size=sample_size, in_channels=channels, out_channels=channels, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=num_class_embeds, norm_num_groups=4,
+        sample_size=sample_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=num_class_embeds,
+        norm_num_groups=4,
     )
 
 
 def tiny_cond_unet(sdxl=False):
     from diffusers import UNet2DConditionModel
+
     kw = {}
     if sdxl:
-        kw = dict(addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4)
+        kw = dict(
+            addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4
+        )
     return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4, **kw,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        **kw,
     )
 
 
 def sd_scheduler_config(prediction_type="epsilon"):
     from diffusers import DDPMScheduler
-    s = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type)
+
+    s = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type
+    )
     return dict(s.config, _class_name="DDPMScheduler")
 
 
 def save_tiny_teacher(path, num_classes=3, null_class=3):
     """A diffusers teacher folder with a random tiny class-conditional UNet (loads through load_teacher)."""
     from onestep.export import save_teacher
+
     torch.manual_seed(0)
     unet = tiny_unet(num_class_embeds=num_classes + 1)
-    save_teacher(unet, sd_scheduler_config(), path, {"note": "test"}, {"num_classes": num_classes, "null_class": null_class})
+    save_teacher(
+        unet, sd_scheduler_config(), path, {"note": "test"}, {"num_classes": num_classes, "null_class": null_class}
+    )
     return path
 
 
@@ -58,6 +83,7 @@ def save_hf_dataset(root, captions, caption_column="text", sizes=None):
     import datasets
     import numpy as np
     from PIL import Image
+
     rng = np.random.RandomState(0)
     sizes = sizes or [(22, 18)] * len(captions)
     images = [Image.fromarray(rng.randint(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]

@@ -1,4 +1,5 @@
 """Bad input: one clear sentence on stderr, a non-zero exit, and nothing already written touched."""
+
 import hashlib
 import os
 
@@ -38,6 +39,7 @@ def existing_run(tmp_path):
 
 def _images(folder, n=3, size=8, corrupt=False):
     from PIL import Image
+
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(n):
         Image.new("L", (size, size), color=i * 40).save(folder / f"{i}.png")
@@ -48,12 +50,25 @@ def _images(folder, n=3, size=8, corrupt=False):
 
 CASES = {
     "missing teacher": (lambda tmp: ["--pretrained_model_name_or_path", str(tmp / "nope")], "neither an existing"),
-    "non-diffusers folder": (lambda tmp: ["--pretrained_model_name_or_path", str((tmp / "plain").mkdir() or tmp / "plain")], "not a diffusers pipeline folder"),
+    "non-diffusers folder": (
+        lambda tmp: ["--pretrained_model_name_or_path", str((tmp / "plain").mkdir() or tmp / "plain")],
+        "not a diffusers pipeline folder",
+    ),
     "resolution": (lambda tmp: ["--resolution", "18"], "not divisible"),
     "unknown preset": (lambda tmp: ["--preset", "imagenet-9000"], "Unknown preset"),
-    "empty data folder": (lambda tmp: ["--train_data_dir", str((tmp / "empty").mkdir() or tmp / "empty")], "holds no images"),
-    "corrupt image": (lambda tmp: ["--pretrained_model_name_or_path", save_tiny_teacher(str(tmp / "teacher"), num_classes=1, null_class=1),
-                                   "--train_data_dir", str(_images(tmp / "data" / "a", corrupt=True).parent)], "Cannot read image"),
+    "empty data folder": (
+        lambda tmp: ["--train_data_dir", str((tmp / "empty").mkdir() or tmp / "empty")],
+        "holds no images",
+    ),
+    "corrupt image": (
+        lambda tmp: [
+            "--pretrained_model_name_or_path",
+            save_tiny_teacher(str(tmp / "teacher"), num_classes=1, null_class=1),
+            "--train_data_dir",
+            str(_images(tmp / "data" / "a", corrupt=True).parent),
+        ],
+        "Cannot read image",
+    ),
     "bad timesteps": (lambda tmp: ["--conditioning_timesteps", "249,999"], "descending"),
 }
 

@@ -35,6 +35,7 @@ def test_batches_depend_only_on_step_so_a_resumed_loader_replays_them(tmp_path):
 
 def test_hf_captions_take_the_first_of_a_list_and_refuse_missing_ones(tmp_path):
     from onestep.data import HFImageCaptions
+
     ds = HFImageCaptions(save_hf_dataset(tmp_path / "a", [["a cat", "a small cat"], ["a dog"]]), 8)
     assert ds.captions == ["a cat", "a dog"] and ds[1][0].shape == (3, 8, 8)
     with pytest.raises(UserError, match="Row 1 of dataset .* has no text caption"):
@@ -44,6 +45,7 @@ def test_hf_captions_take_the_first_of_a_list_and_refuse_missing_ones(tmp_path):
 def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
     """Rank r encodes shards r, r + P, ...; after the barrier every rank reads all of them."""
     from onestep.data import CaptionedLatentBatches, HFImageCaptions
+
     ds = HFImageCaptions(save_hf_dataset(tmp_path / "d", [f"c{i}" for i in range(5)]), 8)
     calls = {0: [], 1: []}
 
@@ -51,11 +53,25 @@ def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
         def encode(images):
             calls[rank].append(len(images))
             return images[:, :1] * 2  # any deterministic function of the pixels
+
         return encode
-    make = lambda rank, barrier: CaptionedLatentBatches(ds, 2, 0, encoder(rank), lambda t: None, cache_dir=str(tmp_path / "cache"),  # noqa: E731
-                                                        shard_size=2, rank=rank, world_size=2, barrier=barrier)
+
+    make = lambda rank, barrier: CaptionedLatentBatches(
+        ds,
+        2,
+        0,
+        encoder(rank),
+        lambda t: None,
+        cache_dir=str(tmp_path / "cache"),  # noqa: E731
+        shard_size=2,
+        rank=rank,
+        world_size=2,
+        barrier=barrier,
+    )
     other = {}
-    rank1 = make(1, barrier=lambda: other.setdefault(0, make(0, barrier=lambda: None)))  # rank 0 reaches the barrier too
+    rank1 = make(
+        1, barrier=lambda: other.setdefault(0, make(0, barrier=lambda: None))
+    )  # rank 0 reaches the barrier too
     assert calls == {0: [2, 1], 1: [2]}  # shards 0 and 2 on rank 0, shard 1 on rank 1
     expected = torch.stack([ds[i][0] for i in range(5)])[:, :1] * 2
     assert torch.equal(rank1.latents, expected) and torch.equal(other[0].latents, expected)
@@ -63,6 +79,7 @@ def test_latent_cache_shards_are_encoded_once_split_across_ranks(tmp_path):
 
 def test_bad_hf_dataset_input_gives_one_sentence(tmp_path):
     from onestep.data import HFImageCaptions
+
     data = save_hf_dataset(tmp_path / "d", ["a cat", "a dog"])
     with pytest.raises(UserError, match="has no column 'caption'; its columns are image, text"):
         HFImageCaptions(data, 8, caption_column="caption")

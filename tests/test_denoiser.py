@@ -60,7 +60,11 @@ def test_edm_preconditioning():
     x, t = torch.randn(4, 2), torch.tensor([0, 300, 700, 999])
     sigma = sched.sigmas[t].reshape(-1, 1)
     sd = 0.5
-    c_skip, c_out, c_in = sd**2 / (sigma**2 + sd**2), sigma * sd / (sigma**2 + sd**2).sqrt(), 1 / (sigma**2 + sd**2).sqrt()
+    c_skip, c_out, c_in = (
+        sd**2 / (sigma**2 + sd**2),
+        sigma * sd / (sigma**2 + sd**2).sqrt(),
+        1 / (sigma**2 + sd**2).sqrt(),
+    )
     F_out = net((c_in * x.double()).float(), (sigma.log() / 4).reshape(-1).float())
     assert torch.allclose(den(x, t), (c_skip * x.double() + c_out * F_out.double()).float(), atol=1e-5)
     target, weight = den.denoising_target(x, torch.randn_like(x), t)

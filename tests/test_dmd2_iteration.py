@@ -2,6 +2,7 @@
 the generator's DM and GAN terms reach only the generator; the critic's denoising loss only the critic's
 trunk; the discriminator loss the critic's trunk and head, never the generator; requires_grad flags are
 restored; and the frozen teacher never changes."""
+
 import pytest
 import torch
 
@@ -19,9 +20,18 @@ def _unet():
     """A tiny class-conditional UNet whose 64-channel bottleneck DMD2's head can read (at 16 channels the
     head's GroupNorm on a 1x1 map normalises single numbers and its output is constant: issue 12)."""
     from diffusers import UNet2DModel
-    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 64), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       num_class_embeds=4, norm_num_groups=8)
+
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(16, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        num_class_embeds=4,
+        norm_num_groups=8,
+    )
 
 
 def _method(**overrides):
@@ -42,11 +52,21 @@ def _grads(method, name):
     """Run the iteration's shared part and one loss backward from a fixed seed; return every parameter's grad."""
     torch.manual_seed(1)
     real = Batch(torch.rand(B, 1, 8, 8) * 2 - 1, Cond(class_labels=torch.tensor([0, 1, 2, 0])))
-    info = StepInfo(step=0, due=("generator", "critic"), shared_generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    info = StepInfo(
+        step=0,
+        due=("generator", "critic"),
+        shared_generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+    )
     it = method.start_iteration(real, info)
     loss, _ = method.loss(name, it)
     loss.backward()
-    parts = {"generator": method.generator, "trunk": method.critic.denoiser, "head": method.critic.head, "teacher": method.teacher}
+    parts = {
+        "generator": method.generator,
+        "trunk": method.critic.denoiser,
+        "head": method.critic.head,
+        "teacher": method.teacher,
+    }
     return {part: [p.grad for p in module.parameters()] for part, module in parts.items()}
 
 
@@ -54,7 +74,9 @@ def _reached(grads):
     return any(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-@pytest.mark.parametrize("term,overrides", [("DM", {"gan_generator_weight": 0.0}), ("GAN", {"dm_weight": 0.0}), ("both", {})])
+@pytest.mark.parametrize(
+    "term,overrides", [("DM", {"gan_generator_weight": 0.0}), ("GAN", {"dm_weight": 0.0}), ("both", {})]
+)
 def test_generator_terms_reach_only_the_generator(term, overrides):
     method = _method(**overrides)
     flags = [p.requires_grad for p in method.critic.parameters()]
@@ -71,20 +93,28 @@ def test_critic_losses_reach_only_the_critic():
     assert _reached(denoise_only["trunk"]) and not _reached(denoise_only["head"])
     assert all(g is None for part in ("generator", "teacher") for g in denoise_only[part] + full[part])
     # The discriminator loss (full minus denoising-only, same draws) reaches the head and the trunk.
-    d_only = {part: [a - b for a, b in zip(full[part], denoise_only[part]) if a is not None] for part in ("trunk", "head")}
+    d_only = {
+        part: [a - b for a, b in zip(full[part], denoise_only[part]) if a is not None] for part in ("trunk", "head")
+    }
     assert _reached(d_only["head"]) and _reached(d_only["trunk"])
 
 
 def test_the_teacher_never_changes_over_a_trained_iteration(tmp_path):
     from onestep.trainer import Trainer, TrainerConfig
+
     method = _method()
     before = {k: v.clone() for k, v in method.teacher.state_dict().items()}
     real = torch.rand(16, 1, 8, 8) * 2 - 1
     from onestep.data import TensorBatches
+
     data = TensorBatches(real, torch.arange(16) % 3, B)
-    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=2, num_validation_images=0, export=False)).fit(method, data)
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=2, num_validation_images=0, export=False)).fit(
+        method, data
+    )
     after = method.teacher.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not any(p.requires_grad for p in method.teacher.parameters())
     gen_before = _method().generator.state_dict()
-    assert any(not torch.equal(gen_before[k], v) for k, v in method.generator.state_dict().items())  # training did happen
+    assert any(
+        not torch.equal(gen_before[k], v) for k, v in method.generator.state_dict().items()
+    )  # training did happen

@@ -1,11 +1,11 @@
 """End-to-end runs of the real train/dmd2.py: accelerate launch, export, reload, resume, signals, DDP."""
+
 import json
 import os
 import signal
 import subprocess
 import time
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -15,8 +15,18 @@ SMALL = ["--train_batch_size", "4", "--validation_steps", "1000"]
 
 
 def launch(args, out, num_processes=1, timeout=600):
-    cmd = ["accelerate", "launch", "--num_processes", str(num_processes), "--num_machines", "1", "--dynamo_backend", "no",
-           "--mixed_precision", "no"]
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(num_processes),
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+    ]
     env = {"ACCELERATE_USE_CPU": "true"}
     if num_processes > 1:
         cmd.append("--multi_gpu")
@@ -38,11 +48,28 @@ def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
     out = tmp_path / "run"
     r = launch(["--max_train_steps", "3"], out)
     assert r.returncode == 0, r.stderr[-3000:]
-    for name in ("model_index.json", "one_step.py", "README.md", "unet", "scheduler", "checkpoint-3", "samples", "timing.json",
-                 "loss_curves.png"):
+    for name in (
+        "model_index.json",
+        "one_step.py",
+        "README.md",
+        "unet",
+        "scheduler",
+        "checkpoint-3",
+        "samples",
+        "timing.json",
+        "loss_curves.png",
+    ):
         assert (out / name).exists(), name
     assert "Load it" in r.stdout + r.stderr
     assert "gradient checkpointing" not in r.stdout + r.stderr  # off by default: no note about it
+    # The resolved configuration, every field with the defaults and the flags given, as --config reads it.
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert resolved["preset"] == "digits-cpu" and resolved["trainer"]["max_train_steps"] == 3
+    assert (
+        resolved["method"]["ttur_ratio"] == 5
+        and resolved["method"]["train_batch_size"] == 4
+        and resolved["versions"]["diffusers"]
+    )
     card = (out / "README.md").read_text()
     for field in ("teacher", "DMD2", "conditioning timesteps", "training_steps"):
         assert field in card
@@ -54,7 +81,7 @@ def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
     first = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))
     second = run([PY, "-c", LOAD_IN_FRESH_PROCESS, str(out)], cwd=str(tmp_path))
     assert first.returncode == 0, first.stderr[-3000:]
-    name, *_ , digest = first.stdout.split()
+    name, *_, digest = first.stdout.split()
     assert name == "OneStepPipeline" and "(2, 16, 16, 1)" in first.stdout
     assert first.stdout == second.stdout
     # The frozen teacher is not in the checkpoint: exactly the generator and the critic (+ head) are.
@@ -63,7 +90,9 @@ def test_default_run_exports_a_pipeline_that_loads_without_onestep(tmp_path):
     assert models == ["model.safetensors", "model_1.safetensors"]
     gen_keys, critic_keys = load_file(ckpt / models[0]).keys(), load_file(ckpt / models[1]).keys()
     assert all(k.startswith("denoiser.") for k in gen_keys)
-    assert any(k.startswith("head.") for k in critic_keys) and not any("teacher" in k for k in list(gen_keys) + list(critic_keys))
+    assert any(k.startswith("head.") for k in critic_keys) and not any(
+        "teacher" in k for k in list(gen_keys) + list(critic_keys)
+    )
 
 
 def test_two_process_gloo_run_keeps_replicas_identical(tmp_path):
@@ -84,8 +113,20 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     r = plain(ref, "--max_train_steps", "6", "--checkpointing_steps", "3")
     assert r.returncode == 0, r.stderr[-3000:]
     # A long run killed with SIGKILL right after its first checkpoint lands.
-    cmd = [PY, "train/dmd2.py", "--output_dir", str(cut), *SMALL, "--max_train_steps", "1000", "--checkpointing_steps", "3"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        PY,
+        "train/dmd2.py",
+        "--output_dir",
+        str(cut),
+        *SMALL,
+        "--max_train_steps",
+        "1000",
+        "--checkpointing_steps",
+        "3",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     while not (cut / "checkpoint-3").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.005)
@@ -100,14 +141,24 @@ def test_resume_after_sigkill_is_exact(tmp_path):
     assert (cut / "logs" / "eval.csv").read_text() == (ref / "logs" / "eval.csv").read_text()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     for i in (0, 1):  # generator and critic checkpoints agree too
-        ca, cb = load_file(ref / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors"), load_file(cut / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors")
+        ca, cb = (
+            load_file(ref / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors"),
+            load_file(cut / "checkpoint-6" / f"model{'_1' if i else ''}.safetensors"),
+        )
         assert max(float((ca[k] - cb[k]).abs().max()) for k in ca) <= 1e-6
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path):
     out = tmp_path / "term"
     cmd = [PY, "train/dmd2.py", "--output_dir", str(out), *SMALL, "--max_train_steps", "100000"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.time() + 300
     while not (out / "samples" / "step-000000.png").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -123,8 +174,10 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits(tmp_path):
 
 def test_stage_two_starts_from_stage_one_weights_with_a_new_gan_head(tmp_path):
     """DMD2 SD1.5 recipe: stage 1 without the GAN, stage 2 from its weights with the GAN head added."""
+
     def train(out, *extra):
         return run([PY, "train/dmd2.py", "--output_dir", str(out), *SMALL, "--eval_steps", "0", *extra])
+
     stage1 = tmp_path / "stage1"
     r = train(stage1, "--max_train_steps", "2", "--no-gan")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -138,7 +191,9 @@ def test_stage_two_starts_from_stage_one_weights_with_a_new_gan_head(tmp_path):
     assert exported.keys() == generator.keys() and all(torch.equal(exported[k], generator[k]) for k in exported)
     assert "loss_d" in (stage2 / "logs" / "losses.csv").read_text().splitlines()[0]
     # A checkpoint of another model is refused in one sentence before training.
-    r = train(tmp_path / "bad", "--max_train_steps", "1", "--no-gan", "--init_from_checkpoint", str(tmp_path / "nowhere"))
+    r = train(
+        tmp_path / "bad", "--max_train_steps", "1", "--no-gan", "--init_from_checkpoint", str(tmp_path / "nowhere")
+    )
     assert r.returncode == 2 and "is not a folder" in r.stderr.strip().splitlines()[-1]
 
 
@@ -146,6 +201,9 @@ def test_help_shows_every_default_and_each_presets_values():
     r = run([PY, "train/dmd2.py", "--help"])
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
-    assert "(default: from --preset)" in text and "(default: 0.01)" in text and "(default: 0)" in text
-    assert "digits-cpu: Bundled default" in text and "learning_rate=0.0002" in text and "lora_rank=64" in text
+    assert "(default: 0.0002)" in text and "(default: 0.01)" in text and "(default: 0)" in text  # the default preset's
+    assert (
+        "digits-cpu: Bundled default" in text and "learning_rate=1e-05" in text and "lora_rank=64" in text
+    )  # the others'
+    assert "--dm_t_min DM_T_MIN Lowest timestep" in text
     assert "a few minutes" not in text

@@ -1,4 +1,5 @@
 """Metric math of onestep-eval against clean-fid, scikit-image and a hand-computed CLIP score."""
+
 import json
 
 import numpy as np
@@ -19,6 +20,7 @@ def _features(seed, n=400, d=16, shift=0.0):
 
 def test_fid_equals_clean_fid_including_a_saved_statistics_file(tmp_path):
     from cleanfid.fid import fid_from_feats
+
     a, b = _features(0), _features(1, n=300, shift=0.3)
     expected = fid_from_feats(a, b)
     gen = metrics.FeatureStats.from_features(a, {"note": "gen"})
@@ -34,13 +36,21 @@ def test_fid_equals_clean_fid_including_a_saved_statistics_file(tmp_path):
 
 def test_kid_equals_clean_fid_and_leaves_the_global_rng_alone():
     from cleanfid.fid import kernel_distance
+
     a, b = _features(2, n=250), _features(3, n=200, shift=0.2)
     np.random.seed(7)
-    expected = kernel_distance(b, a, num_subsets=20, max_subset_size=150)  # clean-fid's compute_kid: (reference, generated)
+    expected = kernel_distance(
+        b, a, num_subsets=20, max_subset_size=150
+    )  # clean-fid's compute_kid: (reference, generated)
     np.random.seed(123)
     before = np.random.get_state()[1].copy()
-    got = metrics.kid(metrics.FeatureStats.from_features(a), metrics.FeatureStats.from_features(b), seed=7,
-                      num_subsets=20, max_subset_size=150)
+    got = metrics.kid(
+        metrics.FeatureStats.from_features(a),
+        metrics.FeatureStats.from_features(b),
+        seed=7,
+        num_subsets=20,
+        max_subset_size=150,
+    )
     assert got == pytest.approx(expected, rel=1e-6)
     assert np.array_equal(np.random.get_state()[1], before)
 
@@ -61,6 +71,7 @@ def test_self_fid_is_zero_and_fid_grows_with_the_perturbation():
 
 def test_shipped_digits_classifier_reaches_its_recorded_test_accuracy():
     from onestep.eval import digits_classifier as dc
+
     model, info = dc.load()
     images, labels, _, test_idx = dc.split_digits()
     with torch.no_grad():
@@ -75,16 +86,16 @@ def test_shipped_digits_classifier_reaches_its_recorded_test_accuracy():
 def test_in_training_evaluator_takes_typed_options(tmp_path, monkeypatch):
     """build_evaluator(InTrainingEvalOptions, teacher_id, seed, device): digits features and reference by
     default for the digits teacher, the same noise at every evaluation; no reference otherwise is an error."""
-    from types import SimpleNamespace
     from onestep.data import load_digits_images
-    from onestep.eval.intraining import InTrainingEvalOptions, build_evaluator, build_evaluator_from_args
+    from onestep.eval.intraining import InTrainingEvalOptions, build_evaluator
+
     x, y = load_digits_images(16)  # (N, 1, 16, 16) in [-1, 1]
     by_class = [np.flatnonzero(y.numpy() == c) for c in range(10)]
     seeds = []
 
     def sample(n, seed):  # real digits drawn by the seed, class i mod 10 (as sample_fn's contract says)
         seeds.append(seed)
-        rng = np.random.RandomState(seed % 2 ** 32)
+        rng = np.random.RandomState(seed % 2**32)
         return x[[rng.choice(by_class[i % 10]) for i in range(n)]]
 
     evaluator = build_evaluator(InTrainingEvalOptions(samples=150), "digits", seed=3, device="cpu")
@@ -94,17 +105,15 @@ def test_in_training_evaluator_takes_typed_options(tmp_path, monkeypatch):
     assert first["class_accuracy"] >= 0.95 and 0 <= first["fid_digits_150"] < 5
     noise = evaluator(lambda n, seed: torch.rand(n, 1, 16, 16) * 2 - 1)
     assert noise["fid_digits_150"] > 10 * first["fid_digits_150"]
-    assert build_evaluator(InTrainingEvalOptions(samples=150), "digits", seed=4, device="cpu")(sample) != first  # other noise
+    assert (
+        build_evaluator(InTrainingEvalOptions(samples=150), "digits", seed=4, device="cpu")(sample) != first
+    )  # other noise
     with pytest.raises(UserError, match="--eval_reference"):
         build_evaluator(InTrainingEvalOptions(), "some/teacher", seed=0, device="cpu")
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="Inception weights"):  # features default to inception for other teachers
         build_evaluator(InTrainingEvalOptions(reference="digits"), "some/teacher", seed=0, device="cpu")
-    # The deprecated train-script shim: None when --eval_steps is off, else the same evaluator.
-    ns = dict(eval_samples=150, eval_features=None, eval_reference=None, inception_weights=None, seed=3)
-    assert build_evaluator_from_args(SimpleNamespace(eval_steps=0, **ns), "digits", "cpu") is None
-    assert build_evaluator_from_args(SimpleNamespace(eval_steps=5, **ns), "digits", "cpu")(sample) == first
 
 
 def test_dimension_mismatch_and_missing_features_are_user_errors():
@@ -118,6 +127,7 @@ def test_dimension_mismatch_and_missing_features_are_user_errors():
 
 def _skimage_pair():
     from skimage import data
+
     hr = data.astronaut()[100:196, 150:246]
     rng = np.random.RandomState(0)
     out = np.clip(hr.astype(np.float64) + rng.randn(*hr.shape) * 12, 0, 255).astype(np.uint8)
@@ -126,6 +136,7 @@ def _skimage_pair():
 
 def test_psnr_and_ssim_match_scikit_image_rgb_and_y():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
     out, hr = _skimage_pair()
     kw = dict(data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
     assert metrics.psnr(out, hr) == pytest.approx(peak_signal_noise_ratio(hr, out, data_range=255), rel=1e-9)
@@ -134,11 +145,16 @@ def test_psnr_and_ssim_match_scikit_image_rgb_and_y():
     assert metrics.psnr(yo, yh) == pytest.approx(peak_signal_noise_ratio(yh, yo, data_range=255), rel=1e-9)
     assert metrics.ssim(yo, yh) == pytest.approx(structural_similarity(yh[..., 0], yo[..., 0], **kw), rel=1e-9)
     # The luma of pure white and black (MATLAB rgb2ycbcr convention).
-    assert metrics.rgb_to_y(np.array([[255, 255, 255], [0, 0, 0]], dtype=np.uint8))[:, 0] == pytest.approx([235, 16], abs=1e-3)
+    assert metrics.rgb_to_y(np.array([[255, 255, 255], [0, 0, 0]], dtype=np.uint8))[:, 0] == pytest.approx(
+        [235, 16], abs=1e-3
+    )
 
 
-TINY_CLIP = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 def tiny_clip_config(tmp_path):
@@ -150,7 +166,9 @@ def tiny_clip_config(tmp_path):
 def test_clip_score_equals_a_hand_computation(tmp_path):
     import open_clip
     from PIL import Image
+
     from onestep.eval.clip import clip_scores, load_open_clip, scale_scores
+
     torch.manual_seed(0)
     clip = load_open_clip(tiny_clip_config(tmp_path), "none")
     rng = np.random.RandomState(0)

@@ -37,7 +37,9 @@ def test_multi_step_contract_is_saved_and_used(tmp_path):
     pipe = OneStepPipeline.from_pretrained(str(tmp_path))
     a = pipe(class_labels=[1], generator=torch.Generator().manual_seed(3), output_type="np").images
     b = pipe(class_labels=[1], generator=torch.Generator().manual_seed(3), output_type="np").images
-    c = pipe(class_labels=[1], generator=torch.Generator().manual_seed(3), num_inference_steps=1, output_type="np").images
+    c = pipe(
+        class_labels=[1], generator=torch.Generator().manual_seed(3), num_inference_steps=1, output_type="np"
+    ).images
     assert (a == b).all() and not (a == c).all()
 
 

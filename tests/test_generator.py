@@ -50,6 +50,7 @@ def test_sampling_chain_renoises_with_fresh_noise():
     def noise(like):
         draws.append(1)
         return torch.randn_like(like)
+
     out = gen.sample(torch.randn(3, 2), noise_fn=noise)
     assert net.calls == [999, 500] and len(draws) == 1 and torch.allclose(out, torch.full((3, 2), 0.1))
     assert len(gen.sample(torch.randn(3, 2), num_steps=1)) == 3 and net.calls[-1] == 999
@@ -57,6 +58,7 @@ def test_sampling_chain_renoises_with_fresh_noise():
 
 def test_generator_rejects_bad_timesteps():
     import pytest
+
     with pytest.raises(ValueError):
         OneStepGenerator(Denoiser(Recorder(0), SCHED, "sample"), [249, 999])
     with pytest.raises(ValueError):

@@ -19,7 +19,7 @@ def test_dm_gradient_matches_spec_formula():
 
 def test_dm_gradient_replaces_non_finite_by_zero():
     x = torch.zeros(2, 3)
-    real = torch.zeros(2, 3)          # normaliser 0 -> inf / nan
+    real = torch.zeros(2, 3)  # normaliser 0 -> inf / nan
     fake = torch.tensor([[1.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
     g = dm_gradient(x, real, fake)
     assert torch.isfinite(g).all() and torch.equal(g, torch.zeros_like(g))

@@ -29,6 +29,7 @@ def test_conversions_round_trip(name, kind):
 
 def test_vp_matches_diffusers_scheduler():
     from diffusers import DDPMScheduler
+
     cfg = sd_scheduler_config()
     spec = schedule_from_scheduler_config(cfg)
     ref = DDPMScheduler.from_config(cfg)
@@ -66,15 +67,37 @@ def test_unknown_prediction_type_is_rejected():
 
 # -- the affine family x_t = a x0 + b u + c eps, and diffusers' own schedulers ------------------------------
 
+
 def test_resshift_schedule_matches_the_specs_closed_form():
     from onestep.schedules import ResShiftSchedule
+
     s = ResShiftSchedule(num_timesteps=15, kappa=2.0, min_noise=0.04, eta_end=0.99, power=0.3)
-    published = [0.020, 0.117, 0.176, 0.234, 0.292, 0.351, 0.412, 0.476, 0.542, 0.610, 0.681, 0.754, 0.830, 0.909, 0.990]
+    published = [
+        0.020,
+        0.117,
+        0.176,
+        0.234,
+        0.292,
+        0.351,
+        0.412,
+        0.476,
+        0.542,
+        0.610,
+        0.681,
+        0.754,
+        0.830,
+        0.909,
+        0.990,
+    ]
     assert torch.allclose(s.etas.sqrt(), torch.tensor(published, dtype=torch.float64), atol=1e-3)  # tadsr.md section 3
     assert torch.allclose(s.alphas, 1 - s.etas) and torch.allclose(s.shifts, s.etas)
     assert torch.allclose(s.sigmas, 2.0 * s.etas.sqrt())
     # Start state: x0 replaced by u gives ResShift's prior u + kappa sqrt(eta_T) eps.
-    u, eps, T = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.full((3,), 14)
+    u, eps, T = (
+        torch.randn(3, 2, 4, 4, dtype=torch.float64),
+        torch.randn(3, 2, 4, 4, dtype=torch.float64),
+        torch.full((3,), 14),
+    )
     assert torch.allclose(s.add_noise(u, eps, T, u), u + 2.0 * s.etas[14].sqrt() * eps)
     # The DDIM step of the spec, written out.
     x0, x_t, t, prev = torch.randn_like(u), torch.randn_like(u), torch.full((3,), 9), torch.full((3,), 4)
@@ -88,6 +111,7 @@ def test_resshift_schedule_matches_the_specs_closed_form():
 
 def test_conditional_flow_matches_oftsr_notation():
     from onestep.schedules import ConditionalFlowSchedule
+
     sp = 0.2
     s = ConditionalFlowSchedule(sigma_p=sp, num_timesteps=1000)
     x1, u, eps = (torch.randn(4, 3, 2, 2, dtype=torch.float64) for _ in range(3))
@@ -111,6 +135,7 @@ def test_conditional_flow_matches_oftsr_notation():
 @pytest.mark.parametrize("name", ["resshift", "conditional_flow"])
 def test_affine_conversions_round_trip(name, kind):
     from onestep.schedules import ConditionalFlowSchedule, ResShiftSchedule
+
     if name == "resshift" and kind == "flow":
         pytest.skip("ResShift is not a flow path")
     s = ResShiftSchedule() if name == "resshift" else ConditionalFlowSchedule()
@@ -124,6 +149,7 @@ def test_affine_conversions_round_trip(name, kind):
 
 def test_edm_conversions_round_trip_and_match_diffusers_preconditioning():
     from diffusers import EDMEulerScheduler
+
     s = KarrasSchedule()
     x0, eps = torch.randn(8, 3, 4, 4, dtype=torch.float64), torch.randn(8, 3, 4, 4, dtype=torch.float64)
     t = torch.randint(0, 1000, (8,))
@@ -140,8 +166,15 @@ def test_edm_conversions_round_trip_and_match_diffusers_preconditioning():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_vp_ddim_step_matches_diffusers_ddim(prediction_type):
     from diffusers import DDIMScheduler
-    ref = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", prediction_type=prediction_type,
-                        clip_sample=False, set_alpha_to_one=False)
+
+    ref = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        clip_sample=False,
+        set_alpha_to_one=False,
+    )
     ref.set_timesteps(10)
     sched = schedule_from_scheduler_config(dict(ref.config, _class_name="DDIMScheduler")).schedule
     x_t, out = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)

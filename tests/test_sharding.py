@@ -1,6 +1,7 @@
 """What can be checked of the FSDP path without GPUs (accelerate runs FSDP only on accelerators): the
 shard units the models declare exist where accelerate looks for them, the weightless copy that export
 rebuilds from gathered weights, the critic's full-pass features, and the refusals."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 
 from onestep.critic import Critic
 from onestep.denoiser import Cond, Denoiser
+from onestep.discriminator import DMD2Head
 from onestep.errors import UserError
 from onestep.generator import OneStepGenerator
 from onestep.lora import add_lora
 from onestep.schedules import schedule_from_scheduler_config
-from onestep.discriminator import DMD2Head
 from onestep.sharding import check_sharding_supported, fill_from_state_dict, fsdp_unit_names, weightless_copy
 from tests.helpers import sd_scheduler_config, tiny_cond_unet
 
@@ -35,6 +36,7 @@ def _critic_with_head():
 
 def test_declared_shard_units_resolve_with_accelerates_lookup():
     from accelerate.utils.dataclasses import get_module_class_from_name
+
     torch.manual_seed(0)
     gen = OneStepGenerator(_denoiser(), [999])
     critic = _critic_with_head()
@@ -76,7 +78,10 @@ def test_critic_full_pass_features_equal_the_early_exit_ones():
 
 
 def _fake_accelerator(kind, version=2):
-    return SimpleNamespace(distributed_type=SimpleNamespace(name=kind), state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)))
+    return SimpleNamespace(
+        distributed_type=SimpleNamespace(name=kind),
+        state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=version)),
+    )
 
 
 def test_fsdp1_and_ema_under_fsdp_are_refused_with_one_sentence():
@@ -90,6 +95,7 @@ def test_fsdp1_and_ema_under_fsdp_are_refused_with_one_sentence():
 
 def test_shipped_fsdp_config_is_fsdp2_without_a_class_list():
     import yaml
+
     cfg = yaml.safe_load(open("train/fsdp_sdxl.yaml"))
     assert cfg["distributed_type"] == "FSDP" and cfg["fsdp_config"]["fsdp_version"] == 2
     assert "fsdp_transformer_layer_cls_to_wrap" not in cfg["fsdp_config"]
@@ -102,6 +108,7 @@ def test_each_model_gets_its_own_wrap_units_from_accelerates_policy():
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
     from onestep.sharding import WrapPolicyPerModel
+
     torch.manual_seed(0)
     gen = OneStepGenerator(_denoiser(), [999])
     critic = _critic_with_head()
@@ -115,10 +122,18 @@ def test_each_model_gets_its_own_wrap_units_from_accelerates_policy():
         return {type(m).__name__ for m in model.modules() if policy(m)}
 
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    accelerator = SimpleNamespace(distributed_type=SimpleNamespace(name="FSDP"), state=SimpleNamespace(fsdp_plugin=plugin))
+    accelerator = SimpleNamespace(
+        distributed_type=SimpleNamespace(name="FSDP"), state=SimpleNamespace(fsdp_plugin=plugin)
+    )
     reset = WrapPolicyPerModel(accelerator)
     reset.reset()
-    assert units(plugin, gen) == {"UNet2DConditionModel", "ResnetBlock2D", "BasicTransformerBlock", "CrossAttnUpBlock2D", "UpBlock2D"}
+    assert units(plugin, gen) == {
+        "UNet2DConditionModel",
+        "ResnetBlock2D",
+        "BasicTransformerBlock",
+        "CrossAttnUpBlock2D",
+        "UpBlock2D",
+    }
     reset.reset()
     assert "DMD2Head" in units(plugin, critic)
     stale = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
@@ -130,6 +145,7 @@ def test_fsdp_keeps_fp32_weights_and_reductions_under_bf16():
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from onestep.sharding import keep_fp32_weights
+
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
     plugin.set_mixed_precision("bf16")
     assert plugin.mixed_precision_policy.param_dtype == torch.bfloat16  # accelerate's default

@@ -1,5 +1,6 @@
 """DMD2 on Stable-Diffusion-shaped teachers built in code: train with the real script, export to the
 stock pipeline, reload in a fresh process, and check the sampling contract numerically."""
+
 import json
 import shutil
 
@@ -15,15 +16,34 @@ TINY = ["--train_batch_size", "2", "--mixed_precision", "no", "--validation_step
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory):
     from onestep.testing.tiny_sd import save_tiny_sd15, save_tiny_sdxl
+
     root = tmp_path_factory.mktemp("t2i")
     (root / "prompts.txt").write_text("a cat\na red car on a street\ntwo dogs on grass\n")
-    return {"sd15": save_tiny_sd15(str(root / "sd15")), "sdxl": save_tiny_sdxl(str(root / "sdxl")),
-            "prompts": str(root / "prompts.txt"), "root": root}
+    return {
+        "sd15": save_tiny_sd15(str(root / "sd15")),
+        "sdxl": save_tiny_sdxl(str(root / "sdxl")),
+        "prompts": str(root / "prompts.txt"),
+        "root": root,
+    }
 
 
 def _train(teacher, prompts, out, *extra):
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts, "--output_dir", str(out),
-             "--max_train_steps", "2", *TINY, *extra])
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teacher,
+            "--prompt_file",
+            prompts,
+            "--output_dir",
+            str(out),
+            "--max_train_steps",
+            "2",
+            *TINY,
+            *extra,
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -46,9 +66,15 @@ def test_sd15_one_step_exports_a_stock_pipeline_whose_plain_call_is_the_student(
     r = run([PY, "-c", FRESH, str(out), "1"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
-    assert info == {"class": "StableDiffusionPipeline", "scheduler": "DDIMScheduler", "shape": [1, 16, 16, 3], "timesteps": [999]}
+    assert info == {
+        "class": "StableDiffusionPipeline",
+        "scheduler": "DDIMScheduler",
+        "shape": [1, 16, 16, 3],
+        "timesteps": [999],
+    }
     # The ordinary call's latent equals the student's x0 at t = 999 computed by hand from its UNet.
     from diffusers import DiffusionPipeline
+
     pipe = DiffusionPipeline.from_pretrained(str(out))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     lat = pipe("a cat", num_inference_steps=1, guidance_scale=0, latents=z, output_type="latent").images
@@ -62,23 +88,44 @@ def test_sd15_one_step_exports_a_stock_pipeline_whose_plain_call_is_the_student(
 
 
 def test_sdxl_four_step_export_equals_the_explicit_timesteps_call(teachers, tmp_path):
-    out = _train(teachers["sdxl"], teachers["prompts"], tmp_path / "sdxl", "--preset", "sdxl-4step",
-                 "--conditioning_timesteps", "999,749,499,249")
+    out = _train(
+        teachers["sdxl"],
+        teachers["prompts"],
+        tmp_path / "sdxl",
+        "--preset",
+        "sdxl-4step",
+        "--conditioning_timesteps",
+        "999,749,499,249",
+    )
     r = run([PY, "-c", FRESH, str(out), "4"], cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info["class"] == "StableDiffusionXLPipeline" and info["scheduler"] == "LCMScheduler"
     assert info["timesteps"] == [999, 749, 499, 249] and info["shape"] == [1, 16, 16, 3]
     from diffusers import DiffusionPipeline
+
     pipe = DiffusionPipeline.from_pretrained(str(out))
-    a = pipe("a cat", num_inference_steps=4, guidance_scale=0, generator=torch.Generator().manual_seed(2), output_type="latent").images
-    b = pipe("a cat", timesteps=[999, 749, 499, 249], guidance_scale=0, generator=torch.Generator().manual_seed(2), output_type="latent").images
+    a = pipe(
+        "a cat",
+        num_inference_steps=4,
+        guidance_scale=0,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    ).images
+    b = pipe(
+        "a cat",
+        timesteps=[999, 749, 499, 249],
+        guidance_scale=0,
+        generator=torch.Generator().manual_seed(2),
+        output_type="latent",
+    ).images
     assert torch.equal(a, b)
 
 
 def test_stock_scheduler_reproduces_trained_timesteps_or_refuses():
     from onestep.export import stock_scheduler
     from tests.helpers import sd_scheduler_config
+
     cfg = sd_scheduler_config()
     assert [int(t) for t in stock_scheduler(cfg, [999]).timesteps] == [999]
     assert [int(t) for t in stock_scheduler(cfg, [399]).timesteps] == [399]  # SDXL one-step (DMD2's t = 399)
@@ -93,10 +140,14 @@ def test_text_cfg_real_score_is_uncond_plus_w_times_the_difference():
     from onestep.denoiser import Cond, Denoiser
     from onestep.schedules import schedule_from_scheduler_config
     from tests.helpers import sd_scheduler_config
+
     spec = schedule_from_scheduler_config(sd_scheduler_config())
     den = Denoiser(tiny_cond_unet(), spec.schedule, spec.prediction_type).eval()
     x, t = torch.randn(3, 4, 8, 8), torch.tensor([10, 500, 990])
-    cond, uncond = Cond(encoder_hidden_states=torch.randn(3, 77, 12)), Cond(encoder_hidden_states=torch.randn(3, 77, 12))
+    cond, uncond = (
+        Cond(encoder_hidden_states=torch.randn(3, 77, 12)),
+        Cond(encoder_hidden_states=torch.randn(3, 77, 12)),
+    )
     with torch.no_grad():
         guided = den.guided(x, t, cond, uncond, 1.75)
         c, u = den(x, t, cond), den(x, t, uncond)
@@ -117,14 +168,39 @@ def test_bad_text_to_image_input_gives_one_sentence(teachers, tmp_path, case):
         message = "holds no prompts"
     else:
         extra, message = ["--resolution", "18"], "cannot be taken"
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teacher, "--prompt_file", prompts,
-             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, *extra])
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teacher,
+            "--prompt_file",
+            prompts,
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--preset",
+            "sd15",
+            *TINY,
+            *extra,
+        ]
+    )
     assert r.returncode == 2 and message in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def test_lora_student_exports_an_adapter_the_teacher_pipeline_loads(teachers, tmp_path):
-    out = _train(teachers["sd15"], teachers["prompts"], tmp_path / "lora", "--preset", "sd15", "--lora_rank", "4", "--lora_alpha", "2")
+    out = _train(
+        teachers["sd15"],
+        teachers["prompts"],
+        tmp_path / "lora",
+        "--preset",
+        "sd15",
+        "--lora_rank",
+        "4",
+        "--lora_alpha",
+        "2",
+    )
     from diffusers import DDIMScheduler, DiffusionPipeline
+
     student = DiffusionPipeline.from_pretrained(str(out))
     teacher = DiffusionPipeline.from_pretrained(teachers["sd15"], safety_checker=None, requires_safety_checker=False)
     teacher.scheduler = DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
@@ -137,18 +213,38 @@ def test_lora_student_exports_an_adapter_the_teacher_pipeline_loads(teachers, tm
     assert torch.allclose(a, b, atol=1e-5)
     plain = DiffusionPipeline.from_pretrained(teachers["sd15"], safety_checker=None, requires_safety_checker=False)
     plain.scheduler = teacher.scheduler
-    assert not torch.allclose(plain("a cat", **kw).images, a, atol=1e-6)  # the adapter trained: G moved off the teacher
+    assert not torch.allclose(
+        plain("a cat", **kw).images, a, atol=1e-6
+    )  # the adapter trained: G moved off the teacher
 
 
 def test_lora_targets_that_match_nothing_are_refused(teachers, tmp_path):
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
-             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", *TINY, "--lora_rank", "4", "--lora_targets", "nothing_here"])
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--preset",
+            "sd15",
+            *TINY,
+            "--lora_rank",
+            "4",
+            "--lora_targets",
+            "nothing_here",
+        ]
+    )
     assert r.returncode == 2 and "match no module" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def _captioned_folder(root, with_all_captions=True):
     import numpy as np
     from PIL import Image
+
     root.mkdir()
     rng = np.random.RandomState(0)
     rows = []
@@ -163,52 +259,127 @@ def _captioned_folder(root, with_all_captions=True):
 def test_gan_on_captioned_images_with_a_latent_cache(teachers, tmp_path):
     data = _captioned_folder(tmp_path / "data")
     cache = tmp_path / "cache"
-    args = ["--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"], "--preset", "sd15",
-            "--train_batch_size", "2", "--mixed_precision", "no", "--validation_steps", "1000", "--max_train_steps", "2",
-            "--gan", "--train_data_dir", data, "--cache_latents", "--latent_cache_dir", str(cache)]
+    args = [
+        "--pretrained_model_name_or_path",
+        teachers["sd15"],
+        "--prompt_file",
+        teachers["prompts"],
+        "--preset",
+        "sd15",
+        "--train_batch_size",
+        "2",
+        "--mixed_precision",
+        "no",
+        "--validation_steps",
+        "1000",
+        "--max_train_steps",
+        "2",
+        "--gan",
+        "--train_data_dir",
+        data,
+        "--cache_latents",
+        "--latent_cache_dir",
+        str(cache),
+    ]
     r = run([PY, "train/dmd2.py", "--output_dir", str(tmp_path / "a"), *args])
     assert r.returncode == 0, r.stderr[-3000:]
     shards = sorted(cache.glob("latents-*.safetensors"))
     assert len(shards) == 1
     from safetensors.torch import load_file
+
     assert load_file(shards[0])["latents"].shape == (5, 4, 8, 8)  # 16x16 centre crops through the VAE (factor 2)
     stamp = shards[0].stat().st_mtime_ns
     losses = (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
     assert "loss_d" in losses and "loss_g_gan" in losses  # the GAN ran on the cached real latents
     # A later run over the same data reads the shards back instead of encoding again.
     import json as _json
+
     from onestep.data import CaptionedLatentBatches, ImageFolder
 
     def must_not_encode(images):
         raise AssertionError("the cache should have been reused")
+
     vae_cfg = _json.loads(open(f"{teachers['sd15']}/vae/config.json").read())
-    again = CaptionedLatentBatches(ImageFolder(data, 16), 2, 0, must_not_encode, lambda texts: None, cache_dir=str(cache),
-                                   cache_key=_json.dumps(vae_cfg, sort_keys=True))
+    again = CaptionedLatentBatches(
+        ImageFolder(data, 16),
+        2,
+        0,
+        must_not_encode,
+        lambda texts: None,
+        cache_dir=str(cache),
+        cache_key=_json.dumps(vae_cfg, sort_keys=True),
+    )
     assert torch.equal(again.latents, load_file(shards[0])["latents"]) and shards[0].stat().st_mtime_ns == stamp
 
 
 def test_gan_data_without_captions_is_refused(teachers, tmp_path):
     data = _captioned_folder(tmp_path / "data", with_all_captions=False)
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
-             "--output_dir", str(tmp_path / "out"), "--preset", "sd15", "--train_batch_size", "2", "--gan", "--train_data_dir", data])
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--preset",
+            "sd15",
+            "--train_batch_size",
+            "2",
+            "--gan",
+            "--train_data_dir",
+            data,
+        ]
+    )
     assert r.returncode == 2 and "has no caption" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
 
 
 def test_gan_on_a_hugging_face_dataset_with_a_latent_cache(teachers, tmp_path):
     data = save_hf_dataset(tmp_path / "hfdata", [f"thing {i}" for i in range(6)], caption_column="caption")
     cache = tmp_path / "cache"
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
-             "--preset", "sd15", "--output_dir", str(tmp_path / "a"), "--train_batch_size", "2", "--mixed_precision", "no",
-             "--validation_steps", "1000", "--max_train_steps", "2", "--gan", "--dataset_name", data, "--caption_column",
-             "caption", "--cache_latents", "--latent_cache_dir", str(cache)])
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--preset",
+            "sd15",
+            "--output_dir",
+            str(tmp_path / "a"),
+            "--train_batch_size",
+            "2",
+            "--mixed_precision",
+            "no",
+            "--validation_steps",
+            "1000",
+            "--max_train_steps",
+            "2",
+            "--gan",
+            "--dataset_name",
+            data,
+            "--caption_column",
+            "caption",
+            "--cache_latents",
+            "--latent_cache_dir",
+            str(cache),
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     from safetensors.torch import load_file
+
     shards = sorted(cache.glob("latents-*.safetensors"))
     assert len(shards) == 1 and load_file(shards[0])["latents"].shape == (6, 4, 8, 8)
     assert "loss_d" in (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
     # The dataset's rows, cropped like folder images, are what the cache holds.
-    from onestep.data import HFImageCaptions, center_crop_tensor
     import datasets
+
+    from onestep.data import HFImageCaptions, center_crop_tensor
+
     ds = HFImageCaptions(data, 16, caption_column="caption")
     assert ds.captions == [f"thing {i}" for i in range(6)]
     row = datasets.load_dataset(data, split="train")[3]["image"]
@@ -216,7 +387,25 @@ def test_gan_on_a_hugging_face_dataset_with_a_latent_cache(teachers, tmp_path):
 
 
 def test_gan_data_from_a_folder_and_a_dataset_at_once_is_refused(teachers, tmp_path):
-    r = run([PY, "train/dmd2.py", "--pretrained_model_name_or_path", teachers["sd15"], "--prompt_file", teachers["prompts"],
-             "--preset", "sd15", "--output_dir", str(tmp_path / "out"), "--gan", "--dataset_name", "some/data",
-             "--train_data_dir", "somewhere"])
-    assert r.returncode == 2 and "either --train_data_dir or --dataset_name" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--preset",
+            "sd15",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--gan",
+            "--dataset_name",
+            "some/data",
+            "--train_data_dir",
+            "somewhere",
+        ]
+    )
+    assert r.returncode == 2 and "either --train_data_dir or --dataset_name" in r.stderr.strip().splitlines()[-1], (
+        r.stderr[-2000:]
+    )

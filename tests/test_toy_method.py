@@ -4,6 +4,7 @@ SIGKILL after a checkpoint, resumed, and compared with an uninterrupted run.
 
 Run as a script (what the test does): python tests/test_toy_method.py OUTPUT_DIR MAX_STEPS [--resume]
 """
+
 import json
 import os
 import signal
@@ -30,7 +31,7 @@ class WalkingTarget(Method):
         super().__init__()
         self.updates = [Update("fit", "net")]
         self.net = nn.Linear(2, 2)
-        self.target_index = 0    # the method's own state, as DisBack's position on its path
+        self.target_index = 0  # the method's own state, as DisBack's position on its path
         self.updates_seen = 0
 
     def models(self):
@@ -69,8 +70,15 @@ class WalkingTarget(Method):
 
 def main(output_dir, max_steps, resume):
     from onestep.trainer import Trainer, TrainerConfig
-    config = TrainerConfig(output_dir=output_dir, max_train_steps=max_steps, checkpointing_steps=3, num_validation_images=0,
-                           resume_from_checkpoint="latest" if resume else None, seed=7)
+
+    config = TrainerConfig(
+        output_dir=output_dir,
+        max_train_steps=max_steps,
+        checkpointing_steps=3,
+        num_validation_images=0,
+        resume_from_checkpoint="latest" if resume else None,
+        seed=7,
+    )
     Trainer(config).fit(WalkingTarget())
 
 
@@ -78,8 +86,12 @@ def test_toy_method_state_resumes_exactly_after_sigkill(tmp_path):
     script, env = os.path.abspath(__file__), dict(os.environ, HF_HUB_OFFLINE="1")
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     assert subprocess.run([sys.executable, script, str(ref), "10"], env=env, capture_output=True).returncode == 0
-    proc = subprocess.Popen([sys.executable, script, str(cut), "100000"], env=dict(env, TOY_SLOW="1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, script, str(cut), "100000"],
+        env=dict(env, TOY_SLOW="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (cut / "checkpoint-6").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.002)

@@ -24,7 +24,10 @@ class Counting(Method):
         return {"generator": self.gen, "critic": self.crit}
 
     def optimizers(self):
-        return {"generator": torch.optim.SGD(self.gen.parameters(), lr=0.1), "critic": torch.optim.SGD(self.crit.parameters(), lr=0.1)}
+        return {
+            "generator": torch.optim.SGD(self.gen.parameters(), lr=0.1),
+            "critic": torch.optim.SGD(self.crit.parameters(), lr=0.1),
+        }
 
     def start_iteration(self, batch, info):
         self.step = info.step
@@ -58,7 +61,11 @@ def test_update_ratio_one_generator_step_per_r_critic_steps(tmp_path):
 
 def test_gradient_accumulation_counts_iterations_not_micro_batches(tmp_path):
     m = Counting(ratio=2)
-    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, gradient_accumulation_steps=3, num_validation_images=0)).fit(m)
+    Trainer(
+        TrainerConfig(
+            output_dir=str(tmp_path), max_train_steps=4, gradient_accumulation_steps=3, num_validation_images=0
+        )
+    ).fit(m)
     assert [s for s, n in m.calls if n == "generator"] == [0, 0, 0, 2, 2, 2]
     assert len([1 for s, n in m.calls if n == "critic"]) == 12
 
@@ -73,14 +80,24 @@ def test_nan_guard_skips_the_update_and_keeps_weights_finite(tmp_path):
 def test_nan_guard_stops_after_patience(tmp_path):
     m = Counting(ratio=1, nan_at={(s, "critic") for s in range(100)})
     from onestep.errors import UserError
+
     with pytest.raises(UserError, match="non-finite"):
-        Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=50, nan_patience=3, num_validation_images=0)).fit(m)
+        Trainer(
+            TrainerConfig(output_dir=str(tmp_path), max_train_steps=50, nan_patience=3, num_validation_images=0)
+        ).fit(m)
 
 
 def test_checkpoints_total_limit_and_no_temporary_leftovers(tmp_path):
     m = Counting()
-    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=10, checkpointing_steps=2, checkpoints_total_limit=2,
-                          num_validation_images=0)).fit(m)
+    Trainer(
+        TrainerConfig(
+            output_dir=str(tmp_path),
+            max_train_steps=10,
+            checkpointing_steps=2,
+            checkpoints_total_limit=2,
+            num_validation_images=0,
+        )
+    ).fit(m)
     names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
     assert names == ["checkpoint-8", "checkpoint-10"]
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
@@ -94,9 +111,10 @@ def test_ema_is_checkpointed_and_swapped_for_export(tmp_path):
 
         def export(self, models, output_dir, extra_card):
             exported["w"] = models["generator"].weight.detach().clone()
+
     m = Exporting()
     Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=6, ema_decay=0.5, num_validation_images=0)).fit(m)
-    assert not torch.allclose(exported["w"], m.gen.weight)   # export saw the EMA weights ...
+    assert not torch.allclose(exported["w"], m.gen.weight)  # export saw the EMA weights ...
     ckpt = list_checkpoints(str(tmp_path))[-1]
     assert os.path.exists(os.path.join(ckpt, "custom_checkpoint_0.pkl"))  # ... and the EMA is in the checkpoint
 
@@ -111,6 +129,7 @@ def test_timing_summary_names_every_phase(tmp_path):
 
 def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
     from onestep.errors import UserError
+
     Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=2, num_validation_images=0)).fit(Counting())
     before = sorted(os.listdir(tmp_path))
     with pytest.raises(UserError, match="already holds checkpoints"):
@@ -120,7 +139,10 @@ def test_a_fresh_run_refuses_to_overwrite_an_earlier_runs_checkpoints(tmp_path):
 
 def test_generator_losses_are_logged_although_they_appear_every_r_steps(tmp_path):
     import csv
-    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=20, log_every=10, num_validation_images=0)).fit(Counting(ratio=5))
+
+    Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=20, log_every=10, num_validation_images=0)).fit(
+        Counting(ratio=5)
+    )
     rows = list(csv.DictReader(open(tmp_path / "logs" / "losses.csv")))
     assert len(rows) == 2 and all(r["loss_generator"] and r["loss_critic"] for r in rows)
 
@@ -131,18 +153,23 @@ def test_init_from_checkpoint_takes_weights_strips_wrapper_prefixes_and_refuses_
 
     from onestep.errors import UserError
     from onestep.trainer import load_model_weights
+
     torch.manual_seed(0)
     earlier = {"generator": nn.Linear(3, 2), "critic": nn.Linear(3, 3)}
     ckpt = tmp_path / "checkpoint-7"
     ckpt.mkdir()
-    save_file({f"module.{k}": v for k, v in earlier["generator"].state_dict().items()}, str(ckpt / "model.safetensors"))
+    save_file(
+        {f"module.{k}": v for k, v in earlier["generator"].state_dict().items()}, str(ckpt / "model.safetensors")
+    )
     save_file(dict(earlier["critic"].state_dict()), str(ckpt / "model_1.safetensors"))
     critic = nn.Module()
     critic.weight, critic.bias = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
     critic.head = nn.Linear(3, 1)  # new in this stage: allowed to be missing
     now = {"generator": nn.Linear(3, 2), "critic": critic}
     load_model_weights(str(ckpt), now, may_be_new={"critic": ("head.",)})
-    assert torch.equal(now["generator"].weight, earlier["generator"].weight) and torch.equal(critic.weight, earlier["critic"].weight)
+    assert torch.equal(now["generator"].weight, earlier["generator"].weight) and torch.equal(
+        critic.weight, earlier["critic"].weight
+    )
     with pytest.raises(UserError, match="does not fit the critic"):
         load_model_weights(str(ckpt), now)  # the head may be missing only when the method says it is new
     with pytest.raises(UserError, match="does not fit the generator"):
@@ -165,8 +192,11 @@ def test_resuming_a_finished_run_says_so_and_keeps_its_records(tmp_path, capsys)
     kept = {name: (tmp_path / name).read_bytes() for name in ("timing.json", "logs/losses.csv")}
     checkpoint = list_checkpoints(str(tmp_path))[-1]
     mtime = os.path.getmtime(os.path.join(checkpoint, "model.safetensors"))
-    result = Trainer(TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, resume_from_checkpoint="latest",
-                                   num_validation_images=0)).fit(Counting())
+    result = Trainer(
+        TrainerConfig(
+            output_dir=str(tmp_path), max_train_steps=4, resume_from_checkpoint="latest", num_validation_images=0
+        )
+    ).fit(Counting())
     assert result["already_finished"] and result["step"] == 4
     assert "nothing left to train" in capsys.readouterr().out
     assert {name: (tmp_path / name).read_bytes() for name in kept} == kept  # the real run's timing survives
@@ -177,6 +207,7 @@ def test_sample_grids_are_enlarged_to_be_seen(tmp_path):
     from PIL import Image
 
     from onestep.utils import save_image_grid
+
     save_image_grid(torch.zeros(16, 1, 16, 16), str(tmp_path / "g.png"), min_width=512)
     width = Image.open(tmp_path / "g.png").width
     assert 512 <= width < 512 + 69 and width % 69 == 0  # whole-number nearest-neighbour factor of the 69-px grid

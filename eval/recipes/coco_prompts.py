@@ -8,6 +8,7 @@ The FID reference is the val2014 image folder itself; both sides are centre-crop
     onestep-eval fid --pipeline outputs/dmd2-sd15 --prompts coco30k.jsonl --num-samples 30000 --steps 1 \
         --guidance-scale 0 --ref val2014 --crop-size 256 --dtype fp16 --output coco_fid.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def coco_prompts(annotations: str, num: int, seed: int = 0) -> list[dict]:
         for ann in sorted(data["annotations"], key=lambda a: a["id"]):
             first.setdefault(ann["image_id"], ann["caption"].strip())
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise UserError(f"{annotations} is not a COCO captions file (images + annotations with image_id and caption).") from None
+        raise UserError(
+            f"{annotations} is not a COCO captions file (images + annotations with image_id and caption)."
+        ) from None
     ids = sorted(i for i in first if i in files)
     if num > len(ids):
         raise UserError(f"--num {num} is more than the {len(ids)} captioned images in {annotations}.")

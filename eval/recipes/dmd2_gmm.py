@@ -10,6 +10,7 @@ Arms (all through the real Trainer, batch 512, Adam lr 1e-4, analytic real score
   ttur         R = 5 vs R = 1 at an equal number of generator updates
   sds          x0_fake := x (no critic): expected mode collapse
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,10 +19,10 @@ import time
 
 import torch
 
+from onestep.denoiser import Denoiser
 from onestep.methods.dmd2 import DMD2Config
 from onestep.testing.gmm import AnalyticDenoiser, GaussianMixture, energy_distance_floor
-from onestep.testing.toy import evaluate_generator, fit_teacher_net, run_dmd2_gmm, sd_schedule, teacher_ddim_result
-from onestep.denoiser import Denoiser
+from onestep.testing.toy import fit_teacher_net, run_dmd2_gmm, sd_schedule, teacher_ddim_result
 
 
 def _row(name, res, seconds, history=None):
@@ -42,15 +43,18 @@ def main(argv=None):
     torch.manual_seed(0)
     gmm, sched = GaussianMixture.circle(), sd_schedule()
     net = fit_teacher_net(gmm, sched, steps=2000, lr=3e-3, batch=512)
-    rows = [{"arm": "floor (95th pct, 5k vs 5k true samples)", "energy_distance": energy_distance_floor(gmm, repeats=20)}]
+    rows = [
+        {"arm": "floor (95th pct, 5k vs 5k true samples)", "energy_distance": energy_distance_floor(gmm, repeats=20)}
+    ]
     rows.append(_row("teacher-net, DDIM 100 steps", teacher_ddim_result(net, gmm), 0))
     base = dict(learning_rate=1e-4, train_batch_size=512, ttur_ratio=5, gan=False)
 
     def arm(name, steps, eval_every=None, **kw):
         cfg = DMD2Config(**{**base, **{k: v for k, v in kw.items() if k in DMD2Config.__dataclass_fields__}})
         t0 = time.time()
-        res, method = run_dmd2_gmm(cfg, steps, gmm=gmm, teacher_net=net, eval_every=eval_every,
-                                   teacher_gmm=kw.get("teacher_gmm"))
+        res, method = run_dmd2_gmm(
+            cfg, steps, gmm=gmm, teacher_net=net, eval_every=eval_every, teacher_gmm=kw.get("teacher_gmm")
+        )
         rows.append(_row(name, res, time.time() - t0, method.history if eval_every else None))
         print(json.dumps({k: v for k, v in rows[-1].items() if k != "history"}), flush=True)
 
@@ -63,9 +67,22 @@ def main(argv=None):
         teacher = Denoiser(AnalyticDenoiser(wrong, sched), sched, "sample")
         rows.append(_row("imperfect teacher's own samples (DDIM 100)", teacher_ddim_result(teacher, gmm), 0))
         arm("imperfect teacher, DM only", args.steps, conditioning_timesteps=[399], teacher_gmm=wrong)
-        arm("imperfect teacher, DM + GAN (3e-3 / 1e-2)", args.steps, conditioning_timesteps=[399], teacher_gmm=wrong, gan=True)
-        arm("imperfect teacher, DM + GAN (3e-2 / 1e-1)", args.steps, conditioning_timesteps=[399], teacher_gmm=wrong, gan=True,
-            gan_generator_weight=3e-2, gan_discriminator_weight=1e-1)
+        arm(
+            "imperfect teacher, DM + GAN (3e-3 / 1e-2)",
+            args.steps,
+            conditioning_timesteps=[399],
+            teacher_gmm=wrong,
+            gan=True,
+        )
+        arm(
+            "imperfect teacher, DM + GAN (3e-2 / 1e-1)",
+            args.steps,
+            conditioning_timesteps=[399],
+            teacher_gmm=wrong,
+            gan=True,
+            gan_generator_weight=3e-2,
+            gan_discriminator_weight=1e-1,
+        )
     if "ttur" in arms:
         g_updates = args.steps // 5
         arm(f"TTUR R=5 ({g_updates} G updates)", args.steps, conditioning_timesteps=[399])

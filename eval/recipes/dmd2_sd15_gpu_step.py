@@ -7,6 +7,7 @@ Runs the real Trainer for --steps iterations, with and without gradient checkpoi
 
     python -m onestep.eval.recipes.dmd2_sd15_gpu_step --steps 20 --output sd15_step.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,10 +18,15 @@ import time
 import torch
 
 SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768, attention_head_dim=8,
+    cross_attention_dim=768,
+    attention_head_dim=8,
 )
 
 
@@ -43,10 +49,18 @@ def one_run(steps: int, batch: int, gradient_checkpointing: bool, xformers: bool
         return Cond(encoder_hidden_states=torch.randn(n, 77, 768, device=device))
 
     def uncond(c):
-        return Cond(encoder_hidden_states=empty.to(c.encoder_hidden_states.device).expand(len(c.encoder_hidden_states), -1, -1))
+        return Cond(
+            encoder_hidden_states=empty.to(c.encoder_hidden_states.device).expand(len(c.encoder_hidden_states), -1, -1)
+        )
 
-    config = DMD2Config(learning_rate=1e-5, train_batch_size=batch, ttur_ratio=10, guidance_scale=1.75,
-                        conditioning_timesteps=[999], gan=False)
+    config = DMD2Config(
+        learning_rate=1e-5,
+        train_batch_size=batch,
+        ttur_ratio=10,
+        guidance_scale=1.75,
+        conditioning_timesteps=[999],
+        gan=False,
+    )
     method = DMD2(teacher, config, sample_shape=(4, 64, 64), cond_sampler=cond_sampler, uncond=uncond)
     nets = [method.generator.denoiser.net, method.critic.denoiser.net, teacher.net]
     if gradient_checkpointing:
@@ -56,19 +70,34 @@ def one_run(steps: int, batch: int, gradient_checkpointing: bool, xformers: bool
         for net in nets:
             net.enable_xformers_memory_efficient_attention()
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(TrainerConfig(output_dir=out, max_train_steps=steps, mixed_precision="bf16", export=False,
-                                        final_checkpoint=False, num_validation_images=0, log_every=10))
+        trainer = Trainer(
+            TrainerConfig(
+                output_dir=out,
+                max_train_steps=steps,
+                mixed_precision="bf16",
+                export=False,
+                final_checkpoint=False,
+                num_validation_images=0,
+                log_every=10,
+            )
+        )
         torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         result = trainer.fit(method)
         wall = time.perf_counter() - start
     timing = result["timing"]
-    return {"gradient_checkpointing": gradient_checkpointing, "attention": "xformers" if xformers else "sdpa",
-            "iterations": steps, "generator_updates": -(-steps // config.ttur_ratio), "batch": batch,
-            "seconds_per_iteration": timing["seconds_per_step"], "fit_wall_seconds": wall,
-            "phases": {k: round(v["seconds"], 3) for k, v in timing["phases"].items()},
-            "peak_memory_gib": torch.cuda.max_memory_allocated() / 2 ** 30,
-            "unet_parameters_millions": sum(p.numel() for p in unet.parameters()) / 1e6}
+    return {
+        "gradient_checkpointing": gradient_checkpointing,
+        "attention": "xformers" if xformers else "sdpa",
+        "iterations": steps,
+        "generator_updates": -(-steps // config.ttur_ratio),
+        "batch": batch,
+        "seconds_per_iteration": timing["seconds_per_step"],
+        "fit_wall_seconds": wall,
+        "phases": {k: round(v["seconds"], 3) for k, v in timing["phases"].items()},
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "unet_parameters_millions": sum(p.numel() for p in unet.parameters()) / 1e6,
+    }
 
 
 def main(argv=None):
@@ -83,6 +112,7 @@ def main(argv=None):
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "runs": []}
     try:
         import xformers  # noqa: F401
+
         report["xformers"] = xformers.__version__
     except ImportError:
         report["xformers"] = None

@@ -1,4 +1,5 @@
 """What a method tells the trainer: its models, their optimisers, which updates run when, and one step."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -20,8 +21,8 @@ class Update:
 
 @dataclass
 class StepInfo:
-    step: int                        # optimisation iterations completed so far
-    due: tuple[str, ...]             # update names that run this iteration
+    step: int  # optimisation iterations completed so far
+    due: tuple[str, ...]  # update names that run this iteration
     shared_generator: torch.Generator  # same stream on every rank (e.g. DMD2's k for backward simulation)
     device: torch.device
 
@@ -37,7 +38,7 @@ class Method:
     implements `state_dict`/`load_state_dict`, and one that acts between iterations `end_iteration`."""
 
     updates: list[Update] = []
-    ema_models: tuple[str, ...] = ()   # models whose weight EMA the trainer may keep (and exports)
+    ema_models: tuple[str, ...] = ()  # models whose weight EMA the trainer may keep (and exports)
     exported_models: tuple[str, ...] = ()  # models export() reads (default: all); gathered under FSDP
     needs_data: bool = True
     # Parameter-name prefixes, per model, that a new stage may add (missing from an earlier run's
@@ -61,7 +62,18 @@ class Method:
         self.prepared = prepared
         self.unwrap = unwrap
 
-    def to(self, device) -> "Method":
+    def memory_networks(self) -> list[nn.Module]:
+        """The trained networks --gradient_checkpointing and xformers apply to: by default every Denoiser's
+        network inside the method's models."""
+        from ..denoiser import Denoiser
+
+        return [m.net for model in self.models().values() for m in model.modules() if isinstance(m, Denoiser)]
+
+    def checkpointing_exclusions(self) -> str:
+        """Which networks memory_networks() leaves out of gradient checkpointing, and why ('' = none)."""
+        return ""
+
+    def to(self, device) -> Method:
         """Move frozen, non-trained parts (the teacher) to the device."""
         return self
 
@@ -81,7 +93,9 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         if state:
-            raise ValueError(f"{type(self).__name__} has no state of its own, but the checkpoint holds {sorted(state)}.")
+            raise ValueError(
+                f"{type(self).__name__} has no state of its own, but the checkpoint holds {sorted(state)}."
+            )
 
     # -- outputs -------------------------------------------------------------------------------
     @torch.no_grad()

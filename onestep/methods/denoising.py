@@ -2,6 +2,7 @@
 
 DDPM (Ho et al. 2020, Eq. 14) generalised to the Denoiser's parametrisation, with condition dropout so
 the trained teacher supports classifier-free guidance (Ho & Salimans 2022)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,17 +20,31 @@ from .base import Method, Update
 class DenoisingConfig:
     learning_rate: float = 2e-4
     adam_weight_decay: float = 0.0
-    cond_dropout: float = 0.1          # probability of the null class (enables CFG)
-    null_class: int | None = None       # class index used as "no condition"
+    train_batch_size: int = 64
+    cond_dropout: float = 0.1  # probability of the null class (enables CFG)
+    # The network and schedule train/teacher.py builds (the bundled digits teacher's):
+    block_out_channels: str = "32,64,64"
+    channels: int | None = None  # None: 1 for the digits, 3 for image folders
+    beta_schedule: str = "scaled_linear"
+    prediction_type: str = "epsilon"
 
 
 class DiffusionTraining(Method):
     updates = [Update("denoise", "model")]
     ema_models = ("model",)
 
-    def __init__(self, denoiser: Denoiser, config: DenoisingConfig, sample_shape: tuple[int, ...],
-                 scheduler_config: dict, num_classes: int | None = None):
+    def __init__(
+        self,
+        denoiser: Denoiser,
+        config: DenoisingConfig,
+        sample_shape: tuple[int, ...],
+        scheduler_config: dict,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+    ):
+        """`null_class`: the class index trained as 'no condition' (with probability cond_dropout), for CFG."""
         super().__init__()
+        self.null_class = null_class
         self.scheduler_config = scheduler_config
         self.denoiser = denoiser
         self.config = config
@@ -41,17 +56,25 @@ class DiffusionTraining(Method):
         return {"model": self.denoiser}
 
     def optimizers(self):
-        return {"model": torch.optim.AdamW(self.denoiser.parameters(), lr=self.config.learning_rate,
-                                           weight_decay=self.config.adam_weight_decay)}
+        return {
+            "model": torch.optim.AdamW(
+                self.denoiser.parameters(), lr=self.config.learning_rate, weight_decay=self.config.adam_weight_decay
+            )
+        }
 
     def start_iteration(self, batch: Batch, info):
         return batch
 
     def loss(self, name, batch: Batch):
         x0, cond = batch.images, batch.cond
-        if cond is not None and cond.class_labels is not None and self.config.null_class is not None and self.config.cond_dropout > 0:
+        if (
+            cond is not None
+            and cond.class_labels is not None
+            and self.null_class is not None
+            and self.config.cond_dropout > 0
+        ):
             drop = torch.rand(x0.shape[0], device=x0.device) < self.config.cond_dropout
-            labels = torch.where(drop, torch.full_like(cond.class_labels, self.config.null_class), cond.class_labels)
+            labels = torch.where(drop, torch.full_like(cond.class_labels, self.null_class), cond.class_labels)
             cond = Cond(class_labels=labels, image=cond.image)
         model = self.prepared["model"]
         loss = self.objective(self.denoiser, x0, cond, call=lambda x_t, t, c: model(x_t, t, c, native=True)).mean()
@@ -68,5 +91,6 @@ class DiffusionTraining(Method):
 
     def export(self, models, output_dir, extra_card):
         from ..export import save_teacher
-        info = {"num_classes": self.num_classes, "null_class": self.config.null_class} if self.num_classes else None
+
+        info = {"num_classes": self.num_classes, "null_class": self.null_class} if self.num_classes else None
         save_teacher(models["model"].net, self.scheduler_config, output_dir, extra_card, info)

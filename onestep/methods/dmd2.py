@@ -4,19 +4,20 @@ Follows shared/methods/dmd2.md. Per iteration (section 5): x = G(z); every R-th 
 update on L_G = lambda_DM L_DM + lambda_Ggan L_Ggan; every iteration a critic update on
 L_C = L_fake + lambda_Dgan L_D, with the GAN head on the critic's bottleneck.
 """
+
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from ..critic import Critic
-from ..discriminator import DMD2Head
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
+from ..discriminator import DMD2Head
 from ..errors import UserError
 from ..generator import OneStepGenerator
 from ..losses import DenoisingLoss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
@@ -27,22 +28,22 @@ CondSampler = Callable[[int, torch.device], Cond | None]
 
 @dataclass
 class DMD2Config:
-    learning_rate: float = 1e-4           # same for G and critic (spec 7)
+    learning_rate: float = 1e-4  # same for G and critic (spec 7)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 0.01
-    train_batch_size: int = 32            # generator samples per iteration (and real images for the GAN)
-    ttur_ratio: int = 5                   # R: critic updates per generator update
-    guidance_scale: float = 1.0           # real-score CFG w (applied only if w > 1)
+    train_batch_size: int = 32  # generator samples per iteration (and real images for the GAN)
+    ttur_ratio: int = 5  # R: critic updates per generator update
+    guidance_scale: float = 1.0  # real-score CFG w (applied only if w > 1)
     conditioning_timesteps: list[int] = field(default_factory=lambda: [999])  # 1 entry: one-step
-    dm_t_min: int = 20                    # DM-loss t ~ U{t_min..t_max}, inclusive (0.02 T, 0.98 T)
+    dm_t_min: int = 20  # DM-loss t ~ U{t_min..t_max}, inclusive (0.02 T, 0.98 T)
     dm_t_max: int = 980
     dm_weight: float = 1.0
     gan: bool = True
     gan_generator_weight: float = 3e-3
     gan_discriminator_weight: float = 1e-2
-    feature_module: str | None = None     # critic submodule for GAN features (default: the UNet mid block)
-    fake_score: str = "critic"            # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
-    fake_score_fp32: bool = True          # run the DM-loss critic query without autocast
+    feature_module: str | None = None  # critic submodule for GAN features (default: the UNet mid block)
+    fake_score: str = "critic"  # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
+    fake_score_fp32: bool = True  # run the DM-loss critic query without autocast
 
 
 class DMD2(Method):
@@ -50,10 +51,18 @@ class DMD2(Method):
     exported_models = ("generator",)
     new_in_stage = {"critic": ("head.",)}  # SD1.5 stage 2 adds the GAN head to stage 1's critic
 
-    def __init__(self, teacher: Denoiser, config: DMD2Config, sample_shape: tuple[int, ...],
-                 cond_sampler: CondSampler | None = None, uncond: Callable[[Cond], Cond] | None = None,
-                 export_info: dict | None = None, student_init: Denoiser | None = None,
-                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None, real_score: Denoiser | None = None):
+    def __init__(
+        self,
+        teacher: Denoiser,
+        config: DMD2Config,
+        sample_shape: tuple[int, ...],
+        cond_sampler: CondSampler | None = None,
+        uncond: Callable[[Cond], Cond] | None = None,
+        export_info: dict | None = None,
+        student_init: Denoiser | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        real_score: Denoiser | None = None,
+    ):
         """`student_init` (default: the teacher) is the network G and F start from; the toy recipe
         uses an analytic teacher for the real score and a fitted teacher-net to initialise them.
         `real_score` (default: the teacher) is what the generator is matched to; DisBack replaces it
@@ -67,7 +76,17 @@ class DMD2(Method):
         if not 0 <= config.dm_t_min <= config.dm_t_max < T:
             raise UserError(f"The DM timestep range {config.dm_t_min}..{config.dm_t_max} must lie within 0..{T - 1}.")
         if config.guidance_scale > 1 and uncond is None:
-            raise UserError("Real-score guidance needs the teacher's unconditional input (a null class or empty prompt).")
+            raise UserError(
+                "Real-score guidance needs the teacher's unconditional input (a null class or empty prompt)."
+            )
+        if (export_info or {}).get("pipeline") in ("sd15", "sdxl"):  # refuse an unexportable step list before training
+            from ..export import stock_scheduler
+
+            stock_scheduler(
+                export_info["scheduler_config"],
+                config.conditioning_timesteps,
+                offset_allowed=export_info["pipeline"] == "sdxl",
+            )
         self.config, self.sample_shape = config, tuple(sample_shape)
         self.teacher = teacher.eval().requires_grad_(False)
         self.cond_sampler = cond_sampler or (lambda n, device: None)
@@ -102,7 +121,16 @@ class DMD2(Method):
             # Only trainable parameters: a LoRA generator's frozen base gets no optimizer state.
             params = [p for p in module.parameters() if p.requires_grad]
             return torch.optim.AdamW(params, lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
+
         return {"generator": adamw(self.generator), "critic": adamw(self.critic)}
+
+    def memory_networks(self):
+        # With the GAN on, the critic is left out of gradient checkpointing: its head reads the bottleneck
+        # through a hook that stops the forward early, which checkpoint recomputation rejects.
+        return [self.generator.denoiser.net] + ([] if self.config.gan else [self.critic.denoiser.net])
+
+    def checkpointing_exclusions(self):
+        return "the critic while the GAN head is on" if self.config.gan else ""
 
     def to(self, device):
         self.teacher.to(device)
@@ -119,7 +147,11 @@ class DMD2(Method):
         with self.timer.phase("generator"):
             # Backward simulation: one k for the whole global batch (same stream on every rank); k = 0
             # (always, for one-step students) is plain noise at the first timestep.
-            k = int(torch.randint(len(plain.timesteps), (1,), generator=info.shared_generator)) if len(plain.timesteps) > 1 else 0
+            k = (
+                int(torch.randint(len(plain.timesteps), (1,), generator=info.shared_generator))
+                if len(plain.timesteps) > 1
+                else 0
+            )
             x_in, t_in = plain.backward_simulate(z, cond, k)
             with torch.set_grad_enabled("generator" in info.due):
                 x = gen(x_in, t_in, cond)
@@ -184,8 +216,12 @@ class DMD2(Method):
         loss_fake = self.critic_objective.error(raw[:B], noised).mean()
         loss_d = gan_discriminator_loss(logits_real=logits[B:], logits_fake=logits[:B])
         loss = loss_fake + c.gan_discriminator_weight * loss_d
-        return loss, {"loss_fake": loss_fake.detach(), "loss_d": loss_d.detach(),
-                      "d_real": logits[B:].detach().mean(), "d_fake": logits[:B].detach().mean()}
+        return loss, {
+            "loss_fake": loss_fake.detach(),
+            "loss_d": loss_d.detach(),
+            "d_real": logits[B:].detach().mean(),
+            "d_fake": logits[:B].detach().mean(),
+        }
 
     # -- outputs -------------------------------------------------------------------------------
     @torch.no_grad()
@@ -193,36 +229,66 @@ class DMD2(Method):
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(num, *self.sample_shape, generator=g).to(device)
         num_classes = self.export_info.get("num_classes")
-        cond = Cond(class_labels=(torch.arange(num) % num_classes).to(device)) if num_classes else self.cond_sampler(num, device)
+        cond = (
+            Cond(class_labels=(torch.arange(num) % num_classes).to(device))
+            if num_classes
+            else self.cond_sampler(num, device)
+        )
         noise = lambda like: torch.randn(like.shape, generator=g).to(like.device)  # noqa: E731
         x = models["generator"].sample(z, cond, noise_fn=noise)
         return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
         from ..export import export_one_step, export_text_to_image
+
         info = self.export_info
         if "scheduler_config" not in info:
             raise UserError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
         gen = models["generator"]
         if info.get("pipeline") in ("sd15", "sdxl"):  # stock StableDiffusion(XL)Pipeline
-            return export_text_to_image(gen.denoiser.net, info["teacher_path"], info["pipeline"] == "sdxl", gen.timesteps,
-                                        output_dir, self._card(extra_card), lora=info.get("lora"))
-        if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in ("epsilon", "v_prediction", "sample"):
-            raise UserError(f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
-                            f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student.")
-        export_one_step(gen.denoiser.net, info["scheduler_config"], gen.timesteps, output_dir, self._card(extra_card),
-                        info.get("num_classes"))
+            return export_text_to_image(
+                gen.denoiser.net,
+                info["teacher_path"],
+                info["pipeline"] == "sdxl",
+                gen.timesteps,
+                output_dir,
+                self._card(extra_card),
+                lora=info.get("lora"),
+            )
+        if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in (
+            "epsilon",
+            "v_prediction",
+            "sample",
+        ):
+            raise UserError(
+                f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
+                f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student."
+            )
+        export_one_step(
+            gen.denoiser.net,
+            info["scheduler_config"],
+            gen.timesteps,
+            output_dir,
+            self._card(extra_card),
+            info.get("num_classes"),
+        )
 
     def _card(self, extra_card: dict) -> dict:
         c, info = self.config, self.export_info
-        return {"method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)", "teacher": info.get("teacher", "?"),
-                "preset": extra_card.get("preset", "-"), "training_steps": f"{extra_card.get('training_steps')} critic iterations",
-                "generator updates": -(-int(extra_card.get("training_steps", 0)) // c.ttur_ratio),
-                "real-score guidance scale": c.guidance_scale, "TTUR ratio": c.ttur_ratio,
-                "GAN (G / D weight)": f"{c.gan_generator_weight} / {c.gan_discriminator_weight}" if c.gan else "off",
-                "learning rate": c.learning_rate, "batch per process": c.train_batch_size,
-                "weight EMA (exported)": extra_card.get("ema_decay") or "off",
-                "metrics": _metrics_line(extra_card.get("eval"))}
+        return {
+            "method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)",
+            "teacher": info.get("teacher", "?"),
+            "preset": extra_card.get("preset", "-"),
+            "training_steps": f"{extra_card.get('training_steps')} critic iterations",
+            "generator updates": -(-int(extra_card.get("training_steps", 0)) // c.ttur_ratio),
+            "real-score guidance scale": c.guidance_scale,
+            "TTUR ratio": c.ttur_ratio,
+            "GAN (G / D weight)": f"{c.gan_generator_weight} / {c.gan_discriminator_weight}" if c.gan else "off",
+            "learning rate": c.learning_rate,
+            "batch per process": c.train_batch_size,
+            "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "metrics": _metrics_line(extra_card.get("eval")),
+        }
 
 
 def _cat(a: Cond | None, b: Cond | None) -> Cond | None:
@@ -236,4 +302,7 @@ def _cat(a: Cond | None, b: Cond | None) -> Cond | None:
 def _metrics_line(values: dict | None) -> str:
     if not values:
         return "not measured in training; measure with onestep-eval fid (README of the onestep checkout)"
-    return ", ".join(f"{k} {v:.4g}" for k, v in values.items()) + " (in-training, EMA weights, fixed noise; see logs/eval.csv)"
+    return (
+        ", ".join(f"{k} {v:.4g}" for k, v in values.items())
+        + " (in-training, EMA weights, fixed noise; see logs/eval.csv)"
+    )

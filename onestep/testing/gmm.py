@@ -5,6 +5,7 @@ For x_t = a x0 + c eps with x0 ~ sum_k pi_k N(mu_k, S_k), the posterior mean is 
     E[x0 | x_t] = sum_k w_k (mu_k + a S_k S'_k^{-1} (x_t - a mu_k)).
 Everything here is float64 with Cholesky solves. Metrics: energy distance, MMD, mode coverage.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,8 @@ from ..schedules import NoiseSchedule
 
 class GaussianMixture:
     def __init__(self, means: torch.Tensor, covs: torch.Tensor, weights: torch.Tensor):
-        self.means = means.double()                     # (K, d)
-        self.covs = covs.double()                       # (K, d, d)
+        self.means = means.double()  # (K, d)
+        self.covs = covs.double()  # (K, d, d)
         self.weights = weights.double() / weights.sum()  # (K,)
 
     @property
@@ -26,8 +27,14 @@ class GaussianMixture:
         return self.means.shape[1]
 
     @classmethod
-    def circle(cls, k: int = 8, radius: float = 1.0, std: float = 0.05, weights: torch.Tensor | None = None,
-               shift: float = 0.0) -> "GaussianMixture":
+    def circle(
+        cls,
+        k: int = 8,
+        radius: float = 1.0,
+        std: float = 0.05,
+        weights: torch.Tensor | None = None,
+        shift: float = 0.0,
+    ) -> GaussianMixture:
         """DMD2 spec 9: k isotropic components on a circle, weights ∝ k+1 unless given."""
         angles = 2 * math.pi * torch.arange(k, dtype=torch.float64) / k
         means = radius * torch.stack([angles.cos(), angles.sin()], 1) + shift
@@ -47,17 +54,17 @@ class GaussianMixture:
         x = x_t.double()
         a, c = a.double().reshape(-1, 1, 1, 1), c.double().reshape(-1, 1, 1, 1)
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
-        S = self.covs.to(x.device).unsqueeze(0)                   # (1, K, d, d)
-        Sp = a**2 * S + c**2 * eye                                 # (B, K, d, d)
+        S = self.covs.to(x.device).unsqueeze(0)  # (1, K, d, d)
+        Sp = a**2 * S + c**2 * eye  # (B, K, d, d)
         L = torch.linalg.cholesky(Sp)
-        mu = self.means.to(x.device).unsqueeze(0)                  # (1, K, d)
-        diff = x.unsqueeze(1) - a[..., 0] * mu                     # (B, K, d)
-        sol = torch.cholesky_solve(diff.unsqueeze(-1), L)          # S'^{-1} diff
-        maha = (diff.unsqueeze(-1) * sol).sum((-2, -1))            # (B, K)
+        mu = self.means.to(x.device).unsqueeze(0)  # (1, K, d)
+        diff = x.unsqueeze(1) - a[..., 0] * mu  # (B, K, d)
+        sol = torch.cholesky_solve(diff.unsqueeze(-1), L)  # S'^{-1} diff
+        maha = (diff.unsqueeze(-1) * sol).sum((-2, -1))  # (B, K)
         logdet = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
         logw = torch.log(self.weights.to(x.device)) - 0.5 * (maha + logdet)
         w = torch.softmax(logw, dim=1)
-        comp_mean = mu + a[..., 0] * (S @ sol).squeeze(-1)         # (B, K, d)
+        comp_mean = mu + a[..., 0] * (S @ sol).squeeze(-1)  # (B, K, d)
         return (w.unsqueeze(-1) * comp_mean).sum(1)
 
 
@@ -84,7 +91,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class MLPDenoiserNet(nn.Module):
     """Teacher-net of the toy recipes: MLP (depth x width, SiLU) on [x, sinusoidal t embedding, class]."""
 
-    def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, time_dim: int = 32, num_classes: int | None = None):
+    def __init__(
+        self, dim: int = 2, width: int = 128, depth: int = 3, time_dim: int = 32, num_classes: int | None = None
+    ):
         super().__init__()
         self.time_dim = time_dim
         self.class_emb = nn.Embedding(num_classes, time_dim) if num_classes else None
@@ -92,7 +101,7 @@ class MLPDenoiserNet(nn.Module):
         for _ in range(depth):
             layers.append(nn.Sequential(nn.Linear(d_in, width), nn.SiLU()))
             d_in = width
-        self.blocks = nn.ModuleList(layers)   # "blocks.1" is the second hidden layer (the D-head's input)
+        self.blocks = nn.ModuleList(layers)  # "blocks.1" is the second hidden layer (the D-head's input)
         self.out = nn.Linear(width, dim)
 
     def forward(self, x, time, cond=None):
@@ -106,6 +115,7 @@ class MLPDenoiserNet(nn.Module):
 
 
 # -- metrics --------------------------------------------------------------------------------------
+
 
 def _mean_pdist(x: torch.Tensor, y: torch.Tensor, same: bool) -> torch.Tensor:
     d = torch.cdist(x.double(), y.double())
@@ -131,10 +141,14 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, scale: float = 1.0, bandwidths=(0.
     x, y = x.double(), y.double()
     total = 0.0
     for h in bandwidths:
-        k = lambda a, b: torch.exp(-torch.cdist(a, b) ** 2 / (2 * (h * scale) ** 2))  # noqa: E731
+        k = lambda a, b, h=h: torch.exp(-(torch.cdist(a, b) ** 2) / (2 * (h * scale) ** 2))
         kxx, kyy = k(x, x), k(y, y)
         n, m = x.shape[0], y.shape[0]
-        total += float((kxx.sum() - kxx.diag().sum()) / (n * (n - 1)) + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1)) - 2 * k(x, y).mean())
+        total += float(
+            (kxx.sum() - kxx.diag().sum()) / (n * (n - 1))
+            + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1))
+            - 2 * k(x, y).mean()
+        )
     return total / len(bandwidths)
 
 

@@ -3,6 +3,7 @@
 The tokenizer is the real CLIP BPE tokenizer, rebuilt from the vocabulary file that open_clip ships,
 so prompts tokenise exactly as with SD's own tokenizer; every network is tiny and randomly initialised.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -16,8 +17,9 @@ def clip_tokenizer_files(folder: str) -> str:
     """vocab.json + merges.txt for transformers' CLIPTokenizer, from open_clip's bundled BPE file."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
+
     bpe = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
-    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    merges = gzip.open(bpe).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     vocab = list(bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     os.makedirs(folder, exist_ok=True)
@@ -30,41 +32,84 @@ def clip_tokenizer_files(folder: str) -> str:
 
 def _tokenizer(folder: str):
     from transformers import CLIPTokenizer
+
     clip_tokenizer_files(folder)
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
 def _text_encoder(hidden: int, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    cfg = CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+    cfg = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
 def _vae():
     from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                         down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-                         up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=16)
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        norm_num_groups=4,
+        sample_size=16,
+    )
 
 
 def _scheduler():
     from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def save_tiny_sd15(path: str, seed: int = 0) -> str:
     """SD1.5 layout: one CLIP text encoder (width 12), VAE with factor 2, 16x16 images, 8x8 latents."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=12, attention_head_dim=4, norm_num_groups=4)
-    pipe = StableDiffusionPipeline(vae=_vae(), text_encoder=_text_encoder(12), tokenizer=_tokenizer(os.path.join(path, ".tok")),
-                                   unet=unet, scheduler=_scheduler(), safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=12,
+        attention_head_dim=4,
+        norm_num_groups=4,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(12),
+        tokenizer=_tokenizer(os.path.join(path, ".tok")),
+        unet=unet,
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.save_pretrained(path)
     return path
 
@@ -72,13 +117,32 @@ def save_tiny_sd15(path: str, seed: int = 0) -> str:
 def save_tiny_sdxl(path: str, seed: int = 0) -> str:
     """SDXL layout: two text encoders (8 + 12 wide, the second with projection), pooled embeds, time ids."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                                cross_attention_dim=20, attention_head_dim=4, norm_num_groups=4, addition_embed_type="text_time",
-                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=12 + 6 * 4)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=20,
+        attention_head_dim=4,
+        norm_num_groups=4,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=12 + 6 * 4,
+    )
     tok = _tokenizer(os.path.join(path, ".tok"))
-    pipe = StableDiffusionXLPipeline(vae=_vae(), text_encoder=_text_encoder(8), text_encoder_2=_text_encoder(12, projection=True),
-                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=_scheduler())
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(),
+        text_encoder=_text_encoder(8),
+        text_encoder_2=_text_encoder(12, projection=True),
+        tokenizer=tok,
+        tokenizer_2=tok,
+        unet=unet,
+        scheduler=_scheduler(),
+    )
     pipe.save_pretrained(path)
     return path

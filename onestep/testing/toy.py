@@ -1,4 +1,5 @@
 """Toy runs on the Gaussian-mixture test bed through the real Trainer (tests and benchmark recipes)."""
+
 from __future__ import annotations
 
 import tempfile
@@ -32,8 +33,15 @@ class GMMBatches:
         return Batch(self.gmm.sample(self.batch_size, g).float().to(device))
 
 
-def fit_teacher_net(gmm: GaussianMixture, schedule, steps: int = 3000, batch: int = 1024, lr: float = 1e-3,
-                    width: int = 128, seed: int = 0) -> Denoiser:
+def fit_teacher_net(
+    gmm: GaussianMixture,
+    schedule,
+    steps: int = 3000,
+    batch: int = 1024,
+    lr: float = 1e-3,
+    width: int = 128,
+    seed: int = 0,
+) -> Denoiser:
     """Regress an eps-predicting MLP onto the analytic eps over random (x0, t, eps)."""
     torch.manual_seed(seed)
     net = MLPDenoiserNet(dim=gmm.dim, width=width)
@@ -85,24 +93,47 @@ class ToyDMD2(DMD2):
         return torch.zeros(1, 1, 1, 1)
 
 
-def run_dmd2_gmm(config: DMD2Config, steps: int, gmm: GaussianMixture | None = None, teacher_gmm: GaussianMixture | None = None,
-                 teacher_net: Denoiser | None = None, seed: int = 0, ema_decay: float | None = None,
-                 output_dir: str | None = None, eval_every: int | None = None, real_score: str = "analytic",
-                 mixed_precision: str = "no") -> tuple[ToyResult, DMD2]:
+def run_dmd2_gmm(
+    config: DMD2Config,
+    steps: int,
+    gmm: GaussianMixture | None = None,
+    teacher_gmm: GaussianMixture | None = None,
+    teacher_net: Denoiser | None = None,
+    seed: int = 0,
+    ema_decay: float | None = None,
+    output_dir: str | None = None,
+    eval_every: int | None = None,
+    real_score: str = "analytic",
+    mixed_precision: str = "no",
+) -> tuple[ToyResult, DMD2]:
     """Train DMD2 on the mixture: analytic real score from `teacher_gmm` (default: the true mixture),
     G and F initialised from `teacher_net`, GAN real data from the true mixture."""
     gmm = gmm or GaussianMixture.circle()
     schedule = sd_schedule()
     net = teacher_net or fit_teacher_net(gmm, schedule)
-    teacher = Denoiser(AnalyticDenoiser(teacher_gmm or gmm, schedule), schedule, "sample") if real_score == "analytic" else net
+    teacher = (
+        Denoiser(AnalyticDenoiser(teacher_gmm or gmm, schedule), schedule, "sample")
+        if real_score == "analytic"
+        else net
+    )
     if config.gan and config.feature_module is None:
         config.feature_module = "blocks.1"
     method = ToyDMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
     method.gmm, method.history = gmm, []
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(TrainerConfig(output_dir=output_dir or tmp, max_train_steps=steps, seed=seed, ema_decay=ema_decay,
-                                        num_validation_images=1 if eval_every else 0, validation_steps=eval_every,
-                                        export=False, log_every=100, mixed_precision=mixed_precision))
+        trainer = Trainer(
+            TrainerConfig(
+                output_dir=output_dir or tmp,
+                max_train_steps=steps,
+                seed=seed,
+                ema_decay=ema_decay,
+                num_validation_images=1 if eval_every else 0,
+                validation_steps=eval_every,
+                export=False,
+                log_every=100,
+                mixed_precision=mixed_precision,
+            )
+        )
         trainer.fit(method, GMMBatches(gmm, config.train_batch_size, seed))
     gen = method.generator
     return evaluate_generator(lambda z: gen.sample(z), gmm), method
