@@ -27,6 +27,43 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX) :]))]
 
 
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> None:
+    """The rule behind every run's folder: a run writes only into its own output folder. A new run needs a new
+    or empty folder; a folder with anything in it is only written into to resume the run whose checkpoints
+    it holds (the teacher's and the data's folders are checked by the run setup, which knows them)."""
+    if not os.path.isdir(output_dir):
+        if os.path.exists(output_dir):
+            raise UserError(f"--output_dir {output_dir} is a file; pass a folder (new or empty) for the run.")
+        return
+    checkpoints = list_checkpoints(output_dir)
+    if checkpoints and not resume_from_checkpoint:
+        raise UserError(
+            f"{output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
+            f"latest to continue it, or choose another --output_dir."
+        )
+    contents = sorted(os.listdir(output_dir))
+    if contents and not checkpoints and resume_from_checkpoint in (None, "latest"):
+        shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        raise UserError(
+            f"{output_dir} is not empty ({shown}) and holds no checkpoint to resume; a new run writes only into a new "
+            f"or empty folder, so that nothing there is overwritten: choose another --output_dir."
+        )
+
+
+def check_writable(output_dir: str) -> None:
+    """Create the run's folder and prove it takes files, so a read-only place fails now, in one sentence."""
+    probe = os.path.join(output_dir, f".write-test-{os.getpid()}")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(
+            f"Cannot write into --output_dir {output_dir} ({err.__class__.__name__}); choose a folder you can write to."
+        ) from None
+
+
 def weight_file(index: int) -> str:
     return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
 

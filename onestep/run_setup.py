@@ -222,10 +222,13 @@ def prepare(
     """Load the teacher and build the rest for its kind (one of `kinds`, those the method distils).
     Refuses bad input before anything is written."""
     tc = config.teacher
+    if config.memory.enable_xformers_memory_efficient_attention and torch.cuda.is_available():
+        _require_xformers()  # before anything is loaded or written
     if tc.pretrained_model_name_or_path.startswith("<"):
         raise UserError(
             f"Preset {preset} needs --pretrained_model_name_or_path (its teacher: {tc.pretrained_model_name_or_path})."
         )
+    _check_output_is_not_an_input(config)
     teacher = load_teacher(tc.pretrained_model_name_or_path, revision=tc.revision, variant=tc.variant)
     kind = teacher_kind(teacher.unet_class, teacher.unet_config)
     if kind not in kinds:
@@ -235,6 +238,24 @@ def prepare(
         )
     build = {"pixel": _prepare_pixel, "text": _prepare_text, "sr": _prepare_sr}[kind]
     return build(config, preset, method_name, teacher, needs_real_data)
+
+
+def _check_output_is_not_an_input(config: RunConfig) -> None:
+    """A run writes only into its own output folder, never into (or below) the teacher's or the data's."""
+    out = os.path.realpath(config.trainer.output_dir)
+    inputs = {
+        "the teacher's": resolve_teacher_path(config.teacher.pretrained_model_name_or_path),
+        "the training data's": config.data.train_data_dir,
+        "the dataset's": config.data.dataset_name,
+    }
+    for what, path in inputs.items():
+        if path and os.path.isdir(path):
+            folder = os.path.realpath(path)
+            if out == folder or out.startswith(folder + os.sep):
+                raise UserError(
+                    f"--output_dir {config.trainer.output_dir} is inside {what} folder {path}; a run writes only into "
+                    f"its own output folder, so choose another --output_dir."
+                )
 
 
 def _trainer(config: RunConfig, preset: str, method_name: str, extra_card: dict | None = None) -> Trainer:
@@ -521,16 +542,19 @@ def apply_memory_options(unets, memory, device) -> None:
         if device.type != "cuda":
             warnings.warn("xformers needs CUDA; using PyTorch SDPA attention instead.", stacklevel=2)
             return
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            warnings.warn(
-                "xformers is not installed (pip install 'onestep[xformers]'); using PyTorch SDPA attention instead.",
-                stacklevel=2,
-            )
-            return
+        _require_xformers()
         for unet in unets:
             unet.enable_xformers_memory_efficient_attention()
+
+
+def _require_xformers() -> None:
+    try:
+        import xformers  # noqa: F401  (the optional extra onestep[xformers])
+    except ImportError:
+        raise UserError(
+            "--enable_xformers_memory_efficient_attention needs xformers: pip install 'onestep[xformers]' "
+            "(or leave the flag out: PyTorch SDPA attention is used)."
+        ) from None
 
 
 def train(setup: Setup, method) -> dict:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from .checkpoints import list_checkpoints, load_model_weights, save_checkpoint
+from .checkpoints import check_output_dir, check_writable, list_checkpoints, load_model_weights, save_checkpoint
 from .ema import EMA
 from .errors import UserError
 from .methods.base import Method, StepInfo
@@ -133,6 +133,12 @@ class Trainer:
             raise UserError(f"Unknown --mixed_precision {config.mixed_precision!r}; use no, fp16 or bf16.")
         if config.max_train_steps < 1:
             raise UserError("--max_train_steps must be at least 1.")
+        if config.report_to == "wandb":
+            try:
+                import wandb  # noqa: F401  (the optional extra onestep[wandb])
+            except ImportError:
+                raise UserError("--report_to wandb needs the wandb package: pip install 'onestep[wandb]'.") from None
+        check_output_dir(config.output_dir, config.resume_from_checkpoint)  # before any rank writes anything
         self.config = config
         report_to = None if config.report_to == "none" else config.report_to
         # accelerate keeps its settings in a process-wide singleton; a second Trainer in the same
@@ -157,6 +163,9 @@ class Trainer:
             if torch.get_num_threads() < share and os.environ.get("ONESTEP_KEEP_THREADS") != "1":
                 torch.set_num_threads(share)
         self.is_main = self.accelerator.is_main_process
+        self.accelerator.wait_for_everyone()  # every rank has checked the folder; now the main process may write
+        if self.is_main:
+            check_writable(config.output_dir)
         torch.manual_seed(config.seed)  # identical model construction (e.g. a fresh GAN head) on every rank
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda")
         self._stop_signal = None
@@ -231,11 +240,6 @@ class Trainer:
     def _setup(self, method: Method, data) -> _Run:
         """Checks, preparation of the method's models with accelerate, resume."""
         cfg, acc = self.config, self.accelerator
-        if list_checkpoints(cfg.output_dir) and not cfg.resume_from_checkpoint:
-            raise UserError(
-                f"{cfg.output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
-                f"latest to continue it, or choose another --output_dir."
-            )
         if method.needs_data and data is None:
             raise UserError("This method needs real training data; pass --train_data_dir.")
         if acc.distributed_type.name not in (

@@ -77,7 +77,8 @@ CASES = {
 def test_bad_input_gives_one_sentence_and_leaves_checkpoints_alone(case, tmp_path, existing_run):
     make_args, expected = CASES[case]
     before = digest(existing_run)
-    r = dmd2(*make_args(tmp_path), out=existing_run)
+    # Resuming the run in the folder, so that the folder rule lets each case reach its own check.
+    r = dmd2(*make_args(tmp_path), "--resume_from_checkpoint", "latest", out=existing_run)
     assert r.returncode != 0
     line = one_sentence(r.stderr)
     assert line.startswith("error: ") and expected in line
@@ -101,3 +102,36 @@ def test_unknown_model_type_is_rejected(tmp_path, existing_run):
     (teacher / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
     r = dmd2("--pretrained_model_name_or_path", str(teacher), out=existing_run)
     assert r.returncode == 2 and "UNet3DConditionModel" in one_sentence(r.stderr)
+
+
+def test_a_run_never_writes_into_a_teacher_or_an_earlier_export(tmp_path):
+    """The rule: a run writes only into its own output folder (new or empty), or resumes the run whose
+    checkpoints are there; never into the teacher's or the data's folder."""
+    teacher = save_tiny_teacher(str(tmp_path / "teacher"), num_classes=1, null_class=1)
+    data = _images(tmp_path / "data" / "a").parent
+    export = tmp_path / "earlier"  # an earlier run's export, its checkpoints deleted
+    (export / "unet").mkdir(parents=True)
+    (export / "model_index.json").write_text("{}")
+    cases = [
+        (["--pretrained_model_name_or_path", teacher, "--no-gan"], teacher, "inside the teacher's folder"),
+        (
+            ["--pretrained_model_name_or_path", teacher, "--train_data_dir", str(data)],
+            str(data / "a"),
+            "inside the training data's",
+        ),
+        ([], str(export), "is not empty"),
+        (["--resume_from_checkpoint", "latest"], str(export), "no checkpoint to resume"),
+    ]
+    for extra, out, expected in cases:
+        before = {p: digest(p) for p in (teacher, str(data), str(export))}
+        r = dmd2(*extra, out=out)
+        assert r.returncode == 2 and expected in one_sentence(r.stderr), (extra, r.stderr[-1500:])
+        assert {p: digest(p) for p in before} == before
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_in_one_sentence(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    r = dmd2(out=blocker / "run")
+    assert r.returncode == 2 and "Cannot write into --output_dir" in one_sentence(r.stderr)
+    assert blocker.read_text() == "not a folder"

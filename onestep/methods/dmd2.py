@@ -288,6 +288,7 @@ class DMD2(Method):
             "batch per process": c.train_batch_size,
             "weight EMA (exported)": extra_card.get("ema_decay") or "off",
             "metrics": _metrics_line(extra_card.get("eval")),
+            "full configuration": "training_config.json in the training output folder (rerun with --config)",
         }
 
 
