@@ -95,6 +95,41 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_names: list[s
     return final
 
 
+def verify_checkpoint(checkpoint: str, num_models: int, num_custom: int, num_processes: int) -> None:
+    """Before resuming: every file accelerate will read is there, and each weight file's header is whole.
+    A damaged or missing file is named, with an earlier checkpoint to try instead."""
+    expected = [weight_file(i) for i in range(num_models)]
+    expected += ["optimizer.bin" if i == 0 else f"optimizer_{i}.bin" for i in range(num_models)]
+    expected += [f"custom_checkpoint_{i}.pkl" for i in range(num_custom)]
+    expected += [f"random_states_{i}.pkl" for i in range(num_processes)]
+    for name in expected:
+        path = os.path.join(checkpoint, name)
+        problem = None
+        if not os.path.isfile(path):
+            problem = "missing"
+        elif os.path.getsize(path) == 0:
+            problem = "empty"
+        elif name.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)  # reads the header and checks every tensor's byte range is in the file
+            except Exception as err:  # safetensors raises its own error types for truncated files
+                problem = f"damaged ({err.__class__.__name__})"
+        if problem:
+            raise UserError(f"{path} is {problem}; {earlier_checkpoint_hint(checkpoint)}")
+
+
+def earlier_checkpoint_hint(checkpoint: str) -> str:
+    parent = os.path.dirname(os.path.abspath(checkpoint))
+    earlier = [c for c in list_checkpoints(parent) if os.path.abspath(c) != os.path.abspath(checkpoint)]
+    if earlier:
+        return f"resume from an earlier checkpoint instead: --resume_from_checkpoint {earlier[-1]}."
+    return "this run has no earlier checkpoint to resume from."
+
+
 def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tuple[str, ...]] | None = None) -> None:
     """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
     step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. Models are matched

@@ -78,6 +78,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    # The fields set by `override` (the command line's flags), as opposed to those a preset or file gave.
+    explicit: frozenset = field(default=frozenset(), compare=False)
 
     def field_groups(self) -> dict[str, str]:
         """Flag (= field) name -> the group holding it. Names are unique across groups."""
@@ -103,7 +105,9 @@ class RunConfig:
         for name, value in values.items():
             if value is not None and name in groups:
                 changes.setdefault(groups[name], {})[name] = value
-        return replace(self, **{g: replace(getattr(self, g), **kw) for g, kw in changes.items()})
+        given = {name for kw in changes.values() for name in kw}
+        groups_changed = {g: replace(getattr(self, g), **kw) for g, kw in changes.items()}
+        return replace(self, **groups_changed, explicit=self.explicit | given)
 
     def to_dict(self) -> dict:
         return {

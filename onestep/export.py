@@ -60,11 +60,26 @@ def save_teacher(unet, scheduler_config: dict, output_dir: str, card: dict, clas
         _move_into(tmp, output_dir)
 
 
+def _trained_size(unet, sample_size: int | None) -> None:
+    """The exported UNet's sample_size is what the student was trained at (pixels, or latents), which the
+    pipelines sample at by default: a student trained at --resolution 64 from a 16x16 teacher samples 64x64."""
+    if sample_size is not None and unet.config.sample_size != sample_size:
+        unet.register_to_config(sample_size=sample_size)
+
+
 def export_one_step(
-    unet, scheduler_config: dict, timesteps: list[int], output_dir: str, card: dict, num_classes: int | None = None
+    unet,
+    scheduler_config: dict,
+    timesteps: list[int],
+    output_dir: str,
+    card: dict,
+    num_classes: int | None = None,
+    sample_size: int | None = None,
 ) -> None:
     """A UNet2DModel student as a OneStepPipeline folder (our pipeline class, file copied in)."""
     from onestep.pipelines import OneStepPipeline
+
+    _trained_size(unet, sample_size)
 
     os.makedirs(output_dir, exist_ok=True)
     pipe = OneStepPipeline(
@@ -151,7 +166,14 @@ LORA_FOLDER = "lora"
 
 
 def export_text_to_image(
-    unet, teacher_path: str, sdxl: bool, timesteps: list[int], output_dir: str, card: dict, lora: dict | None = None
+    unet,
+    teacher_path: str,
+    sdxl: bool,
+    timesteps: list[int],
+    output_dir: str,
+    card: dict,
+    lora: dict | None = None,
+    sample_size: int | None = None,
 ) -> None:
     """A Stable Diffusion student as the stock StableDiffusion(XL)Pipeline: the teacher's VAE, text
     encoders and tokenizers, the distilled UNet, and a scheduler that reproduces the training timesteps.
@@ -160,6 +182,7 @@ def export_text_to_image(
     made through that same diffusers path."""
     import diffusers
 
+    _trained_size(unet, sample_size)
     cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
     with open(os.path.join(teacher_path, "scheduler", "scheduler_config.json")) as f:
         scheduler = stock_scheduler(json.load(f), timesteps, offset_allowed=sdxl)

@@ -326,6 +326,15 @@ def in_training_evaluator(setup: Setup):
     from .eval.intraining import InTrainingEvalOptions, build_evaluator
 
     ec = config.evaluation
+    asked = {"eval_steps", "eval_reference", "eval_features"} & config.explicit
+    if config.teacher.pretrained_model_name_or_path != "digits" and not asked:
+        # The preset's in-training FID was made for the bundled digits (their reference and features ship):
+        # for another teacher, start without it rather than stop, and say how to turn it on.
+        trainer.log(
+            "In-training FID is off for this teacher: pass --eval_steps N with --eval_reference (an image folder or "
+            "a .npz from onestep-eval stats) and --eval_features to turn it on."
+        )
+        return None
     options = InTrainingEvalOptions(
         samples=ec.eval_samples,
         features=ec.eval_features,
@@ -547,6 +556,19 @@ def apply_memory_options(unets, memory, device) -> None:
             unet.enable_xformers_memory_efficient_attention()
 
 
+def _announce_preset(setup: Setup) -> None:
+    """Say which recipe applied (it is also in the model card and training_config.json), and when its
+    settings were made for another teacher than the one given."""
+    teacher = setup.config.teacher.pretrained_model_name_or_path
+    line = f"Preset {setup.preset}; teacher {teacher}."
+    if "pretrained_model_name_or_path" in setup.config.explicit:
+        line += (
+            " The preset's settings were made for its own teacher; every flag you did not pass comes from it "
+            "(see training_config.json and --help)."
+        )
+    setup.trainer.log(line)
+
+
 def _require_xformers() -> None:
     try:
         import xformers  # noqa: F401  (the optional extra onestep[xformers])
@@ -560,6 +582,7 @@ def _require_xformers() -> None:
 def train(setup: Setup, method) -> dict:
     """Memory options on the method's networks and the teacher's, then the trainer's fit, then where things are."""
     trainer = setup.trainer
+    _announce_preset(setup)
     nets = [*method.memory_networks(), setup.teacher.denoiser.net]
     if setup.config.memory.gradient_checkpointing:
         skipped = method.checkpointing_exclusions()

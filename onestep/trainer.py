@@ -20,7 +20,15 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from .checkpoints import check_output_dir, check_writable, list_checkpoints, load_model_weights, save_checkpoint
+from .checkpoints import (
+    check_output_dir,
+    check_writable,
+    earlier_checkpoint_hint,
+    list_checkpoints,
+    load_model_weights,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from .ema import EMA
 from .errors import UserError
 from .methods.base import Method, StepInfo
@@ -163,6 +171,11 @@ class Trainer:
             if torch.get_num_threads() < share and os.environ.get("ONESTEP_KEEP_THREADS") != "1":
                 torch.set_num_threads(share)
         self.is_main = self.accelerator.is_main_process
+        if config.mixed_precision == "fp16" and self.device.type == "cpu":
+            raise UserError(
+                "--mixed_precision fp16 needs a GPU (on the CPU it would train in fp32 without a word); "
+                "use --mixed_precision no, or bf16."
+            )
         self.accelerator.wait_for_everyone()  # every rank has checked the folder; now the main process may write
         if self.is_main:
             check_writable(config.output_dir)
@@ -204,8 +217,12 @@ class Trainer:
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self):
         def handler(signum, frame):
-            if self._stop_signal is not None:  # a second signal: stop now, without a checkpoint
+            # The same signal twice (Ctrl-C twice, SIGTERM twice): stop now, without a checkpoint. Another signal
+            # after the first (the launcher's death after a Ctrl-C, see cli.follow_the_launcher) changes nothing.
+            if self._stop_signal == signum:
                 raise KeyboardInterrupt
+            if self._stop_signal is not None:
+                return
             self._stop_signal = signum
             self.log(f"Signal {signum}: finishing this step, then writing a checkpoint (repeat to abort at once).")
 
@@ -290,12 +307,15 @@ class Trainer:
         if resume:
             self._report_config_changes()
             self.log(f"Resuming from {resume}")
+            verify_checkpoint(resume, len(models), len(acc._custom_objects), acc.num_processes)
             try:
                 acc.load_state(resume)
-            except (OSError, RuntimeError, KeyError, ValueError) as err:
+            except (OSError, RuntimeError, KeyError, ValueError, EOFError) as err:
+                first = str(err).splitlines()[0][:200] if str(err) else ""
                 raise UserError(
-                    f"Cannot resume from {resume} ({err.__class__.__name__}): it is not a checkpoint of this "
-                    f"configuration (same method options, --ema_decay on/off)."
+                    f"Cannot resume from {resume} ({err.__class__.__name__}: {first}): either a file in it is damaged, "
+                    f"or it is a checkpoint of another configuration (method options, --ema_decay on/off); "
+                    f"{earlier_checkpoint_hint(resume)}"
                 ) from None
         finished_before = bool(resume) and state.step >= cfg.max_train_steps
         if not finished_before:

@@ -118,3 +118,33 @@ def test_the_teacher_never_changes_over_a_trained_iteration(tmp_path):
     assert any(
         not torch.equal(gen_before[k], v) for k, v in method.generator.state_dict().items()
     )  # training did happen
+
+
+def test_the_export_samples_at_the_resolution_the_student_was_trained_at(tmp_path):
+    """A student trained at 16x16 from an 8x8 teacher must not export a pipeline that samples 8x8."""
+    from onestep.pipelines import OneStepPipeline
+    from tests.helpers import sd_scheduler_config
+
+    spec = schedule_from_scheduler_config(sd_scheduler_config())
+    teacher = Denoiser(_unet(), spec.schedule, spec.prediction_type).eval().requires_grad_(False)
+    config = DMD2Config(train_batch_size=2, conditioning_timesteps=[399], gan=False)
+    method = DMD2(
+        teacher,
+        config,
+        sample_shape=(1, 16, 16),
+        export_info={"scheduler_config": sd_scheduler_config(), "num_classes": 3},
+        cond_sampler=lambda n, device: Cond(class_labels=torch.zeros(n, dtype=torch.long)),
+    )
+    method.export(method.models(), str(tmp_path), {"training_steps": 1})
+    pipe = OneStepPipeline.from_pretrained(str(tmp_path))
+    assert pipe.unet.config.sample_size == 16
+    assert pipe(class_labels=[1], output_type="np").images.shape == (1, 16, 16, 1)
+    assert teacher.net.config.sample_size == 8  # the teacher is untouched
+
+
+def test_empty_conditioning_timesteps_are_refused_by_the_parser(capsys):
+    from train.dmd2 import build_parser
+
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["--conditioning_timesteps", ""])
+    assert stop.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err

@@ -207,3 +207,89 @@ def test_help_shows_every_default_and_each_presets_values():
     )  # the others'
     assert "--dm_t_min DM_T_MIN Lowest timestep" in text
     assert "a few minutes" not in text
+
+
+def test_a_users_own_teacher_starts_without_the_digits_evaluation_and_names_the_preset(tmp_path):
+    """A class-conditional teacher trained elsewhere, with its own class folders: the digits preset's in-training
+    FID (digits features and reference) is turned off with one line saying how to turn it on."""
+    from PIL import Image
+
+    from tests.helpers import save_tiny_teacher
+
+    teacher = save_tiny_teacher(str(tmp_path / "teacher"), num_classes=3, null_class=3)
+    for c in range(3):
+        (tmp_path / "data" / str(c)).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), color=40 * (c + i)).save(tmp_path / "data" / str(c) / f"{i}.png")
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teacher,
+            "--train_data_dir",
+            str(tmp_path / "data"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--max_train_steps",
+            "2",
+            "--train_batch_size",
+            "2",
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "In-training FID is off for this teacher" in out and "--eval_reference" in out
+    assert f"Preset digits-cpu; teacher {teacher}." in out
+    assert (tmp_path / "out" / "model_index.json").exists() and not (tmp_path / "out" / "logs" / "eval.csv").exists()
+
+
+def _training_processes(out):
+    """Live processes training into `out` (the launcher's child), by their command line."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if b"train/dmd2.py" in cmd and str(out).encode() in cmd and b"launch" not in cmd:
+            pids.append(int(pid))
+    return pids
+
+
+def test_sigterm_to_the_accelerate_launcher_reaches_the_training_process(tmp_path):
+    """`kill <the command the user started>`: accelerate's launcher dies at once without forwarding the signal;
+    the training process follows it (PR_SET_PDEATHSIG), finishes its iteration and writes a checkpoint."""
+    out = tmp_path / "term"
+    cmd = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        "train/dmd2.py",
+        "--output_dir",
+        str(out),
+        *SMALL,
+        "--max_train_steps",
+        "100000",
+    ]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="true")
+    launcher = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "samples" / "step-000000.png").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    assert _training_processes(out), "the training process should be running"
+    launcher.send_signal(signal.SIGTERM)
+    launcher.wait(timeout=60)
+    deadline = time.time() + 120
+    while _training_processes(out) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _training_processes(out), "the training process outlived its launcher"
+    ckpts = [p.name for p in out.iterdir() if p.name.startswith("checkpoint-")]
+    assert len(ckpts) == 1 and not ckpts[0].endswith(".tmp") and not (out / "model_index.json").exists()

@@ -211,3 +211,39 @@ def test_sample_grids_are_enlarged_to_be_seen(tmp_path):
     save_image_grid(torch.zeros(16, 1, 16, 16), str(tmp_path / "g.png"), min_width=512)
     width = Image.open(tmp_path / "g.png").width
     assert 512 <= width < 512 + 69 and width % 69 == 0  # whole-number nearest-neighbour factor of the 69-px grid
+
+
+def test_a_damaged_checkpoint_is_named_with_an_earlier_one_to_try(tmp_path):
+    from onestep.errors import UserError
+
+    Trainer(
+        TrainerConfig(output_dir=str(tmp_path), max_train_steps=4, checkpointing_steps=2, num_validation_images=0)
+    ).fit(Counting())
+    weights = tmp_path / "checkpoint-4" / "model_1.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # a save cut short by a full disk
+
+    def resume(steps=6):
+        config = TrainerConfig(
+            output_dir=str(tmp_path), max_train_steps=steps, resume_from_checkpoint="latest", num_validation_images=0
+        )
+        Trainer(config).fit(Counting())
+
+    with pytest.raises(UserError, match=r"model_1\.safetensors is damaged .*--resume_from_checkpoint .*checkpoint-2"):
+        resume()
+    weights.unlink()
+    with pytest.raises(UserError, match=r"model_1\.safetensors is missing"):
+        resume()
+    (tmp_path / "checkpoint-4" / "custom_checkpoint_0.pkl").write_bytes(b"")
+    (tmp_path / "checkpoint-4" / "model_1.safetensors").write_bytes(
+        (tmp_path / "checkpoint-2" / "model_1.safetensors").read_bytes()
+    )
+    with pytest.raises(UserError, match=r"custom_checkpoint_0\.pkl is empty"):
+        resume()
+
+
+def test_fp16_on_the_cpu_is_refused_instead_of_silently_training_in_fp32(tmp_path):
+    from onestep.errors import UserError
+
+    with pytest.raises(UserError, match="fp16 needs a GPU"):
+        Trainer(TrainerConfig(output_dir=str(tmp_path / "run"), max_train_steps=1, mixed_precision="fp16"))
+    assert not (tmp_path / "run").exists()

@@ -254,6 +254,7 @@ class DMD2(Method):
                 output_dir,
                 self._card(extra_card),
                 lora=info.get("lora"),
+                sample_size=self.sample_shape[-1],
             )
         if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in (
             "epsilon",
@@ -271,6 +272,7 @@ class DMD2(Method):
             output_dir,
             self._card(extra_card),
             info.get("num_classes"),
+            sample_size=self.sample_shape[-1],
         )
 
     def _card(self, extra_card: dict) -> dict:
