@@ -91,6 +91,10 @@ def test_invalid_flag_value_is_rejected_by_the_parser(tmp_path, existing_run):
     assert r.returncode == 2 and "invalid choice" in r.stderr
     r = dmd2("--train_batch_size", "0", out=existing_run)
     assert r.returncode == 2 and "positive integer" in r.stderr
+    # Values that would train silently wrong (a negative clip flips gradients) or fail later.
+    for flag, value in (("--max_grad_norm", "-1"), ("--learning_rate", "-1"), ("--learning_rate", "nan")):
+        r = dmd2(flag, value, out=existing_run)
+        assert r.returncode == 2 and f"argument {flag}: expected a" in r.stderr, (flag, value, r.stderr[-500:])
     assert digest(existing_run) == before
 
 
