@@ -50,6 +50,22 @@ def _source_args(p, images_help="an image folder to evaluate as it is"):
     g.add_argument("--trust-remote-code", action="store_true", help="allow a pipeline folder's own code to run")
 
 
+def _teacher_class_args(p):
+    g = p.add_argument_group("class-conditional teachers without onestep.json (trained elsewhere)")
+    g.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="the teacher's real classes: labels 0..N-1 are sampled (default: from the teacher's onestep.json)",
+    )
+    g.add_argument(
+        "--null-class",
+        type=non_negative_int,
+        default=None,
+        help="the teacher's unconditional class embedding, used for guidance (--guidance-scale != 1)",
+    )
+
+
 def _feature_args(p):
     g = p.add_argument_group("features")
     g.add_argument(
@@ -105,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl); N images cycle over it"
         )
         s.add_argument("--stats", help="evaluate a statistics .npz saved earlier (--save-stats) instead of sampling")
+        _teacher_class_args(s)
         _feature_args(s)
         _ref_args(s)
         s.add_argument("--save-stats", help="also save the evaluated features as .npz (reuse with --stats)")
@@ -117,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="save feature statistics of a source (clean-fid make_custom_stats equivalent)")
     _source_args(s, "an image folder, or 'digits' for the bundled dataset")
     s.add_argument("--prompts", help="text-to-image pipelines: prompt file (.txt or .jsonl)")
+    _teacher_class_args(s)
     _feature_args(s)
     s.add_argument("--cleanfid-name", help="also register them as clean-fid custom statistics under this name")
     s.add_argument("--output", required=True)
@@ -153,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-samples", type=positive_int, default=None)
     s.add_argument(
         "--crop-border",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="pixels cut from each border before measuring (SR papers: the scale)",
     )
@@ -171,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--guidance-scale", type=float, default=None, help="teacher guidance (2 network passes per step when != 1)"
     )
+    _teacher_class_args(s)
     s.add_argument("--batch-size", type=positive_int, default=64)
     s.add_argument("--repeats", type=positive_int, default=5)
     s.add_argument("--warmup", type=int, default=1)
@@ -200,6 +219,8 @@ def _source(args) -> SourceOptions:
         images=args.images,
         stats=getattr(args, "stats", None),
         prompts=args.prompts,
+        num_classes=getattr(args, "num_classes", None),
+        null_class=getattr(args, "null_class", None),
     )
 
 
@@ -303,6 +324,8 @@ def _bench(args, command_line: CommandLine) -> dict:
         run=args.run,
         plot=args.plot,
         command_line=command_line,
+        num_classes=args.num_classes,
+        null_class=args.null_class,
     )
 
 

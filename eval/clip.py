@@ -63,9 +63,17 @@ def _state_sha256(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_PRETRAINED, device="cpu") -> OpenClip:
+def load_open_clip(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device="cpu",
+    flags: tuple[str, str] = ("--model", "--pretrained"),
+) -> OpenClip:
     """`model`: an open_clip name or a JSON model config file; `pretrained`: a tag, a local checkpoint
-    file, or "none" (random weights: only for tests, the score then means nothing)."""
+    file, or "none" (random weights: only for tests, the score then means nothing). flags: the command's
+    options that set model and pretrained, named in the error messages (clip: --model/--pretrained;
+    fid, kid, stats: --clip-model/--clip-pretrained)."""
+    model_flag, pretrained_flag = flags
     import open_clip
 
     name = model
@@ -75,7 +83,9 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
         open_clip.add_model_config(model)
         name = os.path.splitext(os.path.basename(model))[0]
     if name not in open_clip.list_models():
-        raise UserError(f"Unknown open_clip model {name!r}; see open_clip.list_models() or pass a JSON config file.")
+        raise UserError(
+            f"Unknown open_clip model {name!r}; pass {model_flag} with a name from open_clip.list_models() or a JSON config file."
+        )
     tag = None if pretrained in (None, "", "none") else pretrained
     try:
         net, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, device=device)
@@ -85,7 +95,7 @@ def load_open_clip(model: str = DEFAULT_MODEL, pretrained: str | None = DEFAULT_
             raise UserError(f"Cannot build the open_clip model {name} ({reason}).") from None
         raise UserError(
             f"Cannot load open_clip weights {tag!r} for {name} ({reason}); they download on first use, "
-            f"or pass --pretrained with a local checkpoint file."
+            f"or pass {pretrained_flag} with a local checkpoint file."
         ) from None
     net.eval().requires_grad_(False)
     return OpenClip(

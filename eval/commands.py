@@ -3,21 +3,26 @@ cli.py parses the command line and calls them."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import statistics
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from onestep.errors import UserError
+from onestep.images import image_size
 from onestep.utils import file_sha256
 
 from . import metrics
 from .features import DigitsFeatures, build_features
 from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
-from .record import CommandLine, new_record, write_record
+from .record import CommandLine, check_output, new_record, write_record
 from .sources import (
     PipelineSampler,
     SamplePlan,
@@ -54,7 +59,13 @@ def _is_main(state) -> bool:
     return state is None or state.is_main_process
 
 
+def _check_class_flags(source: SourceOptions) -> None:
+    if not source.teacher and (source.num_classes is not None or source.null_class is not None):
+        raise UserError("--num-classes and --null-class describe the classes of a --teacher; drop them here.")
+
+
 def _sampler(source: SourceOptions, sampling: SamplingOptions, device):
+    _check_class_flags(source)
     if source.pipeline:
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[sampling.dtype]
         return PipelineSampler(
@@ -68,6 +79,8 @@ def _sampler(source: SourceOptions, sampling: SamplingOptions, device):
             sampling.steps,
             device,
             sampling.guidance_scale if sampling.guidance_scale is not None else 1.0,
+            source.num_classes,
+            source.null_class,
         )
     return None
 
@@ -293,6 +306,16 @@ def distance(
     features as .npz; plot: a PNG grid of the first 64 evaluated images."""
     if metric not in ("fid", "kid"):
         raise ValueError(f"metric must be 'fid' or 'kid', got {metric!r}")
+    check_output(output, f"{metric}.json")
+    check_output(save_stats, "generated.npz", "--save-stats")
+    check_output(plot, f"{metric}.png", "--plot")
+    _check_class_flags(source)
+    if sampling.num_samples is not None and sampling.num_samples < 2:
+        raise UserError(
+            f"{metric.upper()} needs at least 2 images per set; got --num-samples {sampling.num_samples}."
+            if metric == "fid"
+            else f"KID needs at least 2 images per set (its unbiased estimate compares pairs); got --num-samples {sampling.num_samples}."
+        )
     if reference.ref_name and reference.ref_res is None and reference.ref_split != "custom":  # before any weights load
         raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
     state = _state()
@@ -310,8 +333,16 @@ def distance(
     )
     gen, gen_info = generated_features(source, sampling, extractor, state, device, features.crop_size)
     record = new_record(metric, device, state.num_processes if state else 1, command_line)
+    warning = None
     if metric == "fid":
-        value = metrics.fid(gen, ref)
+        warning = metrics.fid_sample_warning(gen, ref)
+        if warning:  # scipy's "singular matrix" warning and clean-fid's print say the same, less clearly
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                value = metrics.fid(gen, ref)
+            record["warning"] = warning
+        else:
+            value = metrics.fid(gen, ref)
     else:
         value = metrics.kid(gen, ref, sampling.seed, kid_subsets, kid_subset_size)
         record["kid_protocol"] = {
@@ -337,6 +368,8 @@ def distance(
         if plot:
             _save_grid(getattr(gen, "first_images", None), plot)
         write_record(output, record)
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
         extra = f", class accuracy {record['class_accuracy']:.4f}" if "class_accuracy" in record else ""
         print(
             f"{metric.upper()} {value:.6g} ({gen.meta.get('num_images', '?')} vs {ref.meta.get('num_images', len(ref.feats) if ref.feats is not None else '?')} images, "
@@ -355,6 +388,8 @@ def make_stats(
 ) -> dict:
     """Features of any source saved as .npz at output (source.images "digits": the bundled dataset), and,
     with cleanfid_name, as clean-fid custom statistics. Returns the statistics' meta."""
+    check_output(output, "stats.npz")
+    _check_class_flags(source)
     state = _state()
     device = _device(sampling.device, state)
     extractor = _extractor(features, device)
@@ -410,6 +445,7 @@ def clip_score(
 
     from .clip import clip_scores, load_open_clip, scale_scores
 
+    check_output(output, "clip.json")
     state = _state()
     device = _device(sampling.device, state)
     start = time.perf_counter()
@@ -521,6 +557,9 @@ def super_resolution(
     """PSNR / SSIM (RGB and Y) [and LPIPS] of the super-resolved images in folder sr, or of a pipeline's
     outputs from the low-resolution folder lr, against the folder hr (paired by file name); crop_border:
     pixels cut from each border first. The JSON record goes to output, and is returned."""
+    check_output(output, "sr.json")
+    if crop_border < 0:
+        raise UserError(f"--crop-border must be 0 or more; got {crop_border}.")
     state = _state()
     device = _device(device, state)
     hr_files = _by_name(hr)
@@ -536,6 +575,7 @@ def super_resolution(
             f"No {'SR' if sr else 'LR'} image matches the HR image {hr_files[missing[0]]} (images pair by file name)."
         )
     names = sorted(hr_files)[:num_samples] if num_samples else sorted(hr_files)
+    _check_crop_border([hr_files[n] for n in names], crop_border)
     sampler = None if sr else PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
     rows = []
     for i, name in enumerate(names):
@@ -601,6 +641,26 @@ def super_resolution(
     return record
 
 
+def _check_crop_border(files: list[str], border: int) -> None:
+    """Before any image is decoded: the smallest HR image keeps at least SSIM's window after the border cut
+    (less would write NaN into the record); the sizes come from the file headers."""
+    k = metrics.SSIM_MIN_SIZE
+    sizes = {p: image_size(p) for p in files}
+    smallest = min(files, key=lambda p: min(sizes[p]))
+    w, h = sizes[smallest]
+    largest = (min(w, h) - k) // 2
+    if largest < 0:
+        raise UserError(
+            f"The HR image {smallest} is {w}x{h}, smaller than SSIM's {k}x{k} window; measure images of at least {k}x{k} pixels."
+        )
+    if border > largest:
+        left = f"{max(w - 2 * border, 0)}x{max(h - 2 * border, 0)}"
+        raise UserError(
+            f"--crop-border {border} leaves {left} of the {w}x{h} HR image {smallest}, less than SSIM's {k}x{k} window; "
+            f"the largest border allowed is {largest}."
+        )
+
+
 def _lpips(names, hr, other, sampler, device):
     if sampler is not None:
         raise UserError("--lpips with --pipeline is not supported yet; save the outputs and pass --sr.")
@@ -655,23 +715,36 @@ def bench(
     run: str | None = None,
     plot: str | None = None,
     command_line: CommandLine | None = None,
+    num_classes: int | None = None,
+    null_class: int | None = None,
 ) -> dict:
     """Sampling speed of a student pipeline beside its teacher at N steps (each of teacher_steps): same batch,
     device, noise. run: a training output folder whose timing.json is included; plot: a PNG bar chart.
-    The JSON record goes to output, and is returned."""
+    The JSON record goes to output, and is returned. num_classes, null_class: the class layout of a
+    class-conditional teacher without onestep.json."""
+    check_output(output, "bench.json")
+    check_output(plot, "bench.png", "--plot")
+    if not teacher and (num_classes is not None or null_class is not None):
+        raise UserError("--num-classes and --null-class describe the classes of a --teacher; drop them here.")
+    if run and not os.path.isfile(os.path.join(run, "timing.json")):  # before the timing, not after
+        raise UserError(f"{run} has no timing.json; pass the output folder of a training run.")
     device = _device(device, None)
     student = PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
     n_steps = lambda n: f"{n} step" + ("s" if n != 1 else "")  # noqa: E731
     samplers = [(f"student ({n_steps(steps or len(student.pipe.config.get('timesteps', [1])))})", student)]
     for n in teacher_steps:
         if teacher:
-            samplers.append((f"teacher DDIM {n_steps(n)}", TeacherSampler(teacher, n, device, guidance_scale or 1.0)))
-    plan = SamplePlan(batch_size, batch_size, seed, "uniform", student.num_classes)
-    labels = plan.labels()
+            samplers.append(
+                (
+                    f"teacher DDIM {n_steps(n)}",
+                    TeacherSampler(teacher, n, device, guidance_scale or 1.0, num_classes, null_class),
+                )
+            )
     batch = range(batch_size)
     rows = []
     for name, sampler in samplers:
-        times = _time(lambda sampler=sampler: sampler(batch, seed, labels), repeats, warmup, device)
+        labels = SamplePlan(batch_size, batch_size, seed, "uniform", sampler.num_classes).labels()
+        times = _time(lambda s=sampler, lab=labels: s(batch, seed, lab), repeats, warmup, device)
         med = statistics.median(times)
         rows.append(
             {

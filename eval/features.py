@@ -202,7 +202,7 @@ class ClipImageFeatures(FeatureExtractor):
     def __init__(self, model: str = "ViT-B-32", pretrained: str = "openai", device="cpu"):
         from .clip import load_open_clip
 
-        self.clip = load_open_clip(model, pretrained, device)
+        self.clip = load_open_clip(model, pretrained, device, flags=("--clip-model", "--clip-pretrained"))
         self.device, self.dim = device, self.clip.embed_dim
         self.name = f"open_clip {self.clip.model_name} / {self.clip.pretrained}"
         self.weights_sha256 = self.clip.weights_sha256

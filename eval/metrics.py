@@ -24,7 +24,9 @@ class FeatureStats:
     @classmethod
     def from_features(cls, feats: np.ndarray, meta: dict | None = None) -> FeatureStats:
         if len(feats) < 2:
-            raise UserError(f"FID needs at least 2 images per set; got {len(feats)}.")
+            raise UserError(
+                f"Feature statistics need at least 2 images per set (a covariance of one is undefined); got {len(feats)}."
+            )
         # Exactly clean-fid's fid_from_feats: np.mean and np.cov(rowvar=False) in float64.
         return cls(np.mean(feats, axis=0), np.cov(feats, rowvar=False), feats, dict(meta or {}, num_images=len(feats)))
 
@@ -72,6 +74,32 @@ def _check_dims(a: FeatureStats, b: FeatureStats) -> None:
             f"The two feature sets have different dimensions ({a.dim} from {ea}, {b.dim} from {eb}); "
             f"make both with the same --features."
         )
+
+
+def num_images(stats: FeatureStats) -> int | None:
+    """How many feature vectors a set was made of (None: unknown, e.g. clean-fid's mu/sigma-only files)."""
+    if stats.feats is not None:
+        return len(stats.feats)
+    n = stats.meta.get("num_images")
+    return int(n) if isinstance(n, int) else None
+
+
+def fid_sample_warning(gen: FeatureStats, ref: FeatureStats) -> str | None:
+    """One sentence when a set has no more feature vectors than the feature dimension: its covariance is
+    then singular (rank <= N - 1) and the Frechet distance means nothing; None otherwise."""
+    dim = gen.dim
+    short = [
+        (what, n)
+        for what, n in (("generated", num_images(gen)), ("reference", num_images(ref)))
+        if n is not None and n <= dim
+    ]
+    if not short:
+        return None
+    sets = " and ".join(f"{n} {what}" for what, n in short)
+    return (
+        f"the FID is meaningless with {sets} images for {dim}-d features: a set's covariance is singular unless "
+        f"it has N > {dim} (the feature dimension) samples; use more than {dim} images per set."
+    )
 
 
 def fid(a: FeatureStats, b: FeatureStats) -> float:
@@ -123,6 +151,9 @@ def rgb_to_y(images: np.ndarray) -> np.ndarray:
     x = images.astype(np.float64)
     y = 16.0 + (65.481 * x[..., 0] + 128.553 * x[..., 1] + 24.966 * x[..., 2]) / 255.0
     return y[..., None]
+
+
+SSIM_MIN_SIZE = 2 * int(3.5 * 1.5 + 0.5) + 1  # 11: ssim()'s Gaussian window (sigma 1.5, truncated at 3.5 sigma)
 
 
 def crop_border(image: np.ndarray, border: int) -> np.ndarray:

@@ -20,6 +20,9 @@ class SourceOptions:
     images: str | None = None  # an image folder, evaluated as it is ("digits" for stats: the bundled set)
     stats: str | None = None  # a statistics .npz saved earlier (fid, kid)
     prompts: str | None = None  # text-to-image pipelines: a prompt file (.txt or .jsonl)
+    # A class-conditional teacher without onestep.json (trained elsewhere): its class layout.
+    num_classes: int | None = None  # the real classes (labels 0..num_classes-1 are sampled)
+    null_class: int | None = None  # the unconditional class embedding, used for guidance
 
 
 @dataclass

@@ -10,6 +10,8 @@ import platform
 import shlex
 from dataclasses import dataclass, field
 
+from onestep.errors import UserError
+
 
 def library_versions() -> dict:
     from importlib import metadata
@@ -43,6 +45,15 @@ def new_record(metric: str, device, num_processes: int = 1, command_line: Comman
         "num_processes": num_processes,
         "versions": library_versions(),
     }
+
+
+def check_output(path: str | None, example: str, flag: str = "--output") -> None:
+    """Refuse, before any work, an output path that is an existing folder: the file could not replace it at
+    the very end (and PATH.tmp would be left behind). example: a file name to suggest inside that folder."""
+    if path and os.path.isdir(path):
+        raise UserError(
+            f"{flag} {path} is a folder; give the path of a file to write, e.g. {os.path.join(path, example)}."
+        )
 
 
 def write_record(path: str, record: dict) -> None:

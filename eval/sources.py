@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from onestep.data import IMAGE_EXTENSIONS
 from onestep.errors import UserError
+from onestep.images import image_size, open_image
 from onestep.utils import file_sha256, seed_for, to_uint8
 
 SEED_SCHEME = "image i uses torch.Generator('cpu').manual_seed(sha256-seed(seed, 'sample', i)); independent of batch size and process count"
@@ -89,9 +90,13 @@ def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False
         raise UserError(f"{path} is not a diffusers pipeline folder (it has no model_index.json).")
     with open(index_path) as f:
         try:
-            class_name = json.load(f).get("_class_name")
+            index = json.load(f)
         except json.JSONDecodeError:
             raise UserError(f"{index_path} is not valid JSON.") from None
+    if not isinstance(index, dict):
+        raise UserError(f"{index_path} is not a JSON object; is this a diffusers pipeline folder?")
+    check_pipeline_folder(path, index)
+    class_name = index.get("_class_name")
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}
     try:
         if class_name == ["one_step", "OneStepPipeline"]:
@@ -111,6 +116,28 @@ def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False
         raise UserError(f"Cannot load the pipeline at {path}{hint}: {str(err).splitlines()[0][:200]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+def check_pipeline_folder(path: str, index: dict) -> None:
+    """Before loading: every component folder model_index.json names is there, and so is the .py file of a
+    custom pipeline class ([file, class]); what is missing is named in one sentence (diffusers' own errors
+    name the root folder, or fail with a TypeError)."""
+    missing = []
+    for name, value in index.items():
+        if name.startswith("_") or not (isinstance(value, list) and len(value) == 2):
+            continue
+        if value[0] is not None and value[1] is not None and not os.path.isdir(os.path.join(path, name)):
+            missing.append(f"{name}/ (the {value[1]} component model_index.json names)")
+    class_name = index.get("_class_name")
+    if isinstance(class_name, list) and len(class_name) == 2 and isinstance(class_name[0], str):
+        module = class_name[0] if class_name[0].endswith(".py") else class_name[0] + ".py"
+        if not os.path.isfile(os.path.join(path, module)):
+            missing.append(f"{module} (the file of its pipeline class {class_name[1]})")
+    if missing:
+        raise UserError(
+            f"The pipeline folder {path} is incomplete: it has no {' and no '.join(missing)}; "
+            f"re-export the folder or restore what is missing."
+        )
 
 
 class PipelineSampler:
@@ -167,9 +194,21 @@ class PipelineSampler:
 
 
 class TeacherSampler:
-    """A teacher folder (or "digits") sampled with deterministic DDIM, trailing spacing."""
+    """A teacher folder (or "digits") sampled with deterministic DDIM, trailing spacing.
 
-    def __init__(self, name: str, steps: int, device, guidance_scale: float = 1.0):
+    A class-conditional teacher's class layout comes from its onestep.json (teachers made here), or from
+    num_classes / null_class (--num-classes / --null-class), which take precedence; a UNet with class
+    embeddings and neither is refused rather than guessed."""
+
+    def __init__(
+        self,
+        name: str,
+        steps: int,
+        device,
+        guidance_scale: float = 1.0,
+        num_classes: int | None = None,
+        null_class: int | None = None,
+    ):
         from onestep.loading import load_teacher, read_class_info
 
         self.name, self.steps, self.guidance_scale, self.device = name, steps, guidance_scale, device
@@ -178,15 +217,49 @@ class TeacherSampler:
             raise UserError(
                 "Teacher sampling here covers pixel-space UNet2DModel teachers; export text-to-image teachers as a pipeline and pass --pipeline."
             )
-        self.teacher.denoiser.to(device)
-        self.info = read_class_info(name, self.teacher.unet_config)
+        self.info, self.class_info_from = self._class_info(
+            read_class_info(name, self.teacher.unet_config), num_classes, null_class
+        )
         self.num_classes = self.info.get("num_classes")
+        if self.num_classes and self.guidance_scale != 1.0 and self.info.get("null_class") is None:
+            raise UserError(
+                "This teacher has no null class, so it cannot be sampled with guidance; pass --null-class if it has one, or use --guidance-scale 1."
+            )
+        self.teacher.denoiser.to(device)
+
+    def _class_info(self, recorded: dict, num_classes: int | None, null_class: int | None) -> tuple[dict, str | None]:
+        embeds = self.teacher.unet_config.get("num_class_embeds")
+        given = num_classes is not None or null_class is not None
+        if not embeds:
+            if given:
+                raise UserError(
+                    f"The teacher {self.name} is unconditional (its UNet has no class embeddings); drop --num-classes and --null-class."
+                )
+            return {}, None
+        info = dict(recorded)
+        if num_classes is not None:
+            info["num_classes"] = num_classes
+        if null_class is not None:
+            info["null_class"] = null_class
+        if not info.get("num_classes"):
+            raise UserError(
+                f"The teacher {self.name} is class-conditional (its UNet embeds {embeds} classes) but has no "
+                f"onestep.json saying how many are real classes; pass --num-classes (and --null-class for guidance)."
+            )
+        n, null = int(info["num_classes"]), info.get("null_class")
+        if n > embeds:
+            raise UserError(f"--num-classes {n} is more than the {embeds} classes the teacher's UNet embeds.")
+        if null is not None and not 0 <= int(null) < embeds:
+            raise UserError(
+                f"--null-class {null} is not one of the teacher's {embeds} class embeddings (0..{embeds - 1})."
+            )
+        return info, ("--num-classes/--null-class" if given else "onestep.json")
 
     def describe(self) -> dict:
         from onestep.loading import resolve_teacher_path
 
         path = resolve_teacher_path(self.name)
-        return {
+        out = {
             "kind": "teacher",
             "path": os.path.abspath(path),
             "weights_sha256": weights_sha256(path),
@@ -194,6 +267,13 @@ class TeacherSampler:
             "num_inference_steps": self.steps,
             "guidance_scale": self.guidance_scale,
         }
+        if self.num_classes:
+            out.update(
+                num_classes=self.num_classes,
+                null_class=self.info.get("null_class"),
+                class_layout_from=self.class_info_from,
+            )
+        return out
 
     @torch.no_grad()
     def __call__(self, indices, seed: int, labels=None, prompts=None) -> np.ndarray:
@@ -209,11 +289,7 @@ class TeacherSampler:
         if labels is not None:
             cond = Cond(class_labels=torch.as_tensor(np.asarray(labels), dtype=torch.long, device=self.device))
             null = self.info.get("null_class")
-            if self.guidance_scale != 1.0:
-                if null is None:
-                    raise UserError(
-                        "This teacher has no null class, so it cannot be sampled with guidance; use --guidance-scale 1."
-                    )
+            if self.guidance_scale != 1.0:  # null is set: checked in __init__
                 uncond = Cond(class_labels=torch.full((len(indices),), null, dtype=torch.long, device=self.device))
         x0 = ddim_sample(self.teacher.denoiser, z, cond, self.steps, self.guidance_scale, uncond)
         return to_uint8(x0)
@@ -234,11 +310,9 @@ def list_images(folder: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise UserError(f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it.") from None
+    """uint8 (H, W, 3) through onestep.images.open_image, the reader training uses too: fully decoded,
+    16-bit images scaled by their full range, transparency composited over white."""
+    return np.asarray(open_image(path, 3))
 
 
 def read_images(files: list[str], crop_size: int = 0) -> np.ndarray:
@@ -264,13 +338,7 @@ def check_same_size(files: list[str]) -> None:
     """Every image the same size, read from the headers only (before any batch is decoded)."""
     first = None
     for path in files:
-        try:
-            with Image.open(path) as im:
-                size = im.size
-        except OSError as err:
-            raise UserError(
-                f"Cannot read the image {path} ({err.__class__.__name__}); remove or replace it."
-            ) from None
+        size = image_size(path)
         if first is None:
             first = (path, size)
         elif size != first[1]:

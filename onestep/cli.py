@@ -9,19 +9,22 @@ import sys
 from .errors import UserError
 
 
-def positive_int(value: str) -> int:
+def _int_at_least(value: str, low: int, kind: str) -> int:
     try:
         v = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value!r}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value!r}")
     return v
+
+
+def positive_int(value: str) -> int:
+    return _int_at_least(value, 1, "positive")
 
 
 def non_negative_int(value: str) -> int:
-    v = positive_int(value) if value.strip() != "0" else 0
-    return v
+    return _int_at_least(value, 0, "non-negative")
 
 
 def _finite_float(value: str, allow_zero: bool) -> float:

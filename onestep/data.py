@@ -98,29 +98,18 @@ class ImageFolder(torch.utils.data.Dataset):
 
     @staticmethod
     def _verify(path):
-        """Header and structure check (cheaper than decoding every image)."""
-        from PIL import Image, UnidentifiedImageError
+        """Decode the whole file (Image.verify() misses a truncated JPEG, which would then fail inside a
+        DataLoader worker mid-run) with the same reader training uses."""
+        from .images import open_image
 
-        try:
-            with Image.open(path) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(
-                f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file."
-            ) from None
+        open_image(path)
 
     @staticmethod
-    def _open(path):
-        from PIL import Image, UnidentifiedImageError
+    def _open(path, channels: int = 3):
+        """8-bit L (channels 1) or RGB: 16-bit images scaled, transparency over white (onestep/images.py)."""
+        from .images import open_image
 
-        try:
-            with Image.open(path) as img:
-                img.load()
-                return img.copy()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-            raise UserError(
-                f"Cannot read image {path} ({err.__class__.__name__}); remove or replace the file."
-            ) from None
+        return open_image(path, channels)
 
     def __len__(self):
         return len(self.paths)
@@ -131,7 +120,7 @@ class ImageFolder(torch.utils.data.Dataset):
         return self.paths
 
     def __getitem__(self, i):
-        img = self._open(self.paths[i]).convert("L" if self.channels == 1 else "RGB")
+        img = self._open(self.paths[i], self.channels)
         label = int(self.labels[i]) if self.labels is not None else -1
         return center_crop_tensor(img, self.resolution), label
 

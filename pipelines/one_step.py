@@ -86,23 +86,32 @@ class OneStepPipeline(DiffusionPipeline):
         return_dict: bool = True,
     ):
         """Generate images. `class_labels` (class-conditional students) sets the batch size; otherwise
-        `batch_size` (default 1). `num_inference_steps` may pick the first n of the trained timesteps."""
+        `batch_size` (default 1, at least 1). `num_inference_steps` may pick the first n (1 <= n <= trained)
+        of the trained timesteps; default: all of them."""
         trained = list(self.config.timesteps)
-        steps = num_inference_steps or len(trained)
+        steps = len(trained) if num_inference_steps is None else num_inference_steps
         if not 1 <= steps <= len(trained):
             raise ValueError(
-                f"This student was trained for at most {len(trained)} step(s) ({trained}); got num_inference_steps={steps}."
+                f"num_inference_steps must be between 1 and {len(trained)}, the steps this student was trained for "
+                f"(timesteps {trained}); got {steps}."
             )
         num_classes = self.config.num_classes
         if class_labels is not None:
             if num_classes is None:
                 raise ValueError("This student is unconditional; call it without class_labels.")
             labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
+            if labels.numel() == 0:
+                raise ValueError(
+                    "class_labels is empty; give one label per image, or leave it out (random labels, batch_size images)."
+                )
             if labels.min() < 0 or labels.max() >= num_classes:
                 raise ValueError(f"class_labels must lie in 0..{num_classes - 1}.")
             batch_size = labels.shape[0]
         else:
-            batch_size = batch_size or 1
+            if batch_size is None:
+                batch_size = 1
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
             labels = None
             if num_classes is not None:
                 labels = torch.randint(

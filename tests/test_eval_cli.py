@@ -334,7 +334,7 @@ BAD = [
     ),
     (["fid", "--images", "{empty}", "--ref", "digits", "--features", "digits"], "holds no images"),
     (["fid", "--images", "{mixed}", "--ref", "digits", "--features", "digits"], "mixed sizes"),
-    (["fid", "--images", "{corrupt}", "--ref", "digits", "--features", "digits"], "Cannot read the image"),
+    (["fid", "--images", "{corrupt}", "--ref", "digits", "--features", "digits"], "Cannot read image"),
     (["fid", "--stats", "{wrongdim}", "--ref", "digits", "--features", "digits"], "different dimensions"),
     (["fid", "--images", "{mixed}", "--ref", "digits", "--features", "inception"], "Inception weights"),
     (

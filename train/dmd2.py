@@ -1,6 +1,6 @@
 """DMD2 distillation (Yin et al. 2024): one-step or few-step students from a diffusers teacher.
 
-With no arguments it distils the bundled digits teacher on the CPU (about 8 minutes on 2 cores):
+With no arguments it distils the bundled digits teacher on the CPU (4 to 8 minutes on 2 cores):
 
     accelerate launch train/dmd2.py
 
