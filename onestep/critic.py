@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .denoiser import Cond, Denoiser
+from .errors import UserError
 
 
 class _StopForward(Exception):
@@ -43,15 +44,16 @@ class Critic(nn.Module):
         if self._hooked:
             return
         if self.feature_module is None:
-            raise ValueError(
-                "Critic features need a bottleneck: pass feature_module (a submodule name of the critic network)."
+            raise UserError(
+                "Critic features need a bottleneck: pass --gan_feature_module (a submodule name of the critic network)."
             )
         try:
             module = self.denoiser.net.get_submodule(self.feature_module)
-        except AttributeError as err:
-            raise ValueError(
-                f"The critic network has no submodule {self.feature_module!r} to read features from."
-            ) from err
+        except AttributeError:
+            raise UserError(
+                f"The critic network has no submodule {self.feature_module!r} to read GAN features from "
+                f"(--gan_feature_module; e.g. mid_block, or a down block such as down_blocks.1)."
+            ) from None
         module.register_forward_hook(self._capture)
         self._hooked = True
 

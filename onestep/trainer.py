@@ -217,13 +217,16 @@ class Trainer:
     # -- signals -----------------------------------------------------------------------------------
     def _install_signal_handlers(self):
         def handler(signum, frame):
-            # The same signal twice (Ctrl-C twice, SIGTERM twice): stop now, without a checkpoint. Another signal
-            # after the first (the launcher's death after a Ctrl-C, see cli.follow_the_launcher) changes nothing.
-            if self._stop_signal == signum:
+            # The same signal again, a second or more after the first (Ctrl-C twice): stop now, without a
+            # checkpoint. Anything else changes nothing: another signal after the first (the launcher's death
+            # after a Ctrl-C, see cli.follow_the_launcher), or a copy of the first within a second (a dying
+            # accelerate launcher was measured to deliver SIGTERM twice, 0.16 s apart, on a loaded machine).
+            now = time.monotonic()
+            if self._stop_signal == signum and now - self._stop_time > 1.0:
                 raise KeyboardInterrupt
             if self._stop_signal is not None:
                 return
-            self._stop_signal = signum
+            self._stop_signal, self._stop_time = signum, now
             self.log(f"Signal {signum}: finishing this step, then writing a checkpoint (repeat to abort at once).")
 
         self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -22,11 +22,10 @@ def _flags(**set_flags):
 def test_every_flag_is_a_config_field_and_every_field_a_flag():
     flags = set(_flags()) - {"preset", "config"}
     fields = set(PRESETS[DEFAULT_PRESET].config.field_groups())
-    # adam_betas, dm_weight, feature_module, fake_score*, and the loop's internals have no flag (yet): say which.
+    # adam_betas, dm_weight, fake_score*, and the loop's internals have no flag (yet): say which.
     internal = {
         "adam_betas",
         "dm_weight",
-        "feature_module",
         "fake_score",
         "fake_score_fp32",
         "tracker_project_name",

@@ -16,16 +16,15 @@ from tests.helpers import sd_scheduler_config
 B = 4
 
 
-def _unet():
-    """A tiny class-conditional UNet whose 64-channel bottleneck DMD2's head can read (at 16 channels the
-    head's GroupNorm on a 1x1 map normalises single numbers and its output is constant: issue 12)."""
+def _unet(width=64, size=8):
+    """A tiny class-conditional UNet with a `width`-channel bottleneck of size / 2 (DMD2's head reads it)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
-        sample_size=8,
+        sample_size=size,
         in_channels=1,
         out_channels=1,
-        block_out_channels=(16, 64),
+        block_out_channels=(16, width),
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
@@ -34,13 +33,13 @@ def _unet():
     )
 
 
-def _method(**overrides):
+def _method(width=64, size=8, **overrides):
     torch.manual_seed(0)
     spec = schedule_from_scheduler_config(sd_scheduler_config())
-    teacher = Denoiser(_unet(), spec.schedule, spec.prediction_type).eval().requires_grad_(False)
+    teacher = Denoiser(_unet(width, size), spec.schedule, spec.prediction_type).eval().requires_grad_(False)
     config = DMD2Config(train_batch_size=B, conditioning_timesteps=[399], gan=True, **overrides)
     sampler = lambda n, device: Cond(class_labels=torch.randint(0, 3, (n,), device=device))  # noqa: E731
-    method = DMD2(teacher, config, sample_shape=(1, 8, 8), cond_sampler=sampler)
+    method = DMD2(teacher, config, sample_shape=(1, size, size), cond_sampler=sampler)
     with torch.no_grad():  # at initialisation F equals the teacher and the DM gradient is exactly 0: move F a little
         for p in method.critic.denoiser.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -51,7 +50,8 @@ def _method(**overrides):
 def _grads(method, name):
     """Run the iteration's shared part and one loss backward from a fixed seed; return every parameter's grad."""
     torch.manual_seed(1)
-    real = Batch(torch.rand(B, 1, 8, 8) * 2 - 1, Cond(class_labels=torch.tensor([0, 1, 2, 0])))
+    size = method.sample_shape[-1]
+    real = Batch(torch.rand(B, 1, size, size) * 2 - 1, Cond(class_labels=torch.tensor([0, 1, 2, 0])))
     info = StepInfo(
         step=0,
         due=("generator", "critic"),
@@ -148,3 +148,36 @@ def test_empty_conditioning_timesteps_are_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(["--conditioning_timesteps", ""])
     assert stop.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
+
+
+def test_official_gan_options():
+    """The options of the official code that the spec lists: D's maximum noise level, GAN without the DM
+    loss, separate learning rates, and the module the head reads."""
+    from onestep.errors import UserError
+
+    # gan_max_timestep: every input D sees (generator and discriminator side) is noised at t <= the maximum.
+    method = _method(gan_max_timestep=0)
+    highs = []
+    draw = method._noised
+    method._noised = lambda x, low, high: highs.append(high) or draw(x, low, high)
+    _grads(method, "critic")
+    _grads(method, "generator")
+    assert highs[:2] == [0, 0]  # the critic's real and fake inputs for D
+    assert highs[2] == 980 and highs[3] == 0  # the DM loss keeps its own range; the generator's GAN term uses 0
+    # gan_alone: no DM query of the teacher at all, and the loss is the weighted GAN term.
+    method = _method(gan_alone=True, gan_generator_weight=0.5)
+    method.real_score.guided = lambda *a, **k: pytest.fail("gan_alone must not query the real score")
+    grads = _grads(method, "generator")
+    assert _reached(grads["generator"]) and all(g is None for g in grads["trunk"] + grads["head"])
+    # Separate learning rates, each falling back to learning_rate.
+    opts = _method(learning_rate=1e-4, critic_learning_rate=3e-4).optimizers()
+    assert opts["generator"].param_groups[0]["lr"] == 1e-4 and opts["critic"].param_groups[0]["lr"] == 3e-4
+    # The module the head reads (the official EDM head reads the encoder output, not the mid block).
+    method = _method(gan_feature_module="down_blocks.1")
+    assert method.critic.feature_module == "down_blocks.1"
+    with pytest.raises(UserError, match="no submodule 'nowhere'"):
+        _method(gan_feature_module="nowhere")
+    with pytest.raises(UserError, match="--gan_alone .* needs --gan"):
+        DMD2(method.teacher, DMD2Config(gan=False, gan_alone=True), sample_shape=(1, 8, 8))
+    with pytest.raises(UserError, match="--gan_max_timestep 1000"):
+        DMD2(method.teacher, DMD2Config(gan_max_timestep=1000), sample_shape=(1, 8, 8))

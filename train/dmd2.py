@@ -14,7 +14,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-from onestep.cli import int_list, positive_int, run_main  # noqa: E402
+from onestep.cli import int_list, non_negative_float, positive_int, run_main  # noqa: E402
+
+# DMD2's own flags (shared/methods/dmd2.md): name, type (bool: --x / --no-x), help. Defaults come from --preset.
+DMD2_FLAGS = (
+    ("ttur_ratio", positive_int, "Critic updates per generator update (R)."),
+    ("guidance_scale", float, "Real-score CFG scale (1 = off; needs a null class or empty prompt)."),
+    ("conditioning_timesteps", int_list, "Comma-separated, descending: 999 or 999,749,499,249."),
+    ("gan", bool, "GAN head on the critic (--no-gan: DM only)."),
+    ("gan_generator_weight", float, "Weight of the generator's GAN loss next to the DM loss."),
+    ("gan_discriminator_weight", float, "Weight of the discriminator loss next to the critic's denoising loss."),
+    ("gan_feature_module", str, "Critic submodule the GAN head reads (None: the UNet's mid_block)."),
+    ("gan_max_timestep", int, "D's inputs are noised at t in 0..this (None: T-1; 0: clean images)."),
+    ("gan_alone", bool, "Generator trained on the GAN term only, without the DM loss."),
+    ("generator_learning_rate", non_negative_float, "The generator's own learning rate (None: --learning_rate)."),
+    ("critic_learning_rate", non_negative_float, "The critic's and its head's (None: --learning_rate)."),
+    ("dm_t_min", int, "Lowest timestep of the distribution-matching loss's noise draw."),
+    ("dm_t_max", int, "Highest timestep of the distribution-matching loss's noise draw."),
+)
 
 
 def build_parser():
@@ -23,24 +40,9 @@ def build_parser():
 
     p = run_parser(__doc__, PRESETS, DEFAULT_PRESET)
     g = p.add_argument_group("DMD2 (shared/methods/dmd2.md)")
-    g.add_argument("--ttur_ratio", type=positive_int, help="Critic updates per generator update (R).")
-    g.add_argument(
-        "--guidance_scale", type=float, help="Real-score CFG scale (1 = off; needs a null class or empty prompt)."
-    )
-    g.add_argument(
-        "--conditioning_timesteps", type=int_list, help="Comma-separated, descending: 999 or 999,749,499,249."
-    )
-    g.add_argument("--gan", action=argparse.BooleanOptionalAction, help="GAN head on the critic (--no-gan: DM only).")
-    g.add_argument(
-        "--gan_generator_weight", type=float, help="Weight of the generator's GAN loss next to the DM loss."
-    )
-    g.add_argument(
-        "--gan_discriminator_weight",
-        type=float,
-        help="Weight of the discriminator (GAN head) loss next to the critic's denoising loss.",
-    )
-    g.add_argument("--dm_t_min", type=int, help="Lowest timestep of the distribution-matching loss's noise draw.")
-    g.add_argument("--dm_t_max", type=int, help="Highest timestep of the distribution-matching loss's noise draw.")
+    for name, kind, text in DMD2_FLAGS:
+        how = {"action": argparse.BooleanOptionalAction} if kind is bool else {"type": kind}
+        g.add_argument(f"--{name}", help=text, **how)
     return p
 
 

@@ -28,7 +28,9 @@ CondSampler = Callable[[int, torch.device], Cond | None]
 
 @dataclass
 class DMD2Config:
-    learning_rate: float = 1e-4  # same for G and critic (spec 7)
+    learning_rate: float = 1e-4  # same for G and critic (spec 7), unless one of the two below is set
+    generator_learning_rate: float | None = None  # None: learning_rate
+    critic_learning_rate: float | None = None  # None: learning_rate (the critic's GAN head included)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = 0.01
     train_batch_size: int = 32  # generator samples per iteration (and real images for the GAN)
@@ -41,7 +43,9 @@ class DMD2Config:
     gan: bool = True
     gan_generator_weight: float = 3e-3
     gan_discriminator_weight: float = 1e-2
-    feature_module: str | None = None  # critic submodule for GAN features (default: the UNet mid block)
+    gan_feature_module: str | None = None  # critic submodule the head reads (None: the UNet mid block)
+    gan_max_timestep: int | None = None  # D's inputs noised at t ~ U{0..this} (None: T-1; 0: clean-image classifier)
+    gan_alone: bool = False  # the generator trains on the GAN term only, without the DM loss (official option)
     fake_score: str = "critic"  # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
     fake_score_fp32: bool = True  # run the DM-loss critic query without autocast
 
@@ -75,6 +79,10 @@ class DMD2(Method):
         T = teacher.schedule.num_timesteps
         if not 0 <= config.dm_t_min <= config.dm_t_max < T:
             raise UserError(f"The DM timestep range {config.dm_t_min}..{config.dm_t_max} must lie within 0..{T - 1}.")
+        if config.gan_max_timestep is not None and not 0 <= config.gan_max_timestep < T:
+            raise UserError(f"--gan_max_timestep {config.gan_max_timestep} must lie within 0..{T - 1}.")
+        if config.gan_alone and not config.gan:
+            raise UserError("--gan_alone trains the generator on the GAN term only: it needs --gan.")
         if config.guidance_scale > 1 and uncond is None:
             raise UserError(
                 "Real-score guidance needs the teacher's unconditional input (a null class or empty prompt)."
@@ -100,7 +108,7 @@ class DMD2(Method):
         # G and F start as exact copies of the teacher (spec 2); the head is new.
         init = student_init if student_init is not None else teacher
         self.generator = OneStepGenerator(self._trainable_copy(init), config.conditioning_timesteps)
-        self.critic = Critic(self._trainable_copy(init), feature_module=config.feature_module)
+        self.critic = Critic(self._trainable_copy(init), feature_module=config.gan_feature_module)
         example_cond = self.cond_sampler(1, torch.device("cpu"))
         if config.gan:  # spec 4.3: D = head(bottleneck of F), trained with F
             self.critic.head = DMD2Head(self.critic.feature_shape(self.sample_shape, example_cond))
@@ -117,12 +125,16 @@ class DMD2(Method):
     def optimizers(self):
         c = self.config
 
-        def adamw(module):
+        def adamw(module, lr):
             # Only trainable parameters: a LoRA generator's frozen base gets no optimizer state.
             params = [p for p in module.parameters() if p.requires_grad]
-            return torch.optim.AdamW(params, lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
+            lr = c.learning_rate if lr is None else lr
+            return torch.optim.AdamW(params, lr=lr, betas=c.adam_betas, weight_decay=c.adam_weight_decay)
 
-        return {"generator": adamw(self.generator), "critic": adamw(self.critic)}
+        return {
+            "generator": adamw(self.generator, c.generator_learning_rate),
+            "critic": adamw(self.critic, c.critic_learning_rate),
+        }
 
     def memory_networks(self):
         # With the GAN on, the critic is left out of gradient checkpointing: its head reads the bottleneck
@@ -163,9 +175,16 @@ class DMD2(Method):
     def loss(self, name, s):
         return self._generator_loss(s) if name == "generator" else self._critic_loss(s)
 
+    def _gan_t_max(self) -> int:
+        c, T = self.config, self.teacher.schedule.num_timesteps
+        return T - 1 if c.gan_max_timestep is None else c.gan_max_timestep
+
     def _generator_loss(self, s):
         c, x, cond = self.config, s["x"], s["cond"]
         critic = self.unwrap(self.prepared["critic"])
+        if c.gan_alone:
+            loss_g_gan = self._generator_gan_loss(critic, x, cond)
+            return c.gan_generator_weight * loss_g_gan, {"loss_g_gan": loss_g_gan.detach()}
         # Spec 4.1: all of steps 1-5 without gradient.
         with torch.no_grad():
             x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
@@ -182,18 +201,21 @@ class DMD2(Method):
         loss = c.dm_weight * loss_dm
         logs = {"loss_dm": loss_dm.detach(), "dm_grad_abs": (x0_fake - x0_real).abs().mean()}
         if c.gan:
-            # Gradient flows through F and the head into G; F and the head are not updated by it.
-            flags = [(p, p.requires_grad) for p in critic.parameters()]
-            critic.requires_grad_(False)
-            try:
-                x_d, t_d, _ = self._noised(x, 0, self.teacher.schedule.num_timesteps - 1)
-                loss_g_gan = gan_generator_loss(critic.logits(x_d, t_d, cond))
-            finally:
-                for p, flag in flags:
-                    p.requires_grad_(flag)
+            loss_g_gan = self._generator_gan_loss(critic, x, cond)
             loss = loss + c.gan_generator_weight * loss_g_gan
             logs["loss_g_gan"] = loss_g_gan.detach()
         return loss, logs
+
+    def _generator_gan_loss(self, critic, x, cond):
+        """Spec 4.3: gradient flows through F and the head into G; F and the head are not updated by it."""
+        flags = [(p, p.requires_grad) for p in critic.parameters()]
+        critic.requires_grad_(False)
+        try:
+            x_d, t_d, _ = self._noised(x, 0, self._gan_t_max())
+            return gan_generator_loss(critic.logits(x_d, t_d, cond))
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
 
     def _critic_loss(self, s):
         c, x, cond = self.config, s["x"].detach(), s["cond"]
@@ -206,13 +228,19 @@ class DMD2(Method):
             raw, _ = critic(x_t, t, cond)
             loss = self.critic_objective.error(raw, noised).mean()
             return loss, {"loss_fake": loss.detach()}
-        # Spec 4.3 with real and fake batched through F in one pass. The fake half is the denoising
-        # input itself: it is already noised at its own t ~ U{0..T-1} with fresh noise, exactly the
-        # distribution D's fake input is specified to have, so a second fake pass would add nothing.
+        # Spec 4.3 with real and fake batched through F in one pass. With D's noise over the full range
+        # (the default), the fake half is the denoising input itself: it is already noised at its own
+        # t ~ U{0..T-1} with fresh noise, exactly the distribution D's fake input is specified to have.
+        # With --gan_max_timestep below T-1, D's fakes are a third part, noised over 0..max.
         real: Batch = s["real"]
-        x_r, t_r, _ = self._noised(real.images, 0, T - 1)
-        raw, logits = critic(torch.cat([x_t, x_r]), torch.cat([t, t_r]), _cat(cond, real.cond), with_logits=True)
-        B = x.shape[0]
+        t_max, B = self._gan_t_max(), x.shape[0]
+        x_r, t_r, _ = self._noised(real.images, 0, t_max)
+        parts, times, conds = [x_t, x_r], [t, t_r], _cat(cond, real.cond)
+        if t_max != T - 1:
+            x_f, t_f, _ = self._noised(x, 0, t_max)
+            parts, times, conds = [x_t, x_f, x_r], [t, t_f, t_r], _cat(cond, _cat(cond, real.cond))
+        raw, logits = critic(torch.cat(parts), torch.cat(times), conds, with_logits=True)
+        logits = logits[-2 * B :]  # D's fakes, then the reals
         loss_fake = self.critic_objective.error(raw[:B], noised).mean()
         loss_d = gan_discriminator_loss(logits_real=logits[B:], logits_fake=logits[:B])
         loss = loss_fake + c.gan_discriminator_weight * loss_d

@@ -116,8 +116,8 @@ def run_dmd2_gmm(
         if real_score == "analytic"
         else net
     )
-    if config.gan and config.feature_module is None:
-        config.feature_module = "blocks.1"
+    if config.gan and config.gan_feature_module is None:
+        config.gan_feature_module = "blocks.1"
     method = ToyDMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
     method.gmm, method.history = gmm, []
     with tempfile.TemporaryDirectory() as tmp:
