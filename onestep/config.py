@@ -135,6 +135,8 @@ class RunConfig:
                 )
             defaults = klass() if group != "method" else method_class()
             built[group] = replace(defaults, **{k: _like(getattr(defaults, k), v) for k, v in values.items()})
+        # A rerun starts afresh: the file records which checkpoint its run resumed, which is that run's business.
+        built["trainer"] = replace(built["trainer"], resume_from_checkpoint=None)
         return cls(**built)
 
 

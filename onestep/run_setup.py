@@ -326,7 +326,10 @@ def in_training_evaluator(setup: Setup):
     from .eval.intraining import InTrainingEvalOptions, build_evaluator
 
     ec = config.evaluation
-    asked = {"eval_steps", "eval_reference", "eval_features"} & config.explicit
+    if setup.kind == "text":  # a preset's in-training FID (asking for it was refused in _prepare_text)
+        trainer.log("In-training FID is off: it is not supported for text-to-image teachers yet (use onestep-eval).")
+        return None
+    asked = {"eval_steps", "eval_reference", "eval_features"} & config.explicit or ec.eval_reference is not None
     if config.teacher.pretrained_model_name_or_path != "digits" and not asked:
         # The preset's in-training FID was made for the bundled digits (their reference and features ship):
         # for another teacher, start without it rather than stop, and say how to turn it on.
@@ -446,7 +449,7 @@ def _prepare_text(config: RunConfig, preset: str, method_name: str, teacher: Tea
             "file_name and text) or --dataset_name (a Hugging Face dataset), or --no-gan (the sd15 preset's "
             "stage 1 is DM-only)."
         )
-    if config.trainer.eval_steps:
+    if config.trainer.eval_steps and {"eval_steps", "eval_reference", "eval_features"} & config.explicit:
         raise UserError(
             "In-training FID for text-to-image teachers is not supported yet; measure the export with onestep-eval."
         )

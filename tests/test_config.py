@@ -72,6 +72,11 @@ def test_config_file_round_trip_and_rerun_with_overrides(tmp_path):
     again, again_name = resolve(_flags(config=str(path)), PRESETS, DEFAULT_PRESET, DMD2Config)
     assert again == config and again_name == "sdxl-4step"
     assert isinstance(again.method.adam_betas, tuple)  # JSON lists come back as the tuples the defaults are
+    resumed = {**record, "trainer": {**record["trainer"], "resume_from_checkpoint": "elsewhere/checkpoint-600"}}
+    path.write_text(json.dumps(resumed))
+    rerun, _ = resolve(_flags(config=str(path)), PRESETS, DEFAULT_PRESET, DMD2Config)
+    assert rerun.trainer.resume_from_checkpoint is None  # a rerun starts afresh; it does not resume that run
+    path.write_text(json.dumps(record))
     changed, _ = resolve(_flags(config=str(path), max_train_steps=3), PRESETS, DEFAULT_PRESET, DMD2Config)
     assert changed.trainer.max_train_steps == 3 and changed.trainer.seed == 5
     with pytest.raises(UserError, match="not both"):

@@ -179,5 +179,7 @@ def test_official_gan_options():
         _method(gan_feature_module="nowhere")
     with pytest.raises(UserError, match="--gan_alone .* needs --gan"):
         DMD2(method.teacher, DMD2Config(gan=False, gan_alone=True), sample_shape=(1, 8, 8))
+    with pytest.raises(UserError, match="--guidance_scale 0.5 must be at least 1"):
+        DMD2(method.teacher, DMD2Config(guidance_scale=0.5), sample_shape=(1, 8, 8))
     with pytest.raises(UserError, match="--gan_max_timestep 1000"):
         DMD2(method.teacher, DMD2Config(gan_max_timestep=1000), sample_shape=(1, 8, 8))

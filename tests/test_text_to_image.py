@@ -409,3 +409,44 @@ def test_gan_data_from_a_folder_and_a_dataset_at_once_is_refused(teachers, tmp_p
     assert r.returncode == 2 and "either --train_data_dir or --dataset_name" in r.stderr.strip().splitlines()[-1], (
         r.stderr[-2000:]
     )
+
+
+def test_a_text_to_image_run_without_a_preset_starts_with_in_training_fid_off(teachers, tmp_path):
+    """The default preset's in-training FID (made for the digits) must not stop an SD run that never asked for it."""
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--conditioning_timesteps",
+            "999",
+            "--max_train_steps",
+            "2",
+            *TINY,
+        ]
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "In-training FID is off" in r.stdout + r.stderr and (tmp_path / "out" / "model_index.json").exists()
+    r = run(
+        [
+            PY,
+            "train/dmd2.py",
+            "--pretrained_model_name_or_path",
+            teachers["sd15"],
+            "--prompt_file",
+            teachers["prompts"],
+            "--output_dir",
+            str(tmp_path / "asked"),
+            "--conditioning_timesteps",
+            "999",
+            "--eval_steps",
+            "5",
+            *TINY,
+        ]
+    )
+    assert r.returncode == 2 and "not supported yet" in r.stderr and not (tmp_path / "asked").exists()

@@ -83,6 +83,8 @@ class DMD2(Method):
             raise UserError(f"--gan_max_timestep {config.gan_max_timestep} must lie within 0..{T - 1}.")
         if config.gan_alone and not config.gan:
             raise UserError("--gan_alone trains the generator on the GAN term only: it needs --gan.")
+        if config.guidance_scale < 1:
+            raise UserError(f"--guidance_scale {config.guidance_scale} must be at least 1 (1 = no guidance).")
         if config.guidance_scale > 1 and uncond is None:
             raise UserError(
                 "Real-score guidance needs the teacher's unconditional input (a null class or empty prompt)."
