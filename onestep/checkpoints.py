@@ -42,11 +42,17 @@ def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> Non
             f"latest to continue it, or choose another --output_dir."
         )
     contents = sorted(os.listdir(output_dir))
-    if contents and not checkpoints and resume_from_checkpoint in (None, "latest"):
+    resumes_here = (
+        bool(checkpoints)
+        and resume_from_checkpoint not in (None, "latest")
+        and os.path.realpath(resume_from_checkpoint).startswith(os.path.realpath(output_dir) + os.sep)
+    )
+    if contents and not (checkpoints and resume_from_checkpoint == "latest") and not resumes_here:
         shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
+        why = "holds no checkpoint to resume" if not checkpoints else "is not the folder of the checkpoint resumed"
         raise UserError(
-            f"{output_dir} is not empty ({shown}) and holds no checkpoint to resume; a new run writes only into a new "
-            f"or empty folder, so that nothing there is overwritten: choose another --output_dir."
+            f"{output_dir} is not empty ({shown}) and {why}; a run writes only into a new or empty folder, or the "
+            f"folder of the run it resumes, so that nothing there is overwritten: choose another --output_dir."
         )
 
 
@@ -88,8 +94,9 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_names: list[s
         os.replace(tmp, final)
         if os.path.exists(old):
             shutil.rmtree(old)
-        if limit:
-            for stale in list_checkpoints(output_dir)[:-limit]:
+        if limit:  # the oldest go; never the one just written (a resume from an older step sorts it mid-list)
+            others = [c for c in list_checkpoints(output_dir) if os.path.realpath(c) != os.path.realpath(final)]
+            for stale in others[: max(len(others) - (limit - 1), 0)]:
                 shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final

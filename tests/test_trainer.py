@@ -247,3 +247,26 @@ def test_fp16_on_the_cpu_is_refused_instead_of_silently_training_in_fp32(tmp_pat
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         Trainer(TrainerConfig(output_dir=str(tmp_path / "run"), max_train_steps=1, mixed_precision="fp16"))
     assert not (tmp_path / "run").exists()
+
+
+def test_resuming_an_older_checkpoint_keeps_the_one_it_writes_and_other_folders_are_refused(tmp_path):
+    from onestep.errors import UserError
+
+    def fit(steps, **kw):
+        config = TrainerConfig(output_dir=str(tmp_path / "run"), max_train_steps=steps, num_validation_images=0, **kw)
+        Trainer(config).fit(Counting())
+
+    fit(6, checkpointing_steps=2)  # checkpoints 2, 4, 6
+    # Back to step 2 with a limit of 1: the checkpoint written at 3 must survive (it sorted before 4 and 6).
+    fit(3, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"), checkpoints_total_limit=1)
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "run"))] == ["checkpoint-3"]
+    # A checkpoint of another folder does not open a non-empty folder for writing.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model_index.json").write_text("{}")
+    config = TrainerConfig(
+        output_dir=str(other), max_train_steps=4, resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3")
+    )
+    with pytest.raises(UserError, match="is not empty"):
+        Trainer(config)
+    assert os.listdir(other) == ["model_index.json"]
