@@ -198,7 +198,6 @@ class Setup:
     data: object = None  # a batch source, when the method needs real images
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     export_info: dict = field(default_factory=dict)
-    num_classes: int | None = None
 
 
 def teacher_kind(unet_class: str, unet_config: dict) -> str:
@@ -313,7 +312,6 @@ def _prepare_pixel(config: RunConfig, preset: str, method_name: str, teacher: Te
         trainer,
         data,
         export_info={"scheduler_config": teacher.scheduler_config, "num_classes": num_classes, "teacher": teacher_id},
-        num_classes=num_classes,
     )
 
 
@@ -595,14 +593,6 @@ def train(setup: Setup, method) -> dict:
     result = trainer.fit(method, setup.data, in_training_evaluator(setup))
     if trainer.is_main and not result["interrupted"] and not result.get("already_finished"):
         out = os.path.abspath(setup.config.trainer.output_dir)
-        call = "(class_labels=[3, 7]).images" if setup.num_classes else "().images"
-        load = f"DiffusionPipeline.from_pretrained({setup.config.trainer.output_dir!r}, trust_remote_code=True){call}"
-        if setup.kind == "text":
-            steps = len(getattr(method, "export_steps", [1]))
-            load = (
-                f"DiffusionPipeline.from_pretrained({setup.config.trainer.output_dir!r})"
-                f"(prompt, num_inference_steps={steps}, guidance_scale=0).images"
-            )
         trainer.log(
             f"\nDone. Everything is under {out}:\n"
             f"  student pipeline  {out} (model_index.json, unet/, scheduler/, README.md)\n"
@@ -612,6 +602,6 @@ def train(setup: Setup, method) -> dict:
             f"  loss curves       {out}/loss_curves.png, {out}/logs/losses.csv\n"
             f"  in-training FID   {out}/logs/eval.csv, {out}/logs/eval.png\n"
             f"  timing            {out}/timing.json\n"
-            f"Load it: {load}"
+            f"Load it: {method.usage(setup.config.trainer.output_dir)}"
         )
     return result

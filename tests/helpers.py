@@ -9,43 +9,27 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_unet(num_class_embeds=None, sample_size=8, channels=1):
+def tiny_unet(num_class_embeds=None, sample_size=8, channels=1, in_channels=None, widths=(8, 16), norm_num_groups=4):
+    """A tiny UNet2DModel; `in_channels` > `channels` makes an SR-shaped one (x_t and u on the input channels)."""
     from diffusers import UNet2DModel
 
     return UNet2DModel(
         sample_size=sample_size,
-        in_channels=channels,
+        in_channels=in_channels or channels,
         out_channels=channels,
-        block_out_channels=(8, 16),
+        block_out_channels=widths,
         layers_per_block=1,
         down_block_types=("DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"),
         num_class_embeds=num_class_embeds,
-        norm_num_groups=4,
+        norm_num_groups=norm_num_groups,
     )
 
 
 def tiny_cond_unet(sdxl=False):
-    from diffusers import UNet2DConditionModel
+    from onestep.testing.tiny_sd import tiny_cond_unet as build
 
-    kw = {}
-    if sdxl:
-        kw = dict(
-            addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=8 + 6 * 4
-        )
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
-        attention_head_dim=4,
-        norm_num_groups=4,
-        **kw,
-    )
+    return build(cross_attention_dim=12, pooled_dim=8 if sdxl else None)
 
 
 def sd_scheduler_config(prediction_type="epsilon"):

@@ -11,26 +11,14 @@ from onestep.denoiser import Cond, Denoiser
 from onestep.methods.base import StepInfo
 from onestep.methods.dmd2 import DMD2, DMD2Config
 from onestep.schedules import schedule_from_scheduler_config
-from tests.helpers import sd_scheduler_config
+from tests.helpers import sd_scheduler_config, tiny_unet
 
 B = 4
 
 
 def _unet(width=64, size=8):
     """A tiny class-conditional UNet with a `width`-channel bottleneck of size / 2 (DMD2's head reads it)."""
-    from diffusers import UNet2DModel
-
-    return UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(16, width),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        num_class_embeds=4,
-        norm_num_groups=8,
-    )
+    return tiny_unet(num_class_embeds=4, sample_size=size, widths=(16, width), norm_num_groups=8)
 
 
 def _method(width=64, size=8, **overrides):
@@ -140,6 +128,10 @@ def test_the_export_samples_at_the_resolution_the_student_was_trained_at(tmp_pat
     assert pipe.unet.config.sample_size == 16
     assert pipe(class_labels=[1], output_type="np").images.shape == (1, 16, 16, 1)
     assert teacher.net.config.sample_size == 8  # the teacher is untouched
+    assert (
+        method.usage("out")
+        == "DiffusionPipeline.from_pretrained('out', trust_remote_code=True)(class_labels=[3, 7]).images"
+    )
 
 
 def test_empty_conditioning_timesteps_are_refused_by_the_parser(capsys):

@@ -19,21 +19,10 @@ def test_teacher_kinds():
 
 @pytest.fixture
 def sr_teacher(tmp_path):
-    from diffusers import UNet2DModel
-
     from onestep.export import save_teacher
-    from tests.helpers import sd_scheduler_config
+    from tests.helpers import sd_scheduler_config, tiny_unet
 
-    unet = UNet2DModel(
-        sample_size=8,
-        in_channels=2,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_unet(channels=1, in_channels=2)  # reads [x_t, u]
     return save_teacher(unet, sd_scheduler_config(), str(tmp_path / "sr-teacher"), {"note": "test"}) or str(
         tmp_path / "sr-teacher"
     )

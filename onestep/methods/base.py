@@ -105,3 +105,7 @@ class Method:
 
     def export(self, models: dict[str, nn.Module], output_dir: str, extra_card: dict) -> None:
         raise NotImplementedError
+
+    def usage(self, folder: str) -> str:
+        """How a user loads and calls what `export` wrote (printed when training ends)."""
+        return f"DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)"

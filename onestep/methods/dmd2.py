@@ -305,6 +305,13 @@ class DMD2(Method):
             sample_size=self.sample_shape[-1],
         )
 
+    def usage(self, folder: str) -> str:
+        steps = len(self.generator.timesteps)
+        if self.export_info.get("pipeline") in ("sd15", "sdxl"):  # the stock pipeline: no remote code
+            return f"DiffusionPipeline.from_pretrained({folder!r})(prompt, num_inference_steps={steps}, guidance_scale=0).images"
+        labels = "class_labels=[3, 7]" if self.export_info.get("num_classes") else "batch_size=2"
+        return f"{super().usage(folder)}({labels}).images"
+
     def _card(self, extra_card: dict) -> dict:
         c, info = self.config, self.export_info
         return {

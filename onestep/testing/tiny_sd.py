@@ -83,12 +83,19 @@ def _scheduler():
     )
 
 
-def save_tiny_sd15(path: str, seed: int = 0) -> str:
-    """SD1.5 layout: one CLIP text encoder (width 12), VAE with factor 2, 16x16 images, 8x8 latents."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+def tiny_cond_unet(cross_attention_dim: int = 12, pooled_dim: int | None = None):
+    """A tiny UNet2DConditionModel (8x8 latents, 4 channels); with `pooled_dim`, SDXL's added conditions
+    (pooled text embeddings of that width and 6 time ids)."""
+    from diffusers import UNet2DConditionModel
 
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    sdxl = {}
+    if pooled_dim is not None:
+        sdxl = dict(
+            addition_embed_type="text_time",
+            addition_time_embed_dim=4,
+            projection_class_embeddings_input_dim=pooled_dim + 6 * 4,
+        )
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -96,10 +103,19 @@ def save_tiny_sd15(path: str, seed: int = 0) -> str:
         layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=12,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=4,
         norm_num_groups=4,
+        **sdxl,
     )
+
+
+def save_tiny_sd15(path: str, seed: int = 0) -> str:
+    """SD1.5 layout: one CLIP text encoder (width 12), VAE with factor 2, 16x16 images, 8x8 latents."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    unet = tiny_cond_unet(cross_attention_dim=12)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
         text_encoder=_text_encoder(12),
@@ -116,24 +132,10 @@ def save_tiny_sd15(path: str, seed: int = 0) -> str:
 
 def save_tiny_sdxl(path: str, seed: int = 0) -> str:
     """SDXL layout: two text encoders (8 + 12 wide, the second with projection), pooled embeds, time ids."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=20,
-        attention_head_dim=4,
-        norm_num_groups=4,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=4,
-        projection_class_embeddings_input_dim=12 + 6 * 4,
-    )
+    unet = tiny_cond_unet(cross_attention_dim=20, pooled_dim=12)
     tok = _tokenizer(os.path.join(path, ".tok"))
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
