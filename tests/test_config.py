@@ -9,7 +9,7 @@ import pytest
 from onestep.config import RunConfig, differences, resolve, resolved_record
 from onestep.errors import UserError
 from onestep.methods.dmd2 import DMD2Config
-from onestep.presets import DEFAULT_PRESET, PRESETS
+from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
 
 
 def _flags(**set_flags):

@@ -35,7 +35,7 @@ DMD2_FLAGS = (
 
 
 def build_parser():
-    from onestep.presets import DEFAULT_PRESET, PRESETS
+    from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
     from onestep.run_setup import run_parser
 
     p = run_parser(__doc__, PRESETS, DEFAULT_PRESET)
@@ -49,7 +49,7 @@ def build_parser():
 def main(argv=None):
     from onestep.lora import DMD2_LORA_TARGETS
     from onestep.methods.dmd2 import DMD2, DMD2Config
-    from onestep.presets import DEFAULT_PRESET, PRESETS
+    from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
     from onestep.run_setup import add_lora_to, parse_run, prepare, train
 
     config, preset = parse_run(build_parser(), argv, PRESETS, DEFAULT_PRESET, DMD2Config)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import EvalConfig, MemoryConfig, Preset, RunConfig, TeacherConfig
-from .methods.dmd2 import DMD2Config
-from .trainer import TrainerConfig
+from ..config import EvalConfig, MemoryConfig, Preset, RunConfig, TeacherConfig
+from ..methods.dmd2 import DMD2Config
+from ..trainer import TrainerConfig
 
 DEFAULT_PRESET = "digits-cpu"
 OUTPUT_DIR = "outputs/dmd2-digits"
