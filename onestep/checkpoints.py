@@ -137,12 +137,15 @@ def earlier_checkpoint_hint(checkpoint: str) -> str:
     return "this run has no earlier checkpoint to resume from."
 
 
-def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tuple[str, ...]] | None = None) -> None:
+def load_model_weights(
+    checkpoint: str, models: dict, may_be_new: dict[str, tuple[str, ...]] | None = None, may_be_absent=()
+) -> list[str]:
     """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
     step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. Models are matched
     by name through the checkpoint's models.json (by position in checkpoints without one). Parameters whose
     names start with a prefix in `may_be_new[model]` may be missing (new in this stage). A wrapper's key
-    prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped."""
+    prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped. Models named in
+    `may_be_absent` that the checkpoint does not hold keep their initialisation; returns their names."""
     from safetensors.torch import load_file
 
     if not os.path.isdir(checkpoint):
@@ -156,7 +159,10 @@ def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tupl
     else:
         file_of = {name: weight_file(i) for i, name in enumerate(models)}
     may_be_new = may_be_new or {}
+    absent = [name for name in models if name not in file_of and name in may_be_absent]
     for name, model in models.items():
+        if name in absent:
+            continue
         if name not in file_of:
             raise UserError(
                 f"{checkpoint} holds no {name} (it holds {', '.join(sorted(file_of))}); it is from another method."
@@ -178,6 +184,7 @@ def load_model_weights(checkpoint: str, models: dict, may_be_new: dict[str, tupl
                 f"{path} does not fit the {name} of this run (missing {missing[:2]}, unexpected {unexpected[:2]}): "
                 f"it holds another architecture or LoRA setting."
             )
+    return absent
 
 
 def _strip_wrapper_prefix(key: str) -> str:

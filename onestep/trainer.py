@@ -280,8 +280,11 @@ class Trainer:
         os.makedirs(cfg.output_dir, exist_ok=True)
         resume = self._resolve_resume()
         if cfg.init_from_checkpoint and not resume:  # a resumed run already holds its own weights
-            load_model_weights(cfg.init_from_checkpoint, method.models(), method.new_in_stage)
-            self.log(f"Started the models from {cfg.init_from_checkpoint}")
+            absent = load_model_weights(
+                cfg.init_from_checkpoint, method.models(), method.new_in_stage, method.fresh_in_stage
+            )
+            fresh = f" ({', '.join(absent)} not in it: started afresh)" if absent else ""
+            self.log(f"Started the models from {cfg.init_from_checkpoint}{fresh}")
         method.timer = self.timer
         method.to(self.device)
 

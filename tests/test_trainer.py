@@ -181,6 +181,11 @@ def test_init_from_checkpoint_takes_weights_strips_wrapper_prefixes_and_refuses_
     assert torch.equal(fresh["critic"].weight, earlier["critic"].weight)
     with pytest.raises(UserError, match="holds no fake_score"):
         load_model_weights(str(ckpt), {"fake_score": nn.Linear(3, 3)})
+    # A model the method declares fresh in a stage (DMD2's critic after the regression warm start) keeps its init.
+    kept = nn.Linear(3, 3)
+    before = kept.weight.clone()
+    assert load_model_weights(str(ckpt), {"fake_score": kept}, may_be_absent=("fake_score",)) == ["fake_score"]
+    assert torch.equal(kept.weight, before)
     with pytest.raises(UserError, match="has no model_1.safetensors"):
         (ckpt / "model_1.safetensors").unlink()
         load_model_weights(str(ckpt), now, {"critic": ("head.",)})

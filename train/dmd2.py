@@ -31,6 +31,11 @@ DMD2_FLAGS = (
     ("critic_learning_rate", non_negative_float, "The critic's and its head's (None: --learning_rate)."),
     ("dm_t_min", int, "Lowest timestep of the distribution-matching loss's noise draw."),
     ("dm_t_max", int, "Highest timestep of the distribution-matching loss's noise draw."),
+    ("stage", str, "distill (DMD2) or regression (warm start on teacher ODE pairs; then --init_from_checkpoint)."),
+    ("regression_pairs", positive_int, "Regression stage: number of fixed noise/teacher-output pairs."),
+    ("regression_teacher_steps", positive_int, "Regression stage: the teacher's DDIM steps per pair."),
+    ("regression_loss", str, "Regression stage: lpips, mse, or auto (LPIPS where its weights load, else MSE)."),
+    ("regression_pairs_dir", str, "Regression stage: where pairs are cached (None: <output_dir>/ode_pairs)."),
 )
 
 
@@ -47,12 +52,19 @@ def build_parser():
 
 
 def main(argv=None):
+    from onestep.errors import UserError
     from onestep.lora import DMD2_LORA_TARGETS
     from onestep.methods.dmd2 import DMD2, DMD2Config
+    from onestep.methods.regression import from_setup as regression_from_setup
     from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
     from onestep.run_setup import add_lora_to, parse_run, prepare, train
 
     config, preset = parse_run(build_parser(), argv, PRESETS, DEFAULT_PRESET, DMD2Config)
+    if config.method.stage not in ("distill", "regression"):
+        raise UserError(f"--stage must be distill or regression, got {config.method.stage!r}.")
+    if config.method.stage == "regression":
+        setup = prepare(config, preset, "DMD2 regression warm start", needs_real_data=False)
+        return train(setup, regression_from_setup(setup))
     setup = prepare(config, preset, "DMD2", needs_real_data=config.method.gan)
     method = DMD2(
         setup.teacher.denoiser,

@@ -44,6 +44,8 @@ class Method:
     # Parameter-name prefixes, per model, that a new stage may add (missing from an earlier run's
     # checkpoint given to --init_from_checkpoint), e.g. DMD2's GAN head on the critic.
     new_in_stage: dict[str, tuple[str, ...]] = {}
+    # Models that keep their initialisation when an earlier stage's checkpoint does not hold them at all.
+    fresh_in_stage: tuple[str, ...] = ()
 
     def __init__(self):
         self.timer = _NullTimer()

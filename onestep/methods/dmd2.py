@@ -48,12 +48,19 @@ class DMD2Config:
     gan_alone: bool = False  # the generator trains on the GAN term only, without the DM loss (official option)
     fake_score: str = "critic"  # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
     fake_score_fp32: bool = True  # run the DM-loss critic query without autocast
+    # The regression warm start (spec 5, SDXL one-step), run before DMD2 as its own stage:
+    stage: str = "distill"  # "regression": fit G to teacher ODE pairs (continue with --init_from_checkpoint)
+    regression_pairs: int = 10_000  # fixed noises, each with the teacher's sampler output (CFG = guidance_scale)
+    regression_teacher_steps: int = 50  # the teacher's DDIM steps (trailing spacing) per pair
+    regression_loss: str = "auto"  # "lpips" on decoded images, "mse", or "auto": LPIPS where its weights load
+    regression_pairs_dir: str | None = None  # where the pairs are cached (None: <output_dir>/ode_pairs)
 
 
 class DMD2(Method):
     ema_models = ("generator",)
     exported_models = ("generator",)
     new_in_stage = {"critic": ("head.",)}  # SD1.5 stage 2 adds the GAN head to stage 1's critic
+    fresh_in_stage = ("critic",)  # after the regression warm start (no critic) it starts from the teacher
 
     def __init__(
         self,

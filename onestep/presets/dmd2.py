@@ -159,6 +159,14 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in [
         _DIGITS,
+        _variant(
+            _DIGITS,
+            "digits-regression",
+            "The regression warm start on the digits teacher (2,000 DDIM-25 pairs, MSE offline).",
+            "Continue with --init_from_checkpoint <this run>/checkpoint-600 (the critic starts from the teacher).",
+            method={"stage": "regression", "gan": False, "regression_pairs": 2000, "regression_teacher_steps": 25},
+            trainer={"max_train_steps": 600, "output_dir": "outputs/dmd2-digits-regression"},
+        ),
         _IMAGENET,
         _SD15_STAGE1,
         _variant(
@@ -177,6 +185,21 @@ PRESETS: dict[str, Preset] = {
             "The published run starts from a DMD1-style LPIPS regression warm start.",
             method={"conditioning_timesteps": [399]},
             trainer={"max_train_steps": 24_000},
+        ),
+        _variant(
+            _SDXL_4STEP,
+            "sdxl-1step-regression",
+            "SDXL one step at t=399: the regression warm start on 10k teacher ODE pairs (then sdxl-1step).",
+            "Continue with --preset sdxl-1step --init_from_checkpoint <this run>/checkpoint-<last>. Teacher pairs: "
+            "DDIM trailing 50 steps (the same deterministic path as the published Euler trailing), CFG 8.",
+            method={
+                "conditioning_timesteps": [399],
+                "stage": "regression",
+                "gan": False,
+                "learning_rate": 1e-5,
+                "regression_pairs": 10_000,
+            },
+            trainer={"max_train_steps": 3_000, "output_dir": "outputs/dmd2-sdxl-regression"},
         ),
         _variant(
             _SDXL_4STEP,
