@@ -58,7 +58,7 @@ _DIGITS = _preset(
     "digits-cpu",
     "Bundled default: the class-conditional digits teacher (16x16), one step, GAN on, 2 CPU cores.",
     DMD2Config(
-        learning_rate=2e-4,
+        learning_rate=5e-5,  # 2e-4 plateaued at FID 0.28; 5e-5 reached 0.16 in the same 1,200 iterations (README)
         ttur_ratio=5,
         guidance_scale=1.0,
         conditioning_timesteps=[399],
