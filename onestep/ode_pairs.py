@@ -42,7 +42,10 @@ def pair_conditions(cond_sampler: CondSampler, indices, seed: int, device) -> Co
 
 def pair_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.stack(
-        [torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, "ode-pair-z", int(j)))) for j in indices]
+        [
+            torch.randn(shape, generator=torch.Generator().manual_seed(seed_for(seed, "ode-pair-z", int(j))))
+            for j in indices
+        ]
     )
 
 

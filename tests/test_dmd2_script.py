@@ -201,7 +201,10 @@ def test_help_shows_every_default_and_each_presets_values():
     r = run([PY, "train/dmd2.py", "--help"])
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())  # argparse wraps lines
-    assert "(default: 0.0002)" in text and "(default: 0.01)" in text and "(default: 0)" in text  # the default preset's
+    from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
+
+    lr = PRESETS[DEFAULT_PRESET].config.method.learning_rate
+    assert f"(default: {lr})" in text and "(default: 0.01)" in text and "(default: 0)" in text  # the default preset's
     assert (
         "digits-cpu: Bundled default" in text and "learning_rate=1e-05" in text and "lora_rank=64" in text
     )  # the others'
