@@ -85,3 +85,64 @@ class OneStepGenerator(nn.Module):
                 x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(i + 1, x0))
         t_k = self._t(k, z)
         return self.schedule.add_noise(x0, z, t_k), t_k
+
+
+CLEAN = -1  # index of the virtual clean time (alpha = 1, sigma = 0) of a time-conditioned student
+
+
+class SignalGenerator(nn.Module):
+    """BOOT's time-conditioned student g(eps, t, cond) (shared/methods/boot.md 3.4): the network reads the pure
+    noise and is evaluated as the teacher would be at the fixed noise level `param_timestep` (its conversion
+    coefficients and preconditioning), but is told time t through its timestep embedding. t is an index tensor;
+    CLEAN (-1) is the clean end, embedded as time 0 (EDM: the smallest sigma's c_noise, as ln 0 has none).
+    With the teacher's weights and param_timestep = T, g(eps, T) equals the teacher's x0 prediction exactly."""
+
+    def __init__(self, denoiser: Denoiser, param_timestep: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.param_timestep = int(param_timestep)
+
+    @property
+    def schedule(self):
+        return self.denoiser.schedule
+
+    def noise_input(self, eps: torch.Tensor) -> torch.Tensor:
+        """The network's input x before preconditioning: unit noise times the prior std at param_timestep."""
+        return eps * self.schedule.prior_std(self.param_timestep)
+
+    def clean_label(self) -> float:
+        if self.schedule.kind == "edm":
+            return float(self.schedule.model_time(torch.zeros(1, dtype=torch.long))[0])
+        return 0.0
+
+    def labels(self, t: torch.Tensor) -> torch.Tensor:
+        """The time value the network is told for each index (CLEAN -> clean_label())."""
+        inner = self.schedule.model_time(t.clamp(min=0))
+        return torch.where(t < 0, torch.full_like(inner, self.clean_label()), inner)
+
+    def forward(self, eps: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        sched, kind = self.schedule, self.denoiser.prediction_type
+        p = torch.full_like(t, self.param_timestep)
+        x = self.noise_input(eps)
+        out = self.denoiser.adapter(sched.model_input(x, p, kind), self.labels(t).to(x.device), cond)
+        return sched.to_x0(out.float(), x.float(), p, kind)
+
+    def conversion(self) -> dict:
+        """The sampling contract as numbers: x = input_scale * eps; x0 = skip * x + output_scale * U(input_gain * x,
+        embed_timestep). Every parametrisation's conversion is affine in (x, U), so these four numbers (float64)
+        carry it into a pipeline that does not know the schedule."""
+        sched, kind = self.schedule, self.denoiser.prediction_type
+        p = torch.tensor([self.param_timestep])
+        one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        alpha, sigma = sched.coefficients(p)
+        return {
+            "embed_timestep": self.clean_label(),
+            "input_scale": float(sched.prior_std(self.param_timestep)),
+            "input_gain": float(sched.model_input(one, p, kind)[0]),
+            "skip": float(sched.to_x0(zero, one, p, kind)[0]),
+            "output_scale": float(sched.to_x0(one, zero, p, kind)[0]),
+            "prediction_type": kind,
+            "param_timestep": self.param_timestep,
+            "alpha": float(alpha[0]),
+            "sigma": float(sigma[0]),
+        }

@@ -81,3 +81,38 @@ def gan_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor)
 def gan_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating G loss: mean softplus(-D(fake))."""
     return F.softplus(-logits_fake.float()).mean()
+
+
+# -- BOOT (shared/methods/boot.md section 4): pure functions of the Signal-ODE --------------------------
+
+
+def signal_step(alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Tensor, sigma_s: torch.Tensor):
+    """BOOT spec 3.2: delta(t, s) = 1 - (sigma_s alpha_t) / (alpha_s sigma_t), in float64, for s less noisy
+    than t; the clean end (alpha_s = 1, sigma_s = 0) and a noise end with alpha_t = 0 both give delta = 1."""
+    return 1 - (sigma_s.double() * alpha_t.double()) / (alpha_s.double() * sigma_t.double())
+
+
+def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coef.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def bootstrap_target(y_t: torch.Tensor, x0_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """BOOT spec 4.1: y_s = y_t + delta (f(x_t, t) - y_t), one teacher DDIM step in signal space (float64)."""
+    y = y_t.double()
+    return y + _per_sample(delta.double(), y) * (x0_t.double() - y)
+
+
+def bootstrap_loss(
+    g_s: torch.Tensor, target: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """BOOT spec 4.1: mean over the batch of (w_i / delta^2) mean_{C,H,W} (g(eps, s) - SG[target])^2; the
+    1/delta^2 makes it a derivative match ((g(s) - g(t)) / delta - (f - g(t)))^2."""
+    dims = tuple(range(1, g_s.ndim))
+    err = (g_s.float() - target.detach().float()).square().mean(dim=dims)
+    scale = 1 / delta.double() ** 2 if weight is None else weight.double() / delta.double() ** 2
+    return (scale.float() * err).mean()
+
+
+def boundary_loss(g_T: torch.Tensor, x0_T: torch.Tensor) -> torch.Tensor:
+    """BOOT spec 4.2 (B-paper): mean((g(eps, T) - SG[f(eps, T)])^2) over every element."""
+    return F.mse_loss(g_T.float(), x0_T.detach().float())

@@ -1,0 +1,400 @@
+"""BOOT: data-free distillation by bootstrapping (Gu et al. 2023, arXiv 2306.05544).
+
+Follows shared/methods/boot.md. A time-conditioned student g(eps, t) predicts the signal y_t of the teacher's
+deterministic DDIM trajectory started from the noise eps (x_t = alpha_t y_t + sigma_t eps). Per iteration
+(sections 4-5), with no real images: i ~ U{1..N}, t = tau_i, s = tau_{i-1},
+
+    y_t = SG[g(eps, t)],  target = y_t + delta(t, s) (f(alpha_t y_t + sigma_t eps, t) - y_t),
+    L = (1 / delta^2) |g(eps, s) - target|^2 + lambda_BC |g(eps, T) - SG[f(eps, T)]|^2      (B-paper)
+
+one network, one optimiser. Sampling is g(eps, clean): one network evaluation.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..denoiser import Cond, Denoiser
+from ..errors import UserError
+from ..generator import CLEAN, SignalGenerator
+from ..losses import bootstrap_loss, bootstrap_target, boundary_loss, signal_step
+from ..schedules import NoiseSchedule
+from .base import Method, Update
+
+CondSampler = Callable[[int, torch.device], Cond | None]
+BOUNDARIES = ("paper", "exact")
+INTERVAL_WEIGHTS = ("uniform", "delta2")
+
+
+@dataclass
+class BOOTConfig:
+    learning_rate: float = 1e-4  # spec 7: 1e-4 for small models, 1e-5 for SD-size UNets (unverified)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_weight_decay: float = 0.0  # Adam (spec 7)
+    train_batch_size: int = 32  # noise maps per process per iteration
+    grid_size: int = 20  # N intervals between the noise end and the clean end (unverified)
+    boundary: str = "paper"  # paper: L_BC trains g(eps, T) = f(eps, T); exact: y_T fixed so that x_T = eps
+    boundary_weight: float = 1.0  # lambda_BC (unverified; OFTSR's flow variant uses 0.1)
+    boundary_every: int = 1  # L_BC every k-th iteration (saves a teacher call)
+    boundary_batch_size: int | None = None  # L_BC on the first m noise maps only (None: all)
+    interval_weight: str = "uniform"  # w_i: uniform (1, unverified) or delta2 (w = delta^2: plain MSE on y)
+    param_timestep: int | None = None  # the conversion's fixed timestep of spec 3.4 (None: T, the noise end)
+    guidance_scale: float = 1.0  # teacher CFG w, inside the target and the boundary term (1 = off)
+    curriculum: bool = False  # not in the paper: top intervals first, all of them after curriculum_fraction
+    curriculum_fraction: float = 0.2  # of max_train_steps
+
+
+def time_grid(num_timesteps: int, grid_size: int) -> list[int]:
+    """tau_1 < ... < tau_N = T-1 (spec 3.5): round(i T / N) - 1, i.e. i T / N - 1 when N divides T. tau_0 is the
+    clean end (index CLEAN, alpha = 1, sigma = 0), never the schedule's index 0."""
+    return [int(round(i * num_timesteps / grid_size)) - 1 for i in range(1, grid_size + 1)]
+
+
+def check_schedule(schedule: NoiseSchedule, prediction_type: str, grid: list[int], param_timestep: int) -> None:
+    """Refuse, in one sentence, a teacher schedule BOOT cannot use (spec 3.2-3.4)."""
+    if schedule.shifted or schedule.kind not in ("vp", "flow", "edm"):
+        raise UserError(
+            f"The teacher's {schedule.kind} schedule is not of the form x_t = alpha x0 + sigma eps, so it has no clean "
+            f"end BOOT can use."
+        )
+    a, s = schedule.alphas, schedule.sigmas
+    if not a[0] > s[0]:
+        raise UserError(
+            f"The teacher's schedule has no usable clean end: at its least noisy timestep the noise still outweighs "
+            f"the signal (sigma/alpha = {float(s[0] / a[0]):.3g}), so BOOT's last step would not reach clean data."
+        )
+    idx = torch.tensor(grid)
+    ratio = s[idx] / a[idx]  # exp(lambda); inf where alpha = 0 (a flow's noise end)
+    if not ((s[idx] > 0).all() and (ratio[1:] > ratio[:-1]).all()):
+        raise UserError(
+            "The teacher's schedule does not get strictly noisier along BOOT's time grid; choose another --grid_size."
+        )
+    if prediction_type == "epsilon" and not a[param_timestep] > 1e-6:
+        raise UserError(
+            f"alpha is 0 at timestep {param_timestep}: an eps-prediction student cannot be converted there "
+            f"(x0 = (x - sigma eps) / alpha); pass a smaller --param_timestep."
+        )
+
+
+class BOOT(Method):
+    ema_models = ("student",)
+    exported_models = ("student",)
+    needs_data = False  # spec 2: no real images; the trainer never asks the data source for a batch
+
+    def __init__(
+        self,
+        teacher: Denoiser,
+        config: BOOTConfig,
+        sample_shape: tuple[int, ...],
+        cond_sampler: CondSampler | None = None,
+        uncond: Callable[[Cond], Cond] | None = None,
+        export_info: dict | None = None,
+        student_init: Denoiser | None = None,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        max_train_steps: int | None = None,
+    ):
+        """`student_init` (default: the teacher) is the network the student starts from (the toy recipe starts
+        from a fitted teacher-net or a random MLP while `teacher` is analytic)."""
+        super().__init__()
+        c, sched = config, teacher.schedule
+        T = sched.num_timesteps
+        if not 1 <= c.grid_size <= T:
+            raise UserError(f"--grid_size {c.grid_size} must lie within 1..{T}, the teacher's number of timesteps.")
+        if c.boundary not in BOUNDARIES:
+            raise UserError(f"--boundary must be one of {', '.join(BOUNDARIES)}, got {c.boundary!r}.")
+        if c.interval_weight not in INTERVAL_WEIGHTS:
+            raise UserError(
+                f"--interval_weight must be one of {', '.join(INTERVAL_WEIGHTS)}, got {c.interval_weight!r}."
+            )
+        param = T - 1 if c.param_timestep is None else c.param_timestep
+        if not 0 <= param < T:
+            raise UserError(f"--param_timestep {param} must lie within 0..{T - 1}.")
+        if c.boundary_every < 1 or (c.boundary_batch_size is not None and c.boundary_batch_size < 1):
+            raise UserError("--boundary_every and --boundary_batch_size must be at least 1.")
+        if not 0 < c.curriculum_fraction <= 1:
+            raise UserError(f"--curriculum_fraction {c.curriculum_fraction} must lie in (0, 1].")
+        if c.guidance_scale < 1:
+            raise UserError(f"--guidance_scale {c.guidance_scale} must be at least 1 (1 = no guidance).")
+        if c.guidance_scale > 1 and uncond is None:
+            raise UserError("Teacher guidance needs the teacher's unconditional input (a null class or empty prompt).")
+        grid = time_grid(T, c.grid_size)
+        check_schedule(sched, teacher.prediction_type, grid, param)
+        self.config, self.sample_shape = c, tuple(sample_shape)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.cond_sampler = cond_sampler or (lambda n, device: None)
+        self.uncond, self.decode = uncond, decode
+        self.export_info = export_info or {}
+        self.max_train_steps = max_train_steps
+        self.grid = torch.tensor([CLEAN, *grid])  # grid[i] = tau_i, grid[0] = the clean end
+        self.top = grid[-1]
+        self.updates = [Update("student", "student")]
+        init = student_init if student_init is not None else teacher
+        self.student = SignalGenerator(copy.deepcopy(init).train().requires_grad_(True), param)
+
+    # -- set-up --------------------------------------------------------------------------------
+    def models(self):
+        return {"student": self.student}
+
+    def optimizers(self):
+        c = self.config
+        params = [p for p in self.student.parameters() if p.requires_grad]  # a LoRA student: the adapter only
+        return {
+            "student": torch.optim.AdamW(
+                params, lr=c.learning_rate, betas=c.adam_betas, weight_decay=c.adam_weight_decay
+            )
+        }
+
+    def to(self, device):
+        self.teacher.to(device)
+        return self
+
+    # -- schedule arithmetic (float64) ---------------------------------------------------------------
+    def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha, sigma) per index, the clean end (CLEAN) being alpha = 1, sigma = 0 (spec 3.2: not abar[0])."""
+        a, s = self.teacher.schedule.coefficients(t.clamp(min=0), t.device)
+        clean = t < 0
+        return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
+
+    def exact_start(self, eps: torch.Tensor) -> torch.Tensor:
+        """B-exact (spec 3.3): y_T = (prior_std - sigma_T) eps / alpha_T, so that x_T is the pure-noise input
+        itself; with alpha_T = 0, delta(T, s) = 1 and y_T drops out (0 here)."""
+        sched = self.teacher.schedule
+        a, s = (float(v) for v in sched.coefficients(torch.tensor([self.top])))
+        return eps * ((sched.prior_std(self.top) - s) / a) if a > 0 else torch.zeros_like(eps)
+
+    def lowest_interval(self, step: int) -> int:
+        """1, or with the curriculum the lowest interval index allowed at this step (top intervals first)."""
+        c, N = self.config, self.config.grid_size
+        if not c.curriculum or not self.max_train_steps:
+            return 1
+        fraction = min(1.0, (step + 1) / max(1.0, c.curriculum_fraction * self.max_train_steps))
+        return N - max(1, math.ceil(fraction * N)) + 1
+
+    def teacher_x0(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None) -> torch.Tensor:
+        w = self.config.guidance_scale
+        uncond = self.uncond(cond) if w > 1 else None
+        return self.teacher.guided(x, t, cond, uncond, w)
+
+    @torch.no_grad()
+    def reference_trajectory(self, eps: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """The teacher's own trajectory from eps on the grid, y_ref(tau_i) for i = 0 (clean) .. N, by the
+        y-recursion of spec 3.2 (what a perfect student outputs; B-exact: the stock DDIM sampler from x_T = eps)."""
+        n, shape = eps.shape[0], (-1, *([1] * (eps.ndim - 1)))
+        top = torch.full((n,), self.top, device=eps.device)
+        if self.config.boundary == "paper":
+            y = self.teacher_x0(eps * self.teacher.schedule.prior_std(self.top), top, cond).double()
+        else:
+            y = self.exact_start(eps).double()
+        ys = [y]
+        for i in range(self.config.grid_size, 0, -1):
+            t, s = self.grid[i].expand(n).to(eps.device), self.grid[i - 1].expand(n).to(eps.device)
+            (a_t, s_t), (a_s, s_s) = self.coefficients(t), self.coefficients(s)
+            f = self.teacher_x0((a_t.reshape(shape) * y + s_t.reshape(shape) * eps.double()).float(), t, cond)
+            y = bootstrap_target(y, f, signal_step(a_t, s_t, a_s, s_s))
+            ys.append(y)
+        return torch.stack(ys[::-1])
+
+    # -- one iteration -------------------------------------------------------------------------
+    def start_iteration(self, batch, info):
+        """Everything without gradient: the student at t, the teacher step (spec 4.1) and the boundary target."""
+        c, device, B = self.config, info.device, self.config.train_batch_size
+        cond = self.cond_sampler(B, device)
+        eps = torch.randn(B, *self.sample_shape, device=device)
+        i = torch.randint(self.lowest_interval(info.step), c.grid_size + 1, (B,), device=device)
+        grid = self.grid.to(device)
+        t, s = grid[i], grid[i - 1]
+        (a_t, s_t), (a_s, s_s) = self.coefficients(t), self.coefficients(s)
+        delta = signal_step(a_t, s_t, a_s, s_s)
+        with_boundary = c.boundary == "paper" and info.step % c.boundary_every == 0
+        m = B if c.boundary_batch_size is None else min(B, c.boundary_batch_size)
+        student = self.unwrap(self.prepared.get("student", self.student))
+        with torch.no_grad():
+            y_t = student(eps, t, cond).double()
+            if c.boundary == "exact":  # no network at T: the trajectory starts from x_T = the noise input
+                top = (t == self.top).reshape(-1, *([1] * (eps.ndim - 1)))
+                y_t = torch.where(top, self.exact_start(eps).double(), y_t)
+            shape = (-1, *([1] * (eps.ndim - 1)))
+            x_t = (a_t.reshape(shape) * y_t + s_t.reshape(shape) * eps.double()).float()
+            xs, ts, conds = [x_t], [t], cond
+            if with_boundary:  # the teacher at the noise end on the student's own input, in the same batch
+                xs.append(eps[:m] * self.teacher.schedule.prior_std(self.top))
+                ts.append(torch.full((m,), self.top, device=device))
+                conds = None if cond is None else cond.cat(cond[:m])
+            with self.timer.phase("teacher"):
+                f = self.teacher_x0(torch.cat(xs), torch.cat(ts), conds)
+            target = bootstrap_target(y_t, f[:B], delta)
+        weight = delta**2 if c.interval_weight == "delta2" else None
+        return {"eps": eps, "cond": cond, "s": s, "target": target, "delta": delta, "weight": weight,
+                "boundary_x0": f[B:] if with_boundary else None}  # fmt: skip
+
+    def loss(self, name, st):
+        """Gradient only through g(eps, s) (and g(eps, T) for L_BC), in one forward of the prepared student."""
+        c, eps, cond, s = self.config, st["eps"], st["cond"], st["s"]
+        B, f_T = eps.shape[0], st["boundary_x0"]
+        student = self.prepared.get("student", self.student)
+        if f_T is None:
+            g_s = student(eps, s, cond)
+        else:
+            m = f_T.shape[0]
+            top = torch.full((m,), self.top, device=s.device)
+            g = student(torch.cat([eps, eps[:m]]), torch.cat([s, top]), None if cond is None else cond.cat(cond[:m]))
+            g_s, g_T = g[:B], g[B:]
+        loss_bs = bootstrap_loss(g_s, st["target"], st["delta"], st["weight"])
+        logs = {"loss_bs": loss_bs.detach()}
+        if f_T is None:
+            return loss_bs, logs
+        loss_bc = boundary_loss(g_T, f_T)
+        logs["loss_bc"] = loss_bc.detach()
+        return loss_bs + c.boundary_weight * loss_bc, logs
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _grid_cond(self, num: int, device) -> Cond | None:
+        num_classes = self.export_info.get("num_classes")
+        if num_classes:
+            return Cond(class_labels=(torch.arange(num) % num_classes).to(device))
+        return self.cond_sampler(num, device)
+
+    @torch.no_grad()
+    def sample_grid(self, models, num, seed, device):
+        z = torch.randn(num, *self.sample_shape, generator=torch.Generator().manual_seed(seed)).to(device)
+        x = models["student"](z, torch.full((num,), CLEAN, device=device), self._grid_cond(num, device))
+        return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
+
+    def export(self, models, output_dir, extra_card):
+        from onestep.pipelines.boot import BootScheduler
+
+        student, info = models["student"], self.export_info
+        contract = student.conversion()
+        scheduler = BootScheduler(**contract, num_train_timesteps=self.teacher.schedule.num_timesteps)
+        card = self._card(extra_card, contract)
+        if info.get("pipeline") in ("sd15", "sdxl"):
+            return export_text_to_image(student.denoiser.net, info, scheduler, output_dir, card, self.sample_shape[-1])
+        return export_pixel(
+            student.denoiser.net, scheduler, output_dir, card, info.get("num_classes"), self.sample_shape[-1]
+        )
+
+    def usage(self, folder: str) -> str:
+        load = f"DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)"
+        if self.export_info.get("pipeline") in ("sd15", "sdxl"):
+            return f"{load}(prompt, num_inference_steps=1, guidance_scale=0).images"
+        return f"{load}({'class_labels=[3, 7]' if self.export_info.get('num_classes') else 'batch_size=2'}).images"
+
+    def _card(self, extra_card: dict, contract: dict) -> dict:
+        c = self.config
+        boundary = f"B-paper (L_BC weight {c.boundary_weight})" if c.boundary == "paper" else "B-exact (x_T = noise)"
+        return {
+            "method": "BOOT (Gu et al. 2023, arXiv 2306.05544): data-free, bootstrapped Signal-ODE",
+            "teacher": self.export_info.get("teacher", "?"),
+            "preset": extra_card.get("preset", "-"),
+            "training_steps": extra_card.get("training_steps"),
+            "data used": "none (noise" + (" and prompts)" if self.export_info.get("pipeline") else ")"),
+            "time grid": f"N = {c.grid_size} intervals, top timestep {self.top}",
+            "boundary": boundary,
+            "network told timestep": f"{contract['embed_timestep']} (the clean end)",
+            "conversion": f"{contract['prediction_type']} at timestep {contract['param_timestep']} "
+            f"(alpha {contract['alpha']:.6g}, sigma {contract['sigma']:.6g})",
+            "teacher guidance scale": c.guidance_scale,
+            "learning rate": c.learning_rate,
+            "batch per process": c.train_batch_size,
+            "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "full configuration": "training_config.json in the training output folder (rerun with --config)",
+        }
+
+
+# -- export: the contract travels in BootScheduler (pipelines/boot.py), copied into the folder ---------------
+PIPELINE_FILE = "boot.py"
+
+
+def _ship_pipeline_file(folder: str, pipeline_class: str | None) -> None:
+    """Copy pipelines/boot.py beside the scheduler (and the pipeline, for our own class) and name them in
+    model_index.json, so DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) finds both."""
+    import json
+
+    from ..export import _pipelines_source
+
+    source = _pipelines_source(PIPELINE_FILE)
+    shutil.copy(source, os.path.join(folder, "scheduler", PIPELINE_FILE))
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["scheduler"] = ["boot", "BootScheduler"]
+    if pipeline_class:
+        shutil.copy(source, os.path.join(folder, PIPELINE_FILE))
+        index["_class_name"] = ["boot", pipeline_class]
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
+def _loading_note(call: str) -> str:
+    return (
+        "## Loading\n\n"
+        "`pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder ships `boot.py`: the\n"
+        "one-step scheduler that holds the sampling contract; read it before trusting it).\n\n"
+        f"`{call}` samples in one network evaluation: the UNet is told the clean end's timestep and its output is\n"
+        "converted with the noise end's alpha and sigma (both stored in scheduler/scheduler_config.json). BOOT has\n"
+        "no multi-step sampler and no guidance at inference (guidance was distilled in).\n"
+    )
+
+
+def export_pixel(unet, scheduler, output_dir: str, card: dict, num_classes: int | None, sample_size: int) -> None:
+    """A UNet2DModel student as a BootPipeline folder."""
+    from onestep.pipelines.boot import BootPipeline
+
+    from ..export import _move_into, _trained_size, model_card
+
+    _trained_size(unet, sample_size)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        BootPipeline(unet=unet, scheduler=scheduler, num_classes=num_classes).save_pretrained(tmp)
+        _ship_pipeline_file(tmp, "BootPipeline")
+        call = (
+            "pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0))"
+            if num_classes
+            else "pipe(batch_size=2)"
+        )
+        note = _loading_note(call) + (
+            "\nWith onestep installed, `onestep.pipelines.boot.BootPipeline.from_pretrained(folder)` needs no remote code.\n"
+        )
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card("BOOT one-step student", {**card, "pipeline": "BootPipeline"}, note))
+        _move_into(tmp, output_dir)
+
+
+def export_text_to_image(unet, info: dict, scheduler, output_dir: str, card: dict, sample_size: int) -> None:
+    """An SD1.5/SDXL student as the stock StableDiffusion(XL)Pipeline with the BootScheduler: the teacher's VAE,
+    text encoders and tokenizers, the student's UNet (a LoRA student: fused, and its adapter in lora/)."""
+    import diffusers
+
+    from ..export import LORA_FOLDER, _move_into, _trained_size, model_card
+
+    sdxl, lora = info["pipeline"] == "sdxl", info.get("lora")
+    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
+    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    _trained_size(unet, sample_size)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        if lora is not None:
+            from ..lora import lora_state_dict
+
+            adapter = os.path.join(tmp, LORA_FOLDER)
+            cls.save_lora_weights(adapter, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=lora)
+            pipe = cls.from_pretrained(info["teacher_path"], scheduler=scheduler, **extra)
+            pipe.load_lora_weights(adapter)
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
+        else:
+            pipe = cls.from_pretrained(info["teacher_path"], unet=unet, scheduler=scheduler, **extra)
+        pipe.save_pretrained(tmp)
+        _ship_pipeline_file(tmp, None)
+        note = _loading_note("pipe(prompt, num_inference_steps=1, guidance_scale=0)")
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card("BOOT one-step text-to-image student", {**card, "pipeline": cls.__name__}, note))
+        _move_into(tmp, output_dir)
