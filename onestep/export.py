@@ -76,10 +76,14 @@ def export_one_step(
     num_classes: int | None = None,
     sample_size: int | None = None,
 ) -> None:
-    """A UNet2DModel student as a OneStepPipeline folder (our pipeline class, file copied in)."""
+    """A UNet2DModel student as a OneStepPipeline folder (our pipeline class, file copied in). An EDM scheduler
+    config makes it an EDM-preconditioned student (the pipeline's EDM branch)."""
     from onestep.pipelines import OneStepPipeline
 
     _trained_size(unet, sample_size)
+    edm_rows, edm_text = {}, ""
+    if is_edm_config(scheduler_config):
+        scheduler_config, edm_rows, edm_text = _edm_contract(scheduler_config, timesteps)
 
     os.makedirs(output_dir, exist_ok=True)
     pipe = OneStepPipeline(
@@ -103,14 +107,34 @@ def export_one_step(
             "`one_step.py`, the pipeline class; read it before trusting it).\n\n"
             f"`pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0))` gives {steps}-step samples at\n"
             f"timestep(s) {timesteps}; no guidance at inference (it was distilled in).\n"
-        )
+        ) + edm_text
+        rows = {**card, "sampling steps": steps, "conditioning timesteps": timesteps, **edm_rows}
         with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(
-                model_card(
-                    "One-step student", {**card, "sampling steps": steps, "conditioning timesteps": timesteps}, usage
-                )
-            )
+            f.write(model_card("One-step student", rows, usage))
         _move_into(tmp, output_dir)
+
+
+def is_edm_config(scheduler_config: dict) -> bool:
+    """diffusers' EDM scheduler classes mark an EDM-preconditioned network (as onestep.schedules reads them)."""
+    return str(scheduler_config.get("_class_name", "")).startswith("EDM")
+
+
+def _edm_contract(scheduler_config: dict, timesteps: list[int]) -> tuple[dict, dict, str]:
+    """An EDM student's scheduler config, model-card rows and card text. The pipeline rebuilds the sigma grid from
+    the config, so num_train_timesteps is written as the length of the grid the student was trained on."""
+    from .schedules import schedule_from_scheduler_config
+
+    schedule = schedule_from_scheduler_config(scheduler_config).schedule
+    config = {**scheduler_config, "num_train_timesteps": schedule.num_timesteps}
+    sigmas = [round(float(schedule.sigmas[t]), 6) for t in timesteps]
+    rows = {"preconditioning": f"EDM (Karras et al. 2022), sigma_data {schedule.sigma_data}", "noise levels": sigmas}
+    text = (
+        f"\nEDM-preconditioned: timestep {timesteps[0]} is sigma {sigmas[0]}, and a sample is x0 = D(sigma z; sigma, "
+        "class) = c_skip x + c_out F(c_in x, ln(sigma) / 4) (Karras et al. 2022, Table 1; x = sigma z).\n"
+        "diffusers' stock ConsistencyModelPipeline cannot carry it exactly: its scheduler feeds the UNet 250 ln(sigma) "
+        "where this network reads ln(sigma) / 4, and its boundary-condition c_skip / c_out use sigma - sigma_min.\n"
+    )
+    return config, rows, text
 
 
 def stock_scheduler(teacher_scheduler_config: dict, timesteps: list[int], offset_allowed: bool = True):

@@ -37,8 +37,26 @@ def resolve_teacher_path(name_or_path: str) -> str:
     return BUNDLED_TEACHERS.get(name_or_path, name_or_path)
 
 
+# Teacher folders that presets name and a converter (onestep/convert/) writes: how to make one that is missing.
+CONVERTED_TEACHERS = {
+    os.path.normpath("./teachers/edm-imagenet64"): "download NVlabs EDM's edm-imagenet-64x64-cond-adm.pkl and run "
+    "`python -m onestep.convert.edm_adm edm-imagenet-64x64-cond-adm.pkl ./teachers/edm-imagenet64 --trust-pickle`",
+}
+
+
+def check_converted_teacher(name_or_path: str) -> None:
+    """A preset's converted teacher folder that is not there yet: say how to make it."""
+    how = CONVERTED_TEACHERS.get(os.path.normpath(name_or_path))
+    if how is not None and not os.path.isdir(name_or_path):
+        raise UserError(
+            f"Teacher folder {name_or_path} does not exist: {how} (README, DMD2 on ImageNet 64x64), "
+            "or pass --pretrained_model_name_or_path."
+        )
+
+
 def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Teacher:
     """A diffusers pipeline folder (unet/ + scheduler/) or hub id -> frozen teacher Denoiser."""
+    check_converted_teacher(name_or_path)
     path = resolve_teacher_path(name_or_path)
     if os.path.isdir(path):
         unet_cfg_path = os.path.join(path, "unet", "config.json")

@@ -6,6 +6,11 @@ Self-contained (torch + diffusers only): `onestep export` copies this file into 
 The sampling contract is saved in model_index.json (`timesteps`: the conditioning timestep(s) the
 student was trained at) and in the scheduler config (the noise schedule and prediction type), so a user
 only writes `pipe(class_labels=[3, 7], generator=g)`.
+
+An EDM scheduler config (EDMEulerScheduler, ...) marks an EDM-preconditioned student (Karras et al. 2022,
+Table 1): timestep t indexes the ascending Karras grid of num_train_timesteps sigmas from sigma_min to sigma_max,
+the chain starts from sigma_t z, and x0 = c_skip x + c_out F(c_in x, ln(sigma) / 4). DMD2's ImageNet-64 student
+is x0 = D(80 z; 80, class).
 """
 
 from __future__ import annotations
@@ -57,10 +62,35 @@ class OneStepPipeline(DiffusionPipeline):
                 init[name] = value
         return cls(**init)
 
+    @property
+    def _edm(self) -> bool:
+        return type(self.scheduler).__name__.startswith("EDM")
+
+    def _edm_sigma(self, t: int) -> torch.Tensor:
+        """sigma at index t of the grid the student was trained on (float64; index T-1 is sigma_max)."""
+        c = self.scheduler.config
+        i = torch.arange(c.num_train_timesteps, dtype=torch.float64) / (c.num_train_timesteps - 1)
+        top, bottom = c.sigma_max ** (1 / c.rho), c.sigma_min ** (1 / c.rho)
+        return ((top + i * (bottom - top)) ** c.rho).flip(0)[t]
+
     def _coefficients(self, t: int):
+        """(alpha_t, sigma_t) of x_t = alpha_t x0 + sigma_t noise; EDM: alpha = 1."""
+        if self._edm:
+            sigma = self._edm_sigma(t)
+            return torch.ones_like(sigma), sigma
         # float64: at t = 999 of SD's schedule alpha is ~0.068 and the conversion divides by it.
         abar = self.scheduler.alphas_cumprod.double()[t]
         return abar.sqrt(), (1 - abar).sqrt()
+
+    def _edm_x0(self, x: torch.Tensor, t: int, labels: torch.Tensor | None) -> torch.Tensor:
+        """D(x; sigma_t) = c_skip x + c_out F(c_in x, c_noise), EDM's preconditioning in float64."""
+        sigma, sd = self._edm_sigma(t), self.scheduler.config.sigma_data
+        c_skip = sd**2 / (sigma**2 + sd**2)
+        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
+        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        c_noise = (sigma.log() / 4).float().repeat(x.shape[0]).to(x.device)
+        out = self.unet((c_in * x.double()).float().to(self.unet.dtype), c_noise, class_labels=labels).sample
+        return (c_skip * x.double() + c_out * out[:, : x.shape[1]].float().double()).float()
 
     def _to_x0(self, out: torch.Tensor, x: torch.Tensor, t: int) -> torch.Tensor:
         a, s = self._coefficients(t)
@@ -131,10 +161,15 @@ class OneStepPipeline(DiffusionPipeline):
         )
         if labels is not None:
             labels = labels.to(device)
+        if self._edm:  # unit noise (latents too) scaled to the first noise level, as the student was trained
+            x = x * float(self._edm_sigma(trained[0]))
         for i, t in enumerate(trained[:steps]):
-            tt = torch.full((batch_size,), t, device=device, dtype=torch.long)
-            out = self.unet(x.to(dtype), tt, class_labels=labels).sample.float()
-            x0 = self._to_x0(out[:, : x.shape[1]], x, t).float()
+            if self._edm:
+                x0 = self._edm_x0(x, t, labels)
+            else:
+                tt = torch.full((batch_size,), t, device=device, dtype=torch.long)
+                out = self.unet(x.to(dtype), tt, class_labels=labels).sample.float()
+                x0 = self._to_x0(out[:, : x.shape[1]], x, t).float()
             if i + 1 < steps:
                 a, s = self._coefficients(trained[i + 1])
                 noise = randn_tensor(x0.shape, generator=generator, device=device, dtype=torch.float32)

@@ -293,14 +293,12 @@ class DMD2(Method):
                 lora=info.get("lora"),
                 sample_size=self.sample_shape[-1],
             )
-        if self.teacher.schedule.kind != "vp" or self.teacher.prediction_type not in (
-            "epsilon",
-            "v_prediction",
-            "sample",
-        ):
+        kind, prediction = self.teacher.schedule.kind, self.teacher.prediction_type
+        vp = kind == "vp" and prediction in ("epsilon", "v_prediction", "sample")
+        if not (vp or (kind, prediction) == ("edm", "edm")):  # OneStepPipeline samples these two families
             raise UserError(
-                f"Export supports discrete VP teachers (eps, v or x0 prediction) for now; this teacher is "
-                f"{self.teacher.schedule.kind}/{self.teacher.prediction_type}. The checkpoints hold the trained student."
+                f"Export supports discrete VP teachers (eps, v or x0 prediction) and EDM-preconditioned ones for now; "
+                f"this teacher is {kind}/{prediction}. The checkpoints hold the trained student."
             )
         export_one_step(
             gen.denoiser.net,
