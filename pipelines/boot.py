@@ -5,7 +5,9 @@ class at its root, the scheduler in scheduler/), so `DiffusionPipeline.from_pret
 trust_remote_code=True)` works where onestep is not installed.
 
 The sampling contract lives in BootScheduler's config. The student's network is told `embed_timestep` (the
-clean end, 0), while its output is converted with the coefficients of the noise end it was parametrised at:
+clean end's label: 0, or EDM's c_noise of the smallest sigma), while its output is converted with the
+coefficients of the fixed timestep it was parametrised at (`param_timestep`: the noise end unless a preset chose
+another):
 
     x = input_scale * z,    x0 = skip * x + output_scale * U(input_gain * x, embed_timestep)
 

@@ -70,18 +70,32 @@ def test_b_exact_reference_is_the_stock_ddim_sampler_and_b_paper_differs_slightl
     assert 1e-3 < gap < 0.2  # spec 3.3: a few percent of the data scale for SD1.5's alpha_999 = 0.068
 
 
-@pytest.mark.parametrize("schedule,boundary", [("sd15", "paper"), ("sd15", "exact"), ("flow", "paper")])
+class _GarbageAtTop(ReferenceStudent):
+    """The reference student except at T, where it is far off: B-exact must not read g(eps, T) at all."""
+
+    def forward(self, eps, t, cond=None):
+        out = super().forward(eps, t, cond)
+        return torch.where((t == self.grid[-1])[:, None], torch.full_like(out, 1e3), out)
+
+
+@pytest.mark.parametrize(
+    "schedule,boundary", [("sd15", "paper"), ("sd15", "exact"), ("flow", "paper"), ("edm", "paper"), ("edm", "exact")]
+)
 def test_loss_self_test_reference_trajectory_gives_zero_loss(schedule, boundary):
-    """Spec 9.2: the reference trajectory in place of g makes L_BS and L_BC vanish; one level off does not."""
-    sched = SCHEDULES[schedule]()
+    """Spec 9.2: the reference trajectory in place of g makes L_BS and L_BC vanish; one level off does not.
+    Under B-exact the student at T is replaced by garbage: the trajectory must start from x_T = noise regardless."""
+    sched = KarrasSchedule() if schedule == "edm" else SCHEDULES[schedule]()
+    student = _GarbageAtTop if boundary == "exact" else ReferenceStudent
     losses = {}
     for shift in (0, 1):
         method = BOOT(analytic_teacher(GMM, sched), BOOTConfig(train_batch_size=256, boundary=boundary), (2,))
-        method.attach({"student": ReferenceStudent(GMM, sched, 20, boundary, shift)}, lambda m: m)
+        method.attach({"student": student(GMM, sched, 20, boundary, shift)}, lambda m: m)
         torch.manual_seed(0)
         _, logs = method.loss("student", method.start_iteration(None, _info()))
         losses[shift] = logs
-    assert losses[0]["loss_bs"] < 1e-12 and losses[0].get("loss_bc", 0) < 1e-12
+    assert losses[0]["loss_bs"] < 1e-12
+    if boundary == "paper":
+        assert losses[0]["loss_bc"] < 1e-12
     assert losses[1]["loss_bs"] > 1e-4
 
 
@@ -147,6 +161,8 @@ def test_curriculum_opens_intervals_from_the_top():
         (BOOTConfig(param_timestep=999), "zero-snr", "alpha is 0 at timestep 999"),
         (BOOTConfig(boundary="both"), "sd15", "--boundary must be one of"),
         (BOOTConfig(guidance_scale=2.0), "sd15", "unconditional input"),
+        (BOOTConfig(grid_size=667), "sd15", "--grid_size 667 puts a grid point at timestep 0.*at most 666"),
+        (BOOTConfig(curriculum=True), "sd15", "--curriculum needs --max_train_steps"),
     ],
 )
 def test_bad_input_is_refused_in_one_sentence(config, teacher, message):

@@ -31,7 +31,8 @@ BOOT_FLAGS = (
     (
         "curriculum_fraction",
         positive_float,
-        "Fraction of --max_train_steps the curriculum takes to open every interval.",
+        "Fraction of --max_train_steps the curriculum takes to open every interval (a resume with another "
+        "--max_train_steps moves it).",
     ),
 )
 

@@ -39,6 +39,7 @@ def _relative_error(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 def main(argv=None):
     from onestep.denoiser import Cond
+    from onestep.errors import UserError
     from onestep.loading import load_teacher, read_class_info
     from onestep.methods.boot import BOOT, BOOTConfig
     from onestep.sampling import ddim_sample
@@ -66,6 +67,11 @@ def main(argv=None):
     labels = torch.arange(args.num) % (num_classes or 1)
     cond = Cond(class_labels=labels) if num_classes else None
     config = BOOTConfig(**{k: v for k, v in trained.items() if k != "adam_betas"})
+    if config.guidance_scale > 1:
+        raise UserError(
+            f"{args.student} was trained with teacher guidance {config.guidance_scale}; this recipe compares with the "
+            "unguided teacher's DDIM, so it takes unguided students only."
+        )
     method = BOOT(teacher.denoiser, config, shape)  # only for its reference trajectory (no training)
     refs = {}
     with torch.no_grad():

@@ -138,6 +138,21 @@ class BOOT(Method):
         self.updates = [Update("student", "student")]
         init = student_init if student_init is not None else teacher
         self.student = SignalGenerator(copy.deepcopy(init).train().requires_grad_(True), param)
+        self._check_grid_labels(grid)
+        if c.curriculum and not max_train_steps:
+            raise UserError("--curriculum needs --max_train_steps, the run length its schedule is a fraction of.")
+
+    def _check_grid_labels(self, grid: list[int]) -> None:
+        """A grid so fine that tau_1 is timestep 0 tells the network the clean end's label at two different
+        targets (VP: label 0; EDM: the smallest sigma's); refuse it and name the largest N that works."""
+        student, T = self.student, self.teacher.schedule.num_timesteps
+        if float(student.labels(torch.tensor([grid[0]]))[0]) != student.clean_label():
+            return
+        largest = max(n for n in range(1, T + 1) if time_grid(T, n)[0] > 0)
+        raise UserError(
+            f"--grid_size {self.config.grid_size} puts a grid point at timestep 0, which the student cannot tell "
+            f"from the clean end; use at most {largest}."
+        )
 
     # -- set-up --------------------------------------------------------------------------------
     def models(self):
@@ -173,7 +188,7 @@ class BOOT(Method):
     def lowest_interval(self, step: int) -> int:
         """1, or with the curriculum the lowest interval index allowed at this step (top intervals first)."""
         c, N = self.config, self.config.grid_size
-        if not c.curriculum or not self.max_train_steps:
+        if not c.curriculum:
             return 1
         fraction = min(1.0, (step + 1) / max(1.0, c.curriculum_fraction * self.max_train_steps))
         return N - max(1, math.ceil(fraction * N)) + 1
@@ -216,7 +231,7 @@ class BOOT(Method):
         with_boundary = c.boundary == "paper" and info.step % c.boundary_every == 0
         m = B if c.boundary_batch_size is None else min(B, c.boundary_batch_size)
         student = self.unwrap(self.prepared.get("student", self.student))
-        with torch.no_grad():
+        with torch.no_grad():  # in train mode: a teacher network with dropout would make this target noisy
             y_t = student(eps, t, cond).double()
             if c.boundary == "exact":  # no network at T: the trajectory starts from x_T = the noise input
                 top = (t == self.top).reshape(-1, *([1] * (eps.ndim - 1)))
@@ -338,9 +353,11 @@ def _loading_note(call: str) -> str:
         "## Loading\n\n"
         "`pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder ships `boot.py`: the\n"
         "one-step scheduler that holds the sampling contract; read it before trusting it).\n\n"
-        f"`{call}` samples in one network evaluation: the UNet is told the clean end's timestep and its output is\n"
-        "converted with the noise end's alpha and sigma (both stored in scheduler/scheduler_config.json). BOOT has\n"
-        "no multi-step sampler and no guidance at inference (guidance was distilled in).\n"
+        f"`{call}` samples in one network evaluation: the UNet is told `embed_timestep` (the clean end) and its\n"
+        "output is converted with the alpha and sigma of `param_timestep` (both in scheduler/scheduler_config.json).\n"
+        "BOOT has no multi-step sampler and no guidance at inference (guidance was distilled in): with the stock\n"
+        "Stable Diffusion pipelines **pass `guidance_scale=0`**, since their default (7.5, SDXL 5) would apply CFG\n"
+        "to the student and give other images at twice the cost.\n"
     )
 
 

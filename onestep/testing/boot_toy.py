@@ -242,7 +242,13 @@ def run_boot_gmm(
     if isinstance(student_init, str):
         fit = {"teacher-net": fit_teacher_net, "random": lambda g, s, k: random_student(g.dim, s, k)}[student_init]
         student_init = fit(gmm, schedule, kind)
-    method = ToyBOOT(analytic_teacher(gmm, schedule), config, sample_shape=(gmm.dim,), student_init=student_init)
+    method = ToyBOOT(
+        analytic_teacher(gmm, schedule),
+        config,
+        sample_shape=(gmm.dim,),
+        student_init=student_init,
+        max_train_steps=steps,
+    )
     method.evaluation = make_evaluation(gmm, schedule, config.grid_size, config.boundary)
     start = time.time()
     with tempfile.TemporaryDirectory() as tmp:
