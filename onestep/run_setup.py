@@ -580,8 +580,9 @@ def _require_xformers() -> None:
         ) from None
 
 
-def train(setup: Setup, method) -> dict:
-    """Memory options on the method's networks and the teacher's, then the trainer's fit, then where things are."""
+def train(setup: Setup, method, product: str | None = None) -> dict:
+    """Memory options on the method's networks and the teacher's, then the trainer's fit, then where things are
+    (`product`: the first line of that list, '{out}' for the folder, when the run makes no student pipeline)."""
     trainer = setup.trainer
     _announce_preset(setup)
     nets = [*method.memory_networks(), setup.teacher.denoiser.net]
@@ -593,9 +594,11 @@ def train(setup: Setup, method) -> dict:
     result = trainer.fit(method, setup.data, in_training_evaluator(setup))
     if trainer.is_main and not result["interrupted"] and not result.get("already_finished"):
         out = os.path.abspath(setup.config.trainer.output_dir)
+        pipeline = "student pipeline  {out} (model_index.json, unet/, scheduler/, README.md)"
+        product = (product or pipeline).format(out=out)
         trainer.log(
             f"\nDone. Everything is under {out}:\n"
-            f"  student pipeline  {out} (model_index.json, unet/, scheduler/, README.md)\n"
+            f"  {product}\n"
             f"  configuration     {out}/training_config.json (rerun with --config)\n"
             f"  checkpoints       {out}/checkpoint-<step>\n"
             f"  sample grids      {out}/samples/\n"

@@ -198,14 +198,15 @@ class DMD2(Method):
         with torch.no_grad():
             x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
             with self.timer.phase("teacher"):
-                uncond = self.uncond(cond) if c.guidance_scale > 1 else None
-                x0_real = self.real_score.guided(x_t, t, cond, uncond, c.guidance_scale)
+                scale = self._real_guidance_scale()
+                uncond = self.uncond(cond) if scale > 1 else None
+                x0_real = self.real_score.guided(x_t, t, cond, uncond, scale)
             if c.fake_score == "none":
                 x0_fake = x.detach()
             else:
                 with torch.autocast(x.device.type, enabled=False) if c.fake_score_fp32 else nullcontext():
                     x0_fake = critic.denoiser(x_t.float(), t, cond)
-            grad = dm_gradient(x.detach().float(), x0_real.float(), x0_fake.float())
+            grad = self._dm_gradient(x.detach().float(), x0_real.float(), x0_fake.float(), t)
         loss_dm = dm_loss(x, grad)
         loss = c.dm_weight * loss_dm
         logs = {"loss_dm": loss_dm.detach(), "dm_grad_abs": (x0_fake - x0_real).abs().mean()}
@@ -214,6 +215,15 @@ class DMD2(Method):
             loss = loss + c.gan_generator_weight * loss_g_gan
             logs["loss_g_gan"] = loss_g_gan.detach()
         return loss, logs
+
+    # Hooks for methods built on DMD2 (DisBack swaps `real_score` along its path and may change these two).
+    def _real_guidance_scale(self) -> float:
+        """The CFG scale applied to the real score this iteration."""
+        return self.config.guidance_scale
+
+    def _dm_gradient(self, x, x0_real, x0_fake, t) -> torch.Tensor:
+        """The per-element generator gradient g = omega * (x0_fake - x0_real); DMD2's omega (spec 4.1)."""
+        return dm_gradient(x, x0_real, x0_fake)
 
     def _generator_gan_loss(self, critic, x, cond):
         """Spec 4.3: gradient flows through F and the head into G; F and the head are not updated by it."""

@@ -120,6 +120,25 @@ def run_dmd2_gmm(
         config.gan_feature_module = "blocks.1"
     method = ToyDMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
     method.gmm, method.history = gmm, []
+    fit_on_gmm(method, gmm, steps, config.train_batch_size, seed, ema_decay, output_dir, eval_every, mixed_precision)
+    gen = method.generator
+    return evaluate_generator(lambda z: gen.sample(z), gmm), method
+
+
+def fit_on_gmm(
+    method,
+    gmm: GaussianMixture,
+    steps: int,
+    batch_size: int,
+    seed: int = 0,
+    ema_decay: float | None = None,
+    output_dir: str | None = None,
+    eval_every: int | None = None,
+    mixed_precision: str = "no",
+    export: bool = False,
+) -> None:
+    """Train `method` with the real Trainer, GAN data from the mixture; with `eval_every` its sample_grid runs
+    every that many iterations (the toy methods measure the mixture there)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             TrainerConfig(
@@ -129,14 +148,12 @@ def run_dmd2_gmm(
                 ema_decay=ema_decay,
                 num_validation_images=1 if eval_every else 0,
                 validation_steps=eval_every,
-                export=False,
+                export=export,
                 log_every=100,
                 mixed_precision=mixed_precision,
             )
         )
-        trainer.fit(method, GMMBatches(gmm, config.train_batch_size, seed))
-    gen = method.generator
-    return evaluate_generator(lambda z: gen.sample(z), gmm), method
+        trainer.fit(method, GMMBatches(gmm, batch_size, seed))
 
 
 def teacher_ddim_result(teacher: Denoiser, gmm: GaussianMixture, steps: int = 100) -> ToyResult:
