@@ -246,3 +246,149 @@ def export_text_to_image(
                 )
             )
         _move_into(tmp, output_dir)
+
+
+STUDENT_INFO_FILE = "student.json"
+
+
+def export_student_unet(unet, output_dir: str, info: dict, sample_size: int | None = None) -> None:
+    """One MSD student's stage result: its UNet (unet/) and student.json (written last: the stage is done)."""
+    _trained_size(unet, sample_size)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        unet.save_pretrained(os.path.join(tmp, "unet"))
+        _move_into(tmp, output_dir)
+    path = os.path.join(output_dir, STUDENT_INFO_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump(info, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+
+
+def export_multi_student(
+    unets: list,
+    router: dict,
+    scheduler_config: dict,
+    timesteps: list[int],
+    output_dir: str,
+    card: dict,
+    num_classes: int | None = None,
+    teacher_path: str | None = None,
+    sdxl: bool = False,
+) -> None:
+    """MSD's K students and their router as one MultiStudentPipeline folder (our pipeline class, file copied in).
+    Text students also get the teacher's VAE, tokenizer(s) and text encoder(s), shared by all students. An EDM
+    scheduler config makes them EDM-preconditioned students (the pipeline's EDM branch, as export_one_step)."""
+    from onestep.pipelines import MultiStudentPipeline
+
+    edm_rows, edm_text = {}, ""
+    if is_edm_config(scheduler_config):
+        scheduler_config, edm_rows, edm_text = _edm_contract(scheduler_config, timesteps)
+    extra = {}
+    if teacher_path is not None:
+        from diffusers import AutoencoderKL
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        extra = {
+            "vae": AutoencoderKL.from_pretrained(teacher_path, subfolder="vae"),
+            "tokenizer": CLIPTokenizer.from_pretrained(teacher_path, subfolder="tokenizer"),
+            "text_encoder": CLIPTextModel.from_pretrained(teacher_path, subfolder="text_encoder"),
+        }
+        if sdxl:
+            extra["tokenizer_2"] = CLIPTokenizer.from_pretrained(teacher_path, subfolder="tokenizer_2")
+            extra["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+                teacher_path, subfolder="text_encoder_2"
+            )
+    pipe = MultiStudentPipeline(
+        scheduler=_scheduler(scheduler_config),
+        **{f"unet_{k}": unet for k, unet in enumerate(unets)},
+        **extra,
+        router=router,
+        timesteps=timesteps,
+        num_classes=num_classes,
+    )
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        pipe.save_pretrained(tmp)
+        shutil.copy(_pipelines_source("msd.py"), os.path.join(tmp, "msd.py"))
+        index_path = os.path.join(tmp, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["_class_name"] = ["msd", "MultiStudentPipeline"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+        call = "prompt=['a photo of a cat', 'a red car']" if teacher_path else "class_labels=[3, 7]"
+        usage = (
+            "## Loading\n\n"
+            "Where onestep is installed: `from onestep.pipelines import MultiStudentPipeline; "
+            "pipe = MultiStudentPipeline.from_pretrained(folder)`.\n"
+            "With diffusers alone: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder ships\n"
+            "`msd.py`, the pipeline class; read it before trusting it).\n\n"
+            f"`pipe({call}, generator=torch.Generator().manual_seed(0))` routes every item to its student\n"
+            f"(router in model_index.json) and runs it once at timestep {timesteps[0]}: one network evaluation per image.\n"
+            "Pass one generator per item (a list) to make each item's image independent of the rest of the batch.\n"
+        ) + edm_text
+        rows = {**card, "students": len(unets), "router": router["kind"], "conditioning timestep": timesteps[0]}
+        rows.update(edm_rows)
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card("Multi-student one-step generator (MSD)", rows, usage))
+        _move_into(tmp, output_dir)
+
+
+def sr_schedule_description(schedule) -> dict:
+    """How SuperResolutionPipeline's config describes a teacher's schedule (pipelines/super_resolution.py)."""
+    if schedule.kind == "resshift":
+        return {
+            "kind": "resshift",
+            "etas": schedule.etas.tolist(),
+            "kappa": schedule.kappa,
+            "scale_input": schedule.scale_input,
+        }
+    if schedule.kind == "conditional_flow":
+        return {"kind": "conditional_flow", "sigma_p": schedule.sigma_p, "num_timesteps": schedule.num_timesteps}
+    if schedule.kind == "vp":
+        return {"kind": "vp", "alphas_cumprod": schedule.alphas_cumprod.tolist()}
+    raise UserError(
+        f"A super-resolution pipeline takes ResShift, conditional-flow or VP schedules; this teacher's is {schedule.kind}."
+    )
+
+
+def export_super_resolution(
+    unet, output_dir: str, card: dict, pipeline_config: dict, teacher_info: dict | None = None, usage: str = ""
+) -> None:
+    """A SuperResolutionPipeline folder (our pipeline class, file copied in). With `teacher_info` (what
+    onestep.json holds: the schedule load_teacher builds), the folder is also a teacher folder: scheduler/ (a
+    placeholder diffusers config) and onestep.json are written beside the pipeline."""
+    from onestep.pipelines import SuperResolutionPipeline
+
+    os.makedirs(output_dir, exist_ok=True)
+    pipe = SuperResolutionPipeline(unet=unet, **pipeline_config)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        pipe.save_pretrained(tmp)
+        shutil.copy(_pipelines_source("super_resolution.py"), os.path.join(tmp, "super_resolution.py"))
+        index_path = os.path.join(tmp, "model_index.json")
+        with open(index_path) as f:
+            index = json.load(f)
+        index["_class_name"] = ["super_resolution", "SuperResolutionPipeline"]
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+        if teacher_info is not None:
+            steps = len(pipe._tables()[0])
+            _scheduler({"_class_name": "DDPMScheduler", "num_train_timesteps": steps}).save_pretrained(
+                os.path.join(tmp, "scheduler")
+            )
+            with open(os.path.join(tmp, "onestep.json"), "w") as f:
+                json.dump(teacher_info, f, indent=2)
+        text = (
+            "## Loading\n\n"
+            "Where onestep is installed: `from onestep.pipelines import SuperResolutionPipeline; "
+            "pipe = SuperResolutionPipeline.from_pretrained(folder)`.\n"
+            "With diffusers alone: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder ships\n"
+            "`super_resolution.py`, the pipeline class; read it before trusting it).\n\n"
+            f"{usage}\n"
+        )
+        if teacher_info is not None:
+            text += "\nThe schedule is in onestep.json (scheduler/ is a placeholder diffusers has a class for).\n"
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            rows = dict(card)
+            f.write(model_card(rows.pop("title", "Super-resolution model"), rows, text))
+        _move_into(tmp, output_dir)

@@ -198,6 +198,9 @@ class Setup:
     data: object = None  # a batch source, when the method needs real images
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None
     export_info: dict = field(default_factory=dict)
+    # Text-to-image teachers: the training prompts and their encoder (MSD draws each student's own prompts).
+    prompts: list[str] | None = None
+    prompt_encoder: object = None
 
 
 def teacher_kind(unet_class: str, unet_config: dict) -> str:
@@ -525,6 +528,8 @@ def _prepare_text(config: RunConfig, preset: str, method_name: str, teacher: Tea
             "teacher_path": path,
             "teacher": teacher_id,
         },
+        prompts=prompts,
+        prompt_encoder=encoder,
     )
 
 
