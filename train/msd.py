@@ -16,13 +16,10 @@ import argparse
 import os
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout
-sys.path.insert(0, HERE)  # DMD2's flags, declared once in train/dmd2.py
-
-from dmd2 import DMD2_FLAGS  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 from onestep.cli import non_negative_float, non_negative_int, positive_int, run_main  # noqa: E402
+from train.dmd2 import DMD2_FLAGS  # noqa: E402  (DMD2's flags, declared once)
 
 # MSD's own flags (shared/methods/msd.md): name, type (bool: --x / --no-x), help. Defaults come from --preset.
 MSD_FLAGS = (
