@@ -22,6 +22,24 @@ def _pipelines_source(name: str) -> str:
     return os.path.join(os.path.dirname(pkg.__file__), name)
 
 
+def ship_pipeline_file(folder: str, filename: str, pipeline_class: str | None, scheduler_class: str | None = None):
+    """Copy pipelines/<filename> into an export folder (beside model_index.json for a pipeline class, into
+    scheduler/ for a scheduler class) and name the classes in model_index.json as [module, class], so that
+    DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) imports them."""
+    source, module = _pipelines_source(filename), filename.removesuffix(".py")
+    index_path = os.path.join(folder, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    if pipeline_class:
+        shutil.copy(source, os.path.join(folder, filename))
+        index["_class_name"] = [module, pipeline_class]
+    if scheduler_class:
+        shutil.copy(source, os.path.join(folder, "scheduler", filename))
+        index["scheduler"] = [module, scheduler_class]
+    with open(index_path, "w") as f:
+        json.dump(index, f, indent=2)
+
+
 def _move_into(tmp: str, output_dir: str) -> None:
     for name in os.listdir(tmp):
         dst = os.path.join(output_dir, name)
@@ -91,14 +109,7 @@ def export_one_step(
     )
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         pipe.save_pretrained(tmp)
-        shutil.copy(_pipelines_source("one_step.py"), os.path.join(tmp, "one_step.py"))
-        index_path = os.path.join(tmp, "model_index.json")
-        with open(index_path) as f:
-            index = json.load(f)
-        # [file, class]: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) imports it.
-        index["_class_name"] = ["one_step", "OneStepPipeline"]
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2)
+        ship_pipeline_file(tmp, "one_step.py", "OneStepPipeline")
         steps = len(timesteps)
         usage = (
             "## Loading\n\n"
@@ -309,13 +320,7 @@ def export_multi_student(
     os.makedirs(output_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         pipe.save_pretrained(tmp)
-        shutil.copy(_pipelines_source("msd.py"), os.path.join(tmp, "msd.py"))
-        index_path = os.path.join(tmp, "model_index.json")
-        with open(index_path) as f:
-            index = json.load(f)
-        index["_class_name"] = ["msd", "MultiStudentPipeline"]
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2)
+        ship_pipeline_file(tmp, "msd.py", "MultiStudentPipeline")
         call = "prompt=['a photo of a cat', 'a red car']" if teacher_path else "class_labels=[3, 7]"
         usage = (
             "## Loading\n\n"

@@ -74,7 +74,7 @@ def test_the_pipeline_loads_in_a_fresh_process_and_routes_each_item_with_its_own
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout.strip().splitlines()[-1])
     assert info == {"class": "MultiStudentPipeline", "routes": [0] * 5 + [1] * 5, "onestep": False, "pil": [16, 16]}
-    got = torch.load(tmp_path / "out.pt")
+    got = torch.load(tmp_path / "out.pt", weights_only=True)
     # An item's image depends on its own generator and label only (batched convolutions: equal to rounding).
     assert torch.allclose(got["batch"], got["alone"], atol=1e-5) and torch.allclose(
         got["other"][1], got["batch"][0], atol=1e-5
@@ -140,7 +140,7 @@ def test_stage_two_trains_at_its_own_learning_rate(reference):
     def rates(k, stage):
         last = sorted((reference / f"student-{k}" / stage).glob("checkpoint-*"))[-1]
         return [
-            torch.load(last / name, weights_only=False)["param_groups"][0]["lr"]
+            torch.load(last / name, weights_only=True)["param_groups"][0]["lr"]
             for name in ("optimizer.bin", "optimizer_1.bin")  # G, critic
         ]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -91,7 +92,7 @@ def main(argv=None):
     table["teacher DDIM 20 (for scale)"] = {
         r: _relative_error(refs["teacher DDIM 20"], ref) for r, ref in refs.items()
     }
-    record = {"command": "python -m onestep.eval.recipes.boot_digits " + " ".join(argv or []), "num": args.num,
+    record = {"command": "python -m onestep.eval.recipes.boot_digits " + " ".join(sys.argv[1:] if argv is None else argv), "num": args.num,
               "seed": args.seed, "student": os.path.abspath(args.student), "coupling_error": table}  # fmt: skip
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -329,23 +328,10 @@ PIPELINE_FILE = "boot.py"
 
 
 def _ship_pipeline_file(folder: str, pipeline_class: str | None) -> None:
-    """Copy pipelines/boot.py beside the scheduler (and the pipeline, for our own class) and name them in
-    model_index.json, so DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) finds both."""
-    import json
+    """pipelines/boot.py beside the scheduler (and the pipeline, for our own class), named in model_index.json."""
+    from ..export import ship_pipeline_file
 
-    from ..export import _pipelines_source
-
-    source = _pipelines_source(PIPELINE_FILE)
-    shutil.copy(source, os.path.join(folder, "scheduler", PIPELINE_FILE))
-    index_path = os.path.join(folder, "model_index.json")
-    with open(index_path) as f:
-        index = json.load(f)
-    index["scheduler"] = ["boot", "BootScheduler"]
-    if pipeline_class:
-        shutil.copy(source, os.path.join(folder, PIPELINE_FILE))
-        index["_class_name"] = ["boot", pipeline_class]
-    with open(index_path, "w") as f:
-        json.dump(index, f, indent=2)
+    ship_pipeline_file(folder, PIPELINE_FILE, pipeline_class, "BootScheduler")
 
 
 def _loading_note(call: str) -> str:
