@@ -120,6 +120,9 @@ def _training_loop_args(g) -> None:
     )
     g.add_argument("--lr_warmup_steps", type=non_negative_int, help="Iterations of linear learning-rate warm-up.")
     g.add_argument("--ema_decay", type=float, help="Weight EMA of the student, exported (0 = off).")
+    g.add_argument(
+        "--ema_warmup", action=BOOL, help="EMA decay min(--ema_decay, (1 + n) / (10 + n)) at update n (OFTSR)."
+    )
     g.add_argument("--checkpointing_steps", type=positive_int, help="Iterations between resumable checkpoints.")
     g.add_argument("--checkpoints_total_limit", type=positive_int, help="Keep only this many newest checkpoints.")
     g.add_argument("--resume_from_checkpoint", help="'latest' or a checkpoint-<step> folder.")

@@ -50,6 +50,7 @@ class TrainerConfig:
     lr_scheduler: str = "constant"  # constant | linear | cosine (after warm-up)
     lr_warmup_steps: int = 0  # iterations
     ema_decay: float | None = None  # weight EMA of the method's ema_models; None = off
+    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (OFTSR's recipe)
     checkpointing_steps: int | None = None  # iterations between checkpoints; None = only at the end
     checkpoints_total_limit: int | None = None
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
@@ -293,7 +294,10 @@ class Trainer:
         # and warm-up here counts iterations whatever the number of processes.
         schedulers = {
             n: torch.optim.lr_scheduler.LambdaLR(
-                o, _lr_lambda(cfg.lr_scheduler, cfg.lr_warmup_steps, cfg.max_train_steps)
+                o,
+                _lr_lambda(
+                    cfg.lr_scheduler, 0 if n in method.no_lr_warmup else cfg.lr_warmup_steps, cfg.max_train_steps
+                ),
             )
             for n, o in optimizers.items()
         }
@@ -306,7 +310,7 @@ class Trainer:
         emas = {}
         if cfg.ema_decay:
             for n in method.ema_models:
-                emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay)
+                emas[n] = EMA(acc.unwrap_model(models[n]), cfg.ema_decay, cfg.ema_warmup)
                 acc.register_for_checkpointing(emas[n])
         acc.register_for_checkpointing(_MethodState(method))
 

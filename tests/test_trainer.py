@@ -275,3 +275,39 @@ def test_resuming_an_older_checkpoint_keeps_the_one_it_writes_and_other_folders_
     with pytest.raises(UserError, match="is not empty"):
         Trainer(config)
     assert os.listdir(other) == ["model_index.json"]
+
+
+def test_ema_warmup_follows_the_n_over_n_plus_10_ramp_and_survives_a_checkpoint():
+    from onestep.ema import EMA
+
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, 0.999, warmup=True)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # update 0: decay min(0.999, 1 / 10) keeps a tenth of the old weight
+    assert float(ema.shadow["weight"]) == pytest.approx(0.9)
+    restored = EMA(model, 0.999, warmup=True)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.current_decay() == pytest.approx(2 / 11)  # update 1 continues the ramp after a resume
+    assert EMA(model, 0.999).current_decay() == 0.999  # off by default: the other methods' runs are unchanged
+
+
+def test_optimizers_a_method_names_skip_the_learning_rate_warmup(tmp_path):
+    class ColdCritic(Counting):
+        no_lr_warmup = ("critic",)
+
+        def optimizers(self):
+            self.opts = super().optimizers()
+            return self.opts
+
+        def loss(self, name, x):
+            self.lrs = getattr(self, "lrs", []) + [(name, self.opts[name].param_groups[0]["lr"])]
+            return super().loss(name, x)
+
+    m = ColdCritic(ratio=1)
+    config = TrainerConfig(output_dir=str(tmp_path), max_train_steps=2, lr_warmup_steps=10, num_validation_images=0)
+    Trainer(config).fit(m)
+    assert all(lr == pytest.approx(0.1) for name, lr in m.lrs if name == "critic")
+    assert all(lr < 0.05 for name, lr in m.lrs if name == "generator")

@@ -41,6 +41,7 @@ class Method:
     ema_models: tuple[str, ...] = ()  # models whose weight EMA the trainer may keep (and exports)
     exported_models: tuple[str, ...] = ()  # models export() reads (default: all); gathered under FSDP
     needs_data: bool = True
+    no_lr_warmup: tuple[str, ...] = ()  # optimizers that skip --lr_warmup_steps (TAD-SR's discriminator)
     # Parameter-name prefixes, per model, that a new stage may add (missing from an earlier run's
     # checkpoint given to --init_from_checkpoint), e.g. DMD2's GAN head on the critic.
     new_in_stage: dict[str, tuple[str, ...]] = {}
