@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="pixels cut from each border before measuring (SR papers: the scale)",
     )
     s.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
+    s.add_argument("--t", type=float, default=None, help="--pipeline's fidelity-realism knob t in [0, 1] (OFTSR)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
@@ -302,6 +303,7 @@ def _sr(args, command_line: CommandLine) -> dict:
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         command_line=command_line,
+        t=args.t,
     )
 
 

@@ -553,13 +553,17 @@ def super_resolution(
     device: str | None = None,
     trust_remote_code: bool = False,
     command_line: CommandLine | None = None,
+    t: float | None = None,
 ) -> dict:
     """PSNR / SSIM (RGB and Y) [and LPIPS] of the super-resolved images in folder sr, or of a pipeline's
     outputs from the low-resolution folder lr, against the folder hr (paired by file name); crop_border:
-    pixels cut from each border first. The JSON record goes to output, and is returned."""
+    pixels cut from each border first; t: the pipeline's fidelity-realism knob (OFTSR). The JSON record goes to
+    output, and is returned."""
     check_output(output, "sr.json")
     if crop_border < 0:
         raise UserError(f"--crop-border must be 0 or more; got {crop_border}.")
+    if t is not None and (sr or not 0.0 <= t <= 1.0):
+        raise UserError(f"--t is a pipeline's knob in [0, 1] (OFTSR); got {t}" + (" with --sr." if sr else "."))
     state = _state()
     device = _device(device, state)
     hr_files = _by_name(hr)
@@ -577,7 +581,7 @@ def super_resolution(
     names = sorted(hr_files)[:num_samples] if num_samples else sorted(hr_files)
     _check_crop_border([hr_files[n] for n in names], crop_border)
     sampler = None if sr else PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
-    rows = []
+    rows, pipeline_seconds = [], 0.0
     for i, name in enumerate(names):
         target = read_image(hr_files[name])
         if sampler is None:
@@ -593,7 +597,15 @@ def super_resolution(
             kwargs = {"image": low, "generator": generators(seed, [i])[0], "output_type": "np"}
             if steps:
                 kwargs["num_inference_steps"] = steps
-            out = to_uint8(sampler.pipe(**kwargs).images, (0, 1), "auto")[0]  # pipeline output: [0, 1]
+            if t is not None:
+                kwargs["t"] = t
+            start = time.perf_counter()
+            try:
+                images = sampler.pipe(**kwargs).images
+            except ValueError as err:  # the pipeline refuses the input or the knob in one sentence
+                raise UserError(f"{pipeline} refused {name}: {err}") from None
+            out = to_uint8(images, (0, 1), "auto")[0]  # pipeline output: [0, 1]
+            pipeline_seconds += time.perf_counter() - start
         if out.shape != target.shape:
             raise UserError(
                 f"The output for {name} is {out.shape[1]}x{out.shape[0]} but its HR image is {target.shape[1]}x{target.shape[0]}."
@@ -612,6 +624,9 @@ def super_resolution(
     record = new_record("sr", device, 1, command_line)
     for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y"):
         record[key] = float(np.mean([r[key] for r in rows]))
+    if sampler is not None:
+        record["t"] = t
+        record["images_per_second"] = len(rows) / pipeline_seconds if pipeline_seconds else None
     record["lpips"] = None
     record["lpips_note"] = (
         "not computed: LPIPS needs the lpips package and its backbone weights (pip install lpips; downloads AlexNet once)"

@@ -81,8 +81,9 @@ def weights_sha256(folder: str) -> str:
 
 
 def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False):
-    """Any folder DiffusionPipeline.from_pretrained loads. Our own OneStepPipeline, MultiStudentPipeline and
-    BootPipeline folders load with the installed class, so they need no --trust-remote-code."""
+    """Any folder DiffusionPipeline.from_pretrained loads. Our own OneStepPipeline, MultiStudentPipeline,
+    SuperResolutionPipeline, LatentSuperResolutionPipeline and BootPipeline folders load with the installed class,
+    so they need no --trust-remote-code."""
     index_path = os.path.join(path, "model_index.json")
     if not os.path.isdir(path):
         raise UserError(f"No pipeline folder at {path}.")
@@ -107,6 +108,14 @@ def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False
             from onestep.pipelines import MultiStudentPipeline
 
             pipe = MultiStudentPipeline.from_pretrained(path, **kwargs)
+        elif class_name == ["super_resolution", "SuperResolutionPipeline"]:
+            from onestep.pipelines import SuperResolutionPipeline
+
+            pipe = SuperResolutionPipeline.from_pretrained(path, **kwargs)
+        elif class_name == ["latent_super_resolution", "LatentSuperResolutionPipeline"]:
+            from onestep.pipelines import LatentSuperResolutionPipeline
+
+            pipe = LatentSuperResolutionPipeline.from_pretrained(path, **kwargs)
         elif class_name == ["boot", "BootPipeline"]:
             from onestep.pipelines.boot import BootPipeline
 

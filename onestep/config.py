@@ -31,7 +31,7 @@ class TeacherConfig:
     num_classes: int | None = None  # None: from the teacher folder's onestep.json
     null_class: int | None = None
     prompt_file: str | None = None  # text-to-image teachers
-    upscale_factor: int = 4  # super-resolution teachers: HR size / LR size
+    upscale_factor: int | None = None  # super-resolution teachers: HR size / LR size (None: the teacher's, else 4)
 
 
 @dataclass
@@ -45,6 +45,8 @@ class DataConfig:
     dataloader_num_workers: int = 2
     cache_latents: bool = False
     latent_cache_dir: str | None = None
+    hr_dir: str | None = None  # super-resolution: paired high-resolution images (with lr_dir)
+    lr_dir: str | None = None  # super-resolution: their low-resolution inputs, paired by file name
 
 
 @dataclass

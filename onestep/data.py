@@ -359,15 +359,3 @@ def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
 def upsample(lr: torch.Tensor, scale: int) -> torch.Tensor:
     """u, the low-resolution image brought back to the high resolution (bicubic), which SR teachers read."""
     return F.interpolate(lr, scale_factor=scale, mode="bicubic", align_corners=False)
-
-
-class SRBatches:
-    """Super-resolution pairs from high-resolution images: each batch holds the HR images and, as the
-    condition, u = upsample(degrade(HR)) (`Cond.image`, concatenated on the teacher's input channels)."""
-
-    def __init__(self, hr_source, scale: int):
-        self.hr_source, self.scale = hr_source, scale
-
-    def batch(self, step: int, micro: int, rank: int, device) -> Batch:
-        hr = self.hr_source.batch(step, micro, rank, device).images
-        return Batch(hr, Cond(image=upsample(degrade(hr, self.scale), self.scale)))

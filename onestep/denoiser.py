@@ -24,6 +24,13 @@ class Cond:
     text_embeds: torch.Tensor | None = None  # (B, D) SDXL pooled embeddings
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL added time ids
     image: torch.Tensor | None = None  # (B, C, H, W) concatenated on channels (SR)
+    shift: torch.Tensor | None = None  # u of x_t = a x0 + b u + c eps where it is not `image` (latent SR)
+
+    @property
+    def u(self) -> torch.Tensor | None:
+        """The affine family's u: `shift` where set (a latent teacher reads the low-resolution pixels but mixes
+        the encoded upsampled image into x_t), else the concatenated image itself (pixel SR)."""
+        return self.shift if self.shift is not None else self.image
 
     def _map(self, fn) -> Cond:
         return replace(
@@ -146,7 +153,7 @@ class Denoiser(nn.Module):
 
     def _shift_image(self, cond: Cond | None) -> torch.Tensor | None:
         """u of the affine family: the conditioning image, where the schedule mixes it into x_t."""
-        return cond.image if (self.schedule.shifted and cond is not None) else None
+        return cond.u if (self.schedule.shifted and cond is not None) else None
 
     def denoising_target(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, cond: Cond | None = None):
         """(target for `raw`, per-sample weight or None): the network's own denoising objective."""

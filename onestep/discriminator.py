@@ -1,10 +1,12 @@
-"""GAN heads. DMD2's head reads the fake-score critic's bottleneck features (DMD2 spec 4.3)."""
+"""GAN heads. DMD2's head reads the fake-score critic's bottleneck features (DMD2 spec 4.3); TAD-SR's
+time-aware heads read the frozen teacher's encoder features (TAD-SR spec 4.3)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MIN_PER_GROUP = 16  # numbers one GroupNorm group normalises on the 1x1 map (published sizes: 24 and 40)
@@ -56,3 +58,97 @@ class DMD2Head(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         with torch.autocast(features.device.type, enabled=False):  # the head runs in fp32 (DMD2 spec 4.3)
             return self.net(features.float()).reshape(features.shape[0])
+
+
+# -- TAD-SR (shared/methods/tadsr.md section 4.3): time-aware heads on the frozen teacher's encoder ----------
+
+
+def sinusoidal_embedding(time: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] of time * 10000^(-i / (dim/2)), the diffusion UNets' timestep embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=time.device, dtype=torch.float32) / half)
+    args = time.float().reshape(-1, 1) * freqs.reshape(1, -1)
+    return torch.cat([args.cos(), args.sin()], dim=1)
+
+
+class _Residual(nn.Module):
+    def __init__(self, fn: nn.Module, scale: float):
+        super().__init__()
+        self.fn, self.scale = fn, scale
+
+    def forward(self, x):
+        return (x + self.fn(x)) * self.scale
+
+
+def _sn_conv1d(c_in: int, c_out: int, kernel: int, circular: bool) -> nn.Module:
+    from torch.nn.utils.parametrizations import spectral_norm
+
+    mode = "circular" if circular else "zeros"
+    return spectral_norm(nn.Conv1d(c_in, c_out, kernel, padding=kernel // 2, padding_mode=mode))
+
+
+class TimeAwareHead(nn.Module):
+    """One head on a (C, H, W) feature map (a (C,) vector is read as 1x1), TAD-SR spec 4.3:
+    FiLM(t): [scale, shift] = Linear_{E->2C}(SiLU(sinusoidal(t, E))), h = GN(h)(1 + scale) + shift;
+    h = Conv3x3_{zero-init}(SiLU(h)); tokens (B, C, HW); spectral-norm Conv1d(k=1, circular) -> GN(4) ->
+    LeakyReLU(0.2); a residual block Conv1d(k=9, circular) -> GN(4) -> LeakyReLU(0.2); Conv1d(k=1) to
+    `logit_channels` logits per token. `film=False` drops the FiLM (the time-agnostic ablation).
+    `residual_scale`: 1/sqrt(2) as StyleGAN-T (unverified), or 1 (a plain residual sum)."""
+
+    def __init__(
+        self,
+        feature_shape: tuple[int, ...],
+        embed_dim: int = 160,
+        logit_channels: int = 64,
+        film: bool = True,
+        residual_scale: float = 2**-0.5,
+    ):
+        super().__init__()
+        c = feature_shape[0]
+        tokens = math.prod(feature_shape[1:]) if len(feature_shape) > 1 else 1
+        self.embed_dim, self.film = embed_dim, film
+        # On one token (MLP features) GroupNorm(32) would normalise C/32 numbers a group and erase them.
+        self.norm = _group_norm_1x1(c) if tokens == 1 else _group_norm(c)
+        self.to_film = nn.Linear(embed_dim, 2 * c) if film else None
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        nn.init.zeros_(self.conv.weight)  # spec 2: the last conv of each head's input block starts at zero
+        nn.init.zeros_(self.conv.bias)
+        # A circular pad of 4 needs at least as many tokens; on fewer (MLP features: one token) the k=9 conv with
+        # zero padding would act through its centre tap alone, which a k=1 conv is, at a ninth of the cost.
+        circular = tokens >= 9
+        groups = math.gcd(4, c)
+        self.tokens = nn.Sequential(
+            _sn_conv1d(c, c, 1, circular),
+            nn.GroupNorm(groups, c),
+            nn.LeakyReLU(0.2),
+            _Residual(
+                nn.Sequential(
+                    _sn_conv1d(c, c, 9 if circular else 1, circular), nn.GroupNorm(groups, c), nn.LeakyReLU(0.2)
+                ),
+                residual_scale,
+            ),
+            _sn_conv1d(c, logit_channels, 1, False),
+        )
+
+    def forward(self, h: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(h.device.type, enabled=False):
+            h = h.float()
+            if h.ndim == 2:
+                h = h[:, :, None, None]
+            h = self.norm(h)
+            if self.to_film is not None:
+                scale, shift = self.to_film(F.silu(sinusoidal_embedding(time, self.embed_dim))).chunk(2, dim=1)
+                h = h * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+            h = self.conv(F.silu(h))
+            return self.tokens(h.flatten(2)).flatten(1)
+
+
+class TimeAwareDiscriminator(nn.Module):
+    """TAD-SR's D: one TimeAwareHead per teacher feature map; logits of all heads concatenated, (B, L)."""
+
+    def __init__(self, feature_shapes: list[tuple[int, ...]], **head_options):
+        super().__init__()
+        self.heads = nn.ModuleList(TimeAwareHead(shape, **head_options) for shape in feature_shapes)
+
+    def forward(self, features: list[torch.Tensor], time: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f, time) for head, f in zip(self.heads, features)], dim=1)

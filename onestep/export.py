@@ -397,3 +397,40 @@ def export_super_resolution(
             rows = dict(card)
             f.write(model_card(rows.pop("title", "Super-resolution model"), rows, text))
         _move_into(tmp, output_dir)
+
+
+def export_latent_super_resolution(
+    unet, output_dir: str, card: dict, pipeline_config: dict, export_info: dict, usage: str = ""
+) -> None:
+    """A LatentSuperResolutionPipeline folder (our pipeline class, file copied in): the student UNet and the teacher's
+    autoencoder (LDM-SR: vqvae/; the x4 upscaler: vae/, text_encoder/, tokenizer/, low_res_scheduler/)."""
+    from onestep.pipelines import LatentSuperResolutionPipeline
+
+    from .latent_sr import pipeline_components
+
+    latent = export_info["latent_size"]
+    _trained_size(unet, latent)
+    config = {k: v for k, v in pipeline_config.items() if k != "mode"}
+    config.update(tile_size=latent, noise_level=export_info.get("noise_level") or 0)
+    if export_info.get("max_noise_level") is not None:  # the upscaler's (model_index.json), for the noise_level check
+        config["max_noise_level"] = export_info["max_noise_level"]
+    parts = pipeline_components(export_info["teacher_path"], export_info["latent_sr"], export_info.get("variant"))
+    pipe = LatentSuperResolutionPipeline(unet=unet, **parts, **config)
+    os.makedirs(output_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
+        pipe.save_pretrained(tmp)
+        ship_pipeline_file(tmp, "latent_super_resolution.py", "LatentSuperResolutionPipeline")
+        text = (
+            "## Loading\n\n"
+            "Where onestep is installed: `from onestep.pipelines import LatentSuperResolutionPipeline; "
+            "pipe = LatentSuperResolutionPipeline.from_pretrained(folder)`.\n"
+            "With diffusers alone: `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder "
+            "ships\n`latent_super_resolution.py`, the pipeline class; read it before trusting it).\n\n"
+            f"{usage}\n"
+        )
+        if "low_res_scheduler" in parts:
+            text += "\n`prompt=` (default empty) and `noise_level=` (default the trained one) as in the teacher's pipeline.\n"
+        rows = {**card, "latent tile (training size)": latent}
+        with open(os.path.join(tmp, "README.md"), "w") as f:
+            f.write(model_card(rows.pop("title", "Latent super-resolution model"), rows, text))
+        _move_into(tmp, output_dir)

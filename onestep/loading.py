@@ -13,7 +13,12 @@ from .errors import UserError
 from .schedules import schedule_from_scheduler_config
 
 SUPPORTED_UNETS = ("UNet2DModel", "UNet2DConditionModel")
-BUNDLED_TEACHERS = {"digits": os.path.join(os.path.dirname(__file__), "assets", "digits-teacher")}
+BUNDLED_TEACHERS = {
+    "digits": os.path.join(os.path.dirname(__file__), "assets", "digits-teacher"),
+    # Pixel x4 super-resolution teachers (train/sr_teacher.py, train/oftsr.py --stage teacher):
+    "sr-resshift": os.path.join(os.path.dirname(__file__), "assets", "sr-resshift-teacher"),
+    "sr-flow": os.path.join(os.path.dirname(__file__), "assets", "sr-flow-teacher"),
+}
 
 
 @dataclass
@@ -85,8 +90,9 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot load the teacher UNet from {path}: {str(err).splitlines()[0]}") from None
     try:
-        spec = schedule_from_scheduler_config(sched_cfg)
-    except ValueError as err:
+        sr_schedule = read_class_info(name_or_path, dict(unet.config)).get(SR_SCHEDULE_KEY)
+        spec = sr_schedule_spec(sr_schedule) if sr_schedule else schedule_from_scheduler_config(sched_cfg)
+    except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
     denoiser = Denoiser(unet, spec.schedule, spec.prediction_type)
     denoiser.eval().requires_grad_(False)
@@ -100,10 +106,18 @@ def read_class_info(name_or_path: str, unet_config: dict) -> dict:
     """Class layout of a class-conditional teacher: {"num_classes": C, "null_class": index or None}.
 
     Teachers made by train/teacher.py record it in onestep.json; other folders may not have it."""
-    path = os.path.join(resolve_teacher_path(name_or_path), CLASS_INFO_FILE)
+    folder = resolve_teacher_path(name_or_path)
+    path = os.path.join(folder, CLASS_INFO_FILE)
     if os.path.exists(path):
         return _read_json(path)
-    return {}
+    if os.path.isdir(folder) or folder.count("/") != 1:
+        return {}
+    try:  # a hub teacher: its onestep.json, if it has one (an SR teacher's schedule lives there)
+        from huggingface_hub import hf_hub_download
+
+        return _read_json(hf_hub_download(folder, CLASS_INFO_FILE))
+    except Exception:  # no such file (most hub teachers), or offline: nothing recorded
+        return {}
 
 
 def _hub_configs(repo_id: str, revision: str | None):
@@ -117,3 +131,19 @@ def _hub_configs(repo_id: str, revision: str | None):
             f"Cannot fetch teacher {repo_id} from the hub ({err.__class__.__name__}); check the id, your network, or pass a local folder."
         ) from None
     return unet_cfg, sched_cfg
+
+
+# Super-resolution teachers whose schedule diffusers has no scheduler class for (ResShift, OFTSR's conditional
+# flow) describe it in onestep.json; their scheduler/ folder is then a placeholder that load_teacher ignores.
+SR_SCHEDULE_KEY = "sr_schedule"
+
+
+def sr_schedule_spec(description: dict):
+    """{"kind": "resshift" | "conditional_flow", "prediction_type": ..., <the schedule's arguments>} -> ScheduleSpec."""
+    from .schedules import ConditionalFlowSchedule, ResShiftSchedule, ScheduleSpec
+
+    kinds = {"resshift": ResShiftSchedule, "conditional_flow": ConditionalFlowSchedule}
+    args = {k: v for k, v in description.items() if k not in ("kind", "prediction_type")}
+    if description.get("kind") not in kinds:
+        raise ValueError(f"Unknown {SR_SCHEDULE_KEY} kind {description.get('kind')!r} in onestep.json.")
+    return ScheduleSpec(kinds[description["kind"]](**args), description["prediction_type"])

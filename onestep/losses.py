@@ -116,3 +116,57 @@ def bootstrap_loss(
 def boundary_loss(g_T: torch.Tensor, x0_T: torch.Tensor) -> torch.Tensor:
     """BOOT spec 4.2 (B-paper): mean((g(eps, T) - SG[f(eps, T)])^2) over every element."""
     return F.mse_loss(g_T.float(), x0_T.detach().float())
+
+
+# -- TAD-SR (shared/methods/tadsr.md section 4) --------------------------------------------------------
+
+
+def score_difference(eps_student: torch.Tensor, eps_reference: torch.Tensor) -> torch.Tensor:
+    """TAD-SR spec 4.2 step 4: g = eps_hat(x_s) - eps_hat(x_r) (HSD; vanilla SDS passes the drawn noise as
+    the reference), NaN/inf -> 0, without gradient."""
+    g = (eps_student.double() - eps_reference.double()).detach()
+    return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0).float()
+
+
+def score_distillation_loss(z: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """TAD-SR spec 4.2 step 5: mean_elems(SG[g] * z), whose gradient w.r.t. z is g / numel."""
+    return (g.detach().float() * z.float()).mean()
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """TAD-SR spec 4.3: mean_b[mean_L relu(1 - D(real)) + mean_L relu(1 + D(fake))] on (B, L) logits."""
+    real = F.relu(1 - logits_real.float()).flatten(1).mean(1)
+    fake = F.relu(1 + logits_fake.float()).flatten(1).mean(1)
+    return (real + fake).mean()
+
+
+def hinge_generator_loss(logits_fake: torch.Tensor) -> torch.Tensor:
+    """TAD-SR spec 4.3: -mean_b mean_L D(fake)."""
+    return -logits_fake.float().mean()
+
+
+# -- OFTSR (shared/methods/oftsr.md section 4.2), in OFTSR's notation: time 0 = start, 1 = data ---------
+
+
+def rk2_velocity(k1: torch.Tensor, k2: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The RK2 velocity over a step whose second evaluation sits at ratio r of it: k1 + (k2 - k1) / (2r)
+    (midpoint r = 1/2 gives k2, Heun r = 1, Ralston r = 2/3)."""
+    return k1 + (k2 - k1) / (2 * ratio)
+
+
+def _per_sample_f(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coef.float().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def trajectory_target(v_t: torch.Tensor, v_bar: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """OFTSR spec 4.2 step 6: SG[v_t + (h / s)(v_bar - v_t)], the average velocity to time s that puts
+    x0 + s v(s) on the teacher's step x_t + h v_bar from x_t = x0 + t v(t)."""
+    v_t, v_bar = v_t.detach().float(), v_bar.detach().float()
+    return (v_t + _per_sample_f(h / s, v_t) * (v_bar - v_t)).detach()
+
+
+def time_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """mean_b[w_b mean_elems (pred - target)^2] (w = 1 when None): L_distill, L_BC, and with w = (1 - t)^2
+    OFTSR's L_align (the target is not detached here: L_align's gradient goes only into pred by design)."""
+    err = (pred.float() - target.float()).square().flatten(1).mean(1)
+    return (err if weight is None else weight.float() * err).mean()

@@ -99,6 +99,11 @@ def _data_args(g) -> None:
     g.add_argument(
         "--latent_cache_dir", help="Where --cache_latents writes its shards (None: <output_dir>/latent_cache)."
     )
+    g.add_argument(
+        "--hr_dir",
+        help="Super-resolution: high-resolution images paired with --lr_dir (else --train_data_dir, LR by degradation).",
+    )
+    g.add_argument("--lr_dir", help="Super-resolution: the low-resolution inputs of --hr_dir, paired by file name.")
 
 
 def _optimisation_args(g) -> None:
@@ -218,14 +223,21 @@ KIND_NAMES = {
     "pixel": "unconditional or class-conditional pixel",
     "text": "text-to-image (SD1.5/SDXL)",
     "sr": "super-resolution (the low-resolution image on extra input channels)",
+    "latent_sr": "latent super-resolution (LDMSuperResolutionPipeline / StableDiffusionUpscalePipeline)",
 }
 
 
 def prepare(
-    config: RunConfig, preset: str, method_name: str, needs_real_data: bool, kinds: tuple[str, ...] = ("pixel", "text")
+    config: RunConfig,
+    preset: str,
+    method_name: str,
+    needs_real_data: bool,
+    kinds: tuple[str, ...] = ("pixel", "text"),
+    refusals: dict[str, str] | None = None,
 ) -> Setup:
     """Load the teacher and build the rest for its kind (one of `kinds`, those the method distils).
-    Refuses bad input before anything is written."""
+    `refusals`: the method's own sentence for a kind it does not distil. Refuses bad input before anything is
+    written."""
     tc = config.teacher
     if config.memory.enable_xformers_memory_efficient_attention and torch.cuda.is_available():
         _require_xformers()  # before anything is loaded or written
@@ -234,14 +246,19 @@ def prepare(
             f"Preset {preset} needs --pretrained_model_name_or_path (its teacher: {tc.pretrained_model_name_or_path})."
         )
     _check_output_is_not_an_input(config)
+    check_bundled_teacher(tc.pretrained_model_name_or_path)
     teacher = load_teacher(tc.pretrained_model_name_or_path, revision=tc.revision, variant=tc.variant)
-    kind = teacher_kind(teacher.unet_class, teacher.unet_config)
+    from .latent_sr import latent_sr_flavour, prepare_latent_sr
+
+    latent_sr = latent_sr_flavour(tc.pretrained_model_name_or_path, teacher, tc.revision)
+    kind = "latent_sr" if latent_sr else teacher_kind(teacher.unet_class, teacher.unet_config)
     if kind not in kinds:
         raise UserError(
-            f"{tc.pretrained_model_name_or_path} is a {KIND_NAMES[kind]} teacher; {method_name} distils "
+            (refusals or {}).get(kind)
+            or f"{tc.pretrained_model_name_or_path} is a {KIND_NAMES[kind]} teacher; {method_name} distils "
             f"{' and '.join(KIND_NAMES[k] for k in kinds)} teachers."
         )
-    build = {"pixel": _prepare_pixel, "text": _prepare_text, "sr": _prepare_sr}[kind]
+    build = {"pixel": _prepare_pixel, "text": _prepare_text, "sr": _prepare_sr, "latent_sr": prepare_latent_sr}[kind]
     return build(config, preset, method_name, teacher, needs_real_data)
 
 
@@ -252,6 +269,8 @@ def _check_output_is_not_an_input(config: RunConfig) -> None:
         "the teacher's": resolve_teacher_path(config.teacher.pretrained_model_name_or_path),
         "the training data's": config.data.train_data_dir,
         "the dataset's": config.data.dataset_name,
+        "the high-resolution images'": config.data.hr_dir,
+        "the low-resolution images'": config.data.lr_dir,
     }
     for what, path in inputs.items():
         if path and os.path.isdir(path):
@@ -354,14 +373,15 @@ def in_training_evaluator(setup: Setup):
 def _prepare_sr(config: RunConfig, preset: str, method_name: str, teacher: Teacher, needs_real_data: bool) -> Setup:
     """Pixel super-resolution teachers (SR3-like: a UNet2DModel reading [x_t, u] on its channels). Every
     batch carries its condition: the HR images and u = upsample(degrade(HR)) (no condition sampler)."""
-    from .data import SRBatches
-
     tc, unet_cfg = config.teacher, teacher.unet_config
-    channels, scale = unet_cfg["out_channels"], tc.upscale_factor
+    channels, scale = unet_cfg["out_channels"], sr_upscale_factor(tc)
+    if dc_name := config.data.dataset_name:
+        raise UserError(f"--dataset_name {dc_name} is for text-to-image teachers; SR teachers read --train_data_dir.")
     if unet_cfg["in_channels"] != 2 * channels:
         raise UserError(
             f"The teacher UNet reads {unet_cfg['in_channels']} channels and writes {channels}: a pixel SR teacher "
-            f"reads x_t and the upsampled low-resolution image, {2 * channels} channels."
+            f"reads x_t and the upsampled low-resolution image, {2 * channels} channels (a latent LDM-SR teacher "
+            f"needs its vqvae/ folder beside unet/)."
         )
     resolution = tc.resolution or unet_cfg["sample_size"]
     depth = 2 ** (len(unet_cfg["block_out_channels"]) - 1)
@@ -370,10 +390,8 @@ def _prepare_sr(config: RunConfig, preset: str, method_name: str, teacher: Teach
             f"Resolution {resolution} must be divisible by the UNet's downsampling factor {depth} and by the "
             f"upscale factor {scale}."
         )
-    if not config.data.train_data_dir:
-        raise UserError("Super-resolution teachers learn from real high-resolution images: pass --train_data_dir.")
+    data = sr_training_data(config, resolution, channels, scale)
     trainer = _trainer(config, preset, method_name, {"upscale_factor": scale})
-    data = SRBatches(real_pixel_data(config, resolution, channels, None), scale)
     return Setup(
         config,
         preset,
@@ -388,7 +406,63 @@ def _prepare_sr(config: RunConfig, preset: str, method_name: str, teacher: Teach
             "scheduler_config": teacher.scheduler_config,
             "upscale_factor": scale,
             "teacher": tc.pretrained_model_name_or_path,
+            "resolution": resolution,
         },
+    )
+
+
+def sr_upscale_factor(tc) -> int:
+    """--upscale_factor, else the one the teacher folder records (onestep.json), else 4; refuses a mismatch."""
+    recorded = read_class_info(tc.pretrained_model_name_or_path, {}).get("upscale_factor")
+    if tc.upscale_factor and recorded and tc.upscale_factor != recorded:
+        raise UserError(f"--upscale_factor {tc.upscale_factor} does not match the teacher's x{recorded}.")
+    return tc.upscale_factor or recorded or 4
+
+
+# The bundled pixel x4 SR teachers and how each is made (until they ship in onestep/assets).
+BUNDLED_SR_TEACHERS = {
+    "sr-resshift": "accelerate launch train/sr_teacher.py (the ResShift-style teacher TAD-SR distils)",
+    "sr-flow": "accelerate launch train/oftsr.py --stage teacher (OFTSR's stage-1 flow teacher)",
+}
+
+
+def check_bundled_teacher(name: str) -> None:
+    """A bundled SR teacher this installation does not hold yet: say which, and how to make it."""
+    path = resolve_teacher_path(name)
+    if name in BUNDLED_SR_TEACHERS and not os.path.isdir(path):
+        made_by = BUNDLED_SR_TEACHERS[name]
+        raise UserError(
+            f"The bundled teacher {name} is not in this installation yet ({path} is missing): make it with "
+            f"{made_by}, then copy its output folder to {path}, or pass --pretrained_model_name_or_path."
+        )
+
+
+def sr_training_data(config: RunConfig, resolution: int, channels: int, scale: int, bundled_images: bool = False):
+    """Random HR crops and their LR inputs: paired --hr_dir/--lr_dir, --train_data_dir (LR by the degradation),
+    or, for the bundled SR teachers (and the scripts that train them: `bundled_images`), the training split of
+    the bundled photographs (onestep/sr_data.py)."""
+    from .sr_data import SRCrops, natural_images
+
+    dc = config.data
+    kw = dict(
+        resolution=resolution,
+        scale=scale,
+        batch_size=config.method.train_batch_size,
+        seed=config.trainer.seed,
+        channels=channels,
+    )
+    if dc.lr_dir and not dc.hr_dir:
+        raise UserError("--lr_dir needs --hr_dir, the high-resolution images it pairs with.")
+    if dc.hr_dir and dc.train_data_dir:
+        raise UserError("Pass either --train_data_dir or --hr_dir (with --lr_dir), not both.")
+    if dc.hr_dir or dc.train_data_dir:
+        return SRCrops.from_folders(dc.hr_dir or dc.train_data_dir, dc.lr_dir, **kw)
+    if bundled_images or config.teacher.pretrained_model_name_or_path in BUNDLED_SR_TEACHERS:
+        images = natural_images("train")
+        return SRCrops(list(images.values()), names=list(images), **kw)
+    raise UserError(
+        "Super-resolution teachers learn from real high-resolution images: pass --train_data_dir "
+        "(or --hr_dir with --lr_dir)."
     )
 
 

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import UserError
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")
 
 
@@ -313,6 +315,11 @@ class ResShiftSchedule(NoiseSchedule):
         scale_input: bool = False,
     ):
         T = num_timesteps
+        if T < 2 or not 0 < eta_end < 1 or min(kappa, min_noise, power) <= 0:
+            raise UserError(
+                f"A ResShift schedule needs num_timesteps >= 2, 0 < eta_end < 1 and positive kappa, min_noise and "
+                f"power; got {T}, {eta_end}, {kappa}, {min_noise}, {power}."
+            )
         s1 = min(min_noise / kappa, min_noise, math.sqrt(0.001))
         i = torch.arange(1, T + 1, dtype=torch.float64)
         r = (eta_end / s1) ** (1 / (T - 1))
@@ -338,7 +345,7 @@ class ConditionalFlowSchedule(NoiseSchedule):
 
     def __init__(self, sigma_p: float = 0.2, num_timesteps: int = 1000):
         if not 0 < sigma_p <= 1:
-            raise ValueError(f"sigma_p must lie in (0, 1], got {sigma_p}.")
+            raise UserError(f"sigma_p must lie in (0, 1], got {sigma_p}.")
         r = torch.arange(1, num_timesteps + 1, dtype=torch.float64) / num_timesteps
         self.sigma_p = sigma_p
         self.alphas, self.shifts, self.sigmas = 1 - r, r * math.sqrt(1 - sigma_p**2), r * sigma_p
