@@ -678,6 +678,7 @@ def train(setup: Setup, method, product: str | None = None) -> dict:
         out = os.path.abspath(setup.config.trainer.output_dir)
         pipeline = "student pipeline  {out} (model_index.json, unet/, scheduler/, README.md)"
         product = (product or pipeline).format(out=out)
+        evaluated = os.path.exists(os.path.join(out, "logs", "eval.csv"))  # only runs that evaluated have one
         trainer.log(
             f"\nDone. Everything is under {out}:\n"
             f"  {product}\n"
@@ -685,8 +686,8 @@ def train(setup: Setup, method, product: str | None = None) -> dict:
             f"  checkpoints       {out}/checkpoint-<step>\n"
             f"  sample grids      {out}/samples/\n"
             f"  loss curves       {out}/loss_curves.png, {out}/logs/losses.csv\n"
-            f"  in-training FID   {out}/logs/eval.csv, {out}/logs/eval.png\n"
-            f"  timing            {out}/timing.json\n"
+            + (f"  in-training FID   {out}/logs/eval.csv, {out}/logs/eval.png\n" if evaluated else "")
+            + f"  timing            {out}/timing.json\n"
             f"Load it: {method.usage(setup.config.trainer.output_dir)}"
         )
     return result

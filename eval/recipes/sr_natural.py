@@ -1,7 +1,7 @@
 """The SR table and figure on the held-out photographs (onestep/sr_data.py EVAL_IMAGES): `onestep-eval sr`
 (PSNR / SSIM on Y, border = the scale cut) for bicubic, each teacher at its full steps and at one step, and each
-one-step student (OFTSR at t = 0, 0.5, 1), with images per second; and one side-by-side PNG per image
-(LR nearest-upsampled, bicubic, teacher, students, HR).
+one-step student (OFTSR at t = 0, 0.5, 1), with images per second; and one side-by-side PNG (a row per image:
+LR nearest-upsampled, bicubic, the teachers at full steps, the students, HR; centre crops).
 
     python -m onestep.eval.recipes.sr_natural --resshift onestep/assets/sr-resshift-teacher --tadsr outputs/tadsr \
         --flow onestep/assets/sr-flow-teacher --oftsr outputs/oftsr --output eval/figures/sr
@@ -83,7 +83,7 @@ def main(argv=None):
     with open(os.path.join(args.output, "table.json"), "w") as f:
         json.dump(table, f, indent=2)
     _figures(images, args.data, args.output)
-    print(f"Wrote {args.output}/table.json and the side-by-side PNGs")
+    print(f"Wrote {args.output}/table.json and {args.output}/side_by_side.png")
 
 
 def _outputs(kw: dict, data: str) -> dict[str, np.ndarray]:
@@ -110,14 +110,37 @@ def _outputs(kw: dict, data: str) -> dict[str, np.ndarray]:
     return out
 
 
-def _figures(images: dict[str, dict[str, np.ndarray]], data: str, folder: str) -> None:
+def _figures(images: dict[str, dict[str, np.ndarray]], data: str, folder: str, crop: int = 112) -> None:
+    """One PNG: a row per held-out image (its centre crop x crop, for legibility), a column per method."""
+    from PIL import ImageDraw
+
+    columns = [
+        name for name in images if "1 step" not in name or "student" in name
+    ]  # the teachers' 1 step: table only
+    columns = [c for c in columns if "t = 0.5" not in c]
+    labels = ["LR", *[_short(c) for c in columns], "HR"]
+    rows = []
     for n in next(iter(images.values())):
         hr = np.asarray(Image.open(os.path.join(data, "hr", f"{n}.png")).convert("RGB"))
         lr = Image.open(os.path.join(data, "lr", f"{n}.png")).convert("RGB")
-        panels = [np.asarray(lr.resize(hr.shape[1::-1], Image.NEAREST))] + [v[n] for v in images.values()] + [hr]
-        Image.fromarray(np.concatenate(panels, axis=1)).save(os.path.join(folder, f"side-by-side-{n}.png"))
-    with open(os.path.join(folder, "side-by-side-columns.txt"), "w") as f:
-        f.write(", ".join(["LR (nearest)", *images, "HR"]) + "\n")
+        panels = [np.asarray(lr.resize(hr.shape[1::-1], Image.NEAREST)), *[images[c][n] for c in columns], hr]
+        top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
+        rows.append(np.concatenate([p[top : top + crop, left : left + crop] for p in panels], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    figure = Image.new("RGB", (grid.shape[1], grid.shape[0] + 16), "white")
+    draw = ImageDraw.Draw(figure)
+    for i, label in enumerate(labels):
+        draw.text((i * crop + 4, 2), label, fill="black")
+    figure.paste(Image.fromarray(grid), (0, 16))
+    figure.save(os.path.join(folder, "side_by_side.png"), optimize=True)
+
+
+def _short(row: str) -> str:
+    """'ResShift teacher, 15 steps' -> 'ResShift 15', 'OFTSR student, t = 1.0' -> 'OFTSR t=1.0'."""
+    name, _, detail = row.partition(", ")
+    name = name.replace(" teacher", "").replace(" student", "")
+    detail = detail.replace(" Euler steps", "").replace(" steps", "").replace(" step", "").replace(" = ", "=")
+    return f"{name} {detail}" if detail and detail != "1" else name
 
 
 if __name__ == "__main__":
