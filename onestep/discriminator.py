@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .utils import sinusoidal_embedding
+
 MIN_PER_GROUP = 16  # numbers one GroupNorm group normalises on the 1x1 map (published sizes: 24 and 40)
 
 
@@ -61,14 +63,6 @@ class DMD2Head(nn.Module):
 
 
 # -- TAD-SR (shared/methods/tadsr.md section 4.3): time-aware heads on the frozen teacher's encoder ----------
-
-
-def sinusoidal_embedding(time: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """[cos, sin] of time * 10000^(-i / (dim/2)), the diffusion UNets' timestep embedding."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=time.device, dtype=torch.float32) / half)
-    args = time.float().reshape(-1, 1) * freqs.reshape(1, -1)
-    return torch.cat([args.cos(), args.sin()], dim=1)
 
 
 class _Residual(nn.Module):

@@ -369,13 +369,7 @@ def export_super_resolution(
     pipe = SuperResolutionPipeline(unet=unet, **pipeline_config)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
         pipe.save_pretrained(tmp)
-        shutil.copy(_pipelines_source("super_resolution.py"), os.path.join(tmp, "super_resolution.py"))
-        index_path = os.path.join(tmp, "model_index.json")
-        with open(index_path) as f:
-            index = json.load(f)
-        index["_class_name"] = ["super_resolution", "SuperResolutionPipeline"]
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2)
+        ship_pipeline_file(tmp, "super_resolution.py", "SuperResolutionPipeline")
         if teacher_info is not None:
             steps = len(pipe._tables()[0])
             _scheduler({"_class_name": "DDPMScheduler", "num_train_timesteps": steps}).save_pretrained(

@@ -195,11 +195,9 @@ def prepare_latent_sr(config, preset: str, method_name: str, teacher: Teacher, n
     tc, dc = config.teacher, config.data
     teacher_id = tc.pretrained_model_name_or_path
     path = resolve_teacher_path(teacher_id)
+    flavour = latent_sr_flavour(teacher_id, teacher, tc.revision)
     if not os.path.isdir(path):  # a hub id: only the sub-folders used (not the repository's .ckpt files)
-        path = download_teacher(
-            teacher_id, latent_sr_flavour(teacher_id, teacher, tc.revision), tc.revision, tc.variant
-        )
-    flavour = latent_sr_flavour(path, teacher)
+        path = download_teacher(teacher_id, flavour, tc.revision, tc.variant)
     unet_cfg = teacher.unet_config
     if flavour == UPSCALER:
         missing = [d for d in ("vae", "low_res_scheduler") if not os.path.isdir(os.path.join(path, d))]

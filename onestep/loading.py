@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -90,7 +91,7 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
     except (OSError, ValueError) as err:
         raise UserError(f"Cannot load the teacher UNet from {path}: {str(err).splitlines()[0]}") from None
     try:
-        sr_schedule = read_class_info(name_or_path, dict(unet.config)).get(SR_SCHEDULE_KEY)
+        sr_schedule = read_class_info(name_or_path, dict(unet.config), revision).get(SR_SCHEDULE_KEY)
         spec = sr_schedule_spec(sr_schedule) if sr_schedule else schedule_from_scheduler_config(sched_cfg)
     except (ValueError, TypeError) as err:
         raise UserError(str(err)) from None
@@ -102,7 +103,7 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
 CLASS_INFO_FILE = "onestep.json"
 
 
-def read_class_info(name_or_path: str, unet_config: dict) -> dict:
+def read_class_info(name_or_path: str, unet_config: dict, revision: str | None = None) -> dict:
     """Class layout of a class-conditional teacher: {"num_classes": C, "null_class": index or None}.
 
     Teachers made by train/teacher.py record it in onestep.json; other folders may not have it."""
@@ -112,12 +113,18 @@ def read_class_info(name_or_path: str, unet_config: dict) -> dict:
         return _read_json(path)
     if os.path.isdir(folder) or folder.count("/") != 1:
         return {}
-    try:  # a hub teacher: its onestep.json, if it has one (an SR teacher's schedule lives there)
+    return dict(_hub_class_info(folder, revision))
+
+
+@functools.cache
+def _hub_class_info(repo_id: str, revision: str | None) -> tuple:
+    """A hub teacher's onestep.json (an SR teacher's schedule lives there), fetched once per run."""
+    try:
         from huggingface_hub import hf_hub_download
 
-        return _read_json(hf_hub_download(folder, CLASS_INFO_FILE))
+        return tuple(_read_json(hf_hub_download(repo_id, CLASS_INFO_FILE, revision=revision)).items())
     except Exception:  # no such file (most hub teachers), or offline: nothing recorded
-        return {}
+        return ()
 
 
 def _hub_configs(repo_id: str, revision: str | None):

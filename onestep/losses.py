@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .utils import per_sample
+
 
 def dm_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD2 spec 4.1 steps 4-5: g_i = (x0_fake - x0_real) / mean_{C,H,W}|x - x0_real|, NaN/inf -> 0."""
@@ -92,14 +94,10 @@ def signal_step(alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_s: torch.Ten
     return 1 - (sigma_s.double() * alpha_t.double()) / (alpha_s.double() * sigma_t.double())
 
 
-def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def bootstrap_target(y_t: torch.Tensor, x0_t: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """BOOT spec 4.1: y_s = y_t + delta (f(x_t, t) - y_t), one teacher DDIM step in signal space (float64)."""
     y = y_t.double()
-    return y + _per_sample(delta.double(), y) * (x0_t.double() - y)
+    return y + per_sample(delta.double(), y) * (x0_t.double() - y)
 
 
 def bootstrap_loss(
@@ -154,15 +152,11 @@ def rk2_velocity(k1: torch.Tensor, k2: torch.Tensor, ratio: float) -> torch.Tens
     return k1 + (k2 - k1) / (2 * ratio)
 
 
-def _per_sample_f(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.float().reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def trajectory_target(v_t: torch.Tensor, v_bar: torch.Tensor, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """OFTSR spec 4.2 step 6: SG[v_t + (h / s)(v_bar - v_t)], the average velocity to time s that puts
     x0 + s v(s) on the teacher's step x_t + h v_bar from x_t = x0 + t v(t)."""
     v_t, v_bar = v_t.detach().float(), v_bar.detach().float()
-    return (v_t + _per_sample_f(h / s, v_t) * (v_bar - v_t)).detach()
+    return (v_t + per_sample((h / s).float(), v_t) * (v_bar - v_t)).detach()
 
 
 def time_weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:

@@ -246,7 +246,6 @@ def prepare(
             f"Preset {preset} needs --pretrained_model_name_or_path (its teacher: {tc.pretrained_model_name_or_path})."
         )
     _check_output_is_not_an_input(config)
-    check_bundled_teacher(tc.pretrained_model_name_or_path)
     teacher = load_teacher(tc.pretrained_model_name_or_path, revision=tc.revision, variant=tc.variant)
     from .latent_sr import latent_sr_flavour, prepare_latent_sr
 
@@ -306,7 +305,7 @@ def _prepare_pixel(config: RunConfig, preset: str, method_name: str, teacher: Te
             f"Resolution {resolution} is not divisible by {2**depth}, the teacher UNet's downsampling factor."
         )
     channels = unet_cfg["in_channels"]
-    info = read_class_info(teacher_id, unet_cfg)
+    info = read_class_info(teacher_id, unet_cfg, tc.revision)
     num_classes = tc.num_classes or info.get("num_classes")
     null_class = tc.null_class if tc.null_class is not None else info.get("null_class")
     embeds = unet_cfg.get("num_class_embeds")
@@ -413,28 +412,14 @@ def _prepare_sr(config: RunConfig, preset: str, method_name: str, teacher: Teach
 
 def sr_upscale_factor(tc) -> int:
     """--upscale_factor, else the one the teacher folder records (onestep.json), else 4; refuses a mismatch."""
-    recorded = read_class_info(tc.pretrained_model_name_or_path, {}).get("upscale_factor")
+    recorded = read_class_info(tc.pretrained_model_name_or_path, {}, tc.revision).get("upscale_factor")
     if tc.upscale_factor and recorded and tc.upscale_factor != recorded:
         raise UserError(f"--upscale_factor {tc.upscale_factor} does not match the teacher's x{recorded}.")
     return tc.upscale_factor or recorded or 4
 
 
-# The bundled pixel x4 SR teachers and how each is made (until they ship in onestep/assets).
-BUNDLED_SR_TEACHERS = {
-    "sr-resshift": "accelerate launch train/sr_teacher.py (the ResShift-style teacher TAD-SR distils)",
-    "sr-flow": "accelerate launch train/oftsr.py --stage teacher (OFTSR's stage-1 flow teacher)",
-}
-
-
-def check_bundled_teacher(name: str) -> None:
-    """A bundled SR teacher this installation does not hold yet: say which, and how to make it."""
-    path = resolve_teacher_path(name)
-    if name in BUNDLED_SR_TEACHERS and not os.path.isdir(path):
-        made_by = BUNDLED_SR_TEACHERS[name]
-        raise UserError(
-            f"The bundled teacher {name} is not in this installation yet ({path} is missing): make it with "
-            f"{made_by}, then copy its output folder to {path}, or pass --pretrained_model_name_or_path."
-        )
+# The bundled pixel x4 SR teachers (onestep/assets): with them, no data flag means the bundled photographs.
+BUNDLED_SR_TEACHERS = ("sr-resshift", "sr-flow")
 
 
 def sr_training_data(config: RunConfig, resolution: int, channels: int, scale: int, bundled_images: bool = False):

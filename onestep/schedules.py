@@ -25,13 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from .errors import UserError
+from .utils import per_sample
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow", "edm")
-
-
-def _expand(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample coefficient (B,) so that it broadcasts over a (B, ...) tensor."""
-    return coef.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 def _unknown(prediction_type: str) -> ValueError:
@@ -80,13 +76,13 @@ class NoiseSchedule:
         if u is None:
             raise ValueError(f"The {self.kind} schedule mixes the conditioning image into x_t; pass u.")
         b = self._tables(like.device)[2][t.long().to(like.device)]
-        return _expand(b, like) * u.double()
+        return per_sample(b, like) * u.double()
 
     def add_noise(
         self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, u: torch.Tensor | None = None
     ) -> torch.Tensor:
         a, s = self.coefficients(t, x0.device)
-        out = _expand(a, x0) * x0.double() + _expand(s, x0) * eps.double()
+        out = per_sample(a, x0) * x0.double() + per_sample(s, x0) * eps.double()
         bu = self.shift(t, u, x0)
         if bu is not None:
             out = out + bu
@@ -120,7 +116,7 @@ class NoiseSchedule:
         if prediction_type != "edm":
             return x_t
         c_in = self._edm_scalings(t, x_t.device)[2]
-        return (_expand(c_in, x_t) * x_t.double()).to(x_t.dtype)
+        return (per_sample(c_in, x_t) * x_t.double()).to(x_t.dtype)
 
     # -- conversions -----------------------------------------------------------------------------
     def to_x0(
@@ -137,9 +133,9 @@ class NoiseSchedule:
         out, xt = output.double(), x_t.double()
         if prediction_type == "edm":
             c_skip, c_out, _ = self._edm_scalings(t, x_t.device)
-            return (_expand(c_skip, x_t) * xt + _expand(c_out, x_t) * out).float()
+            return (per_sample(c_skip, x_t) * xt + per_sample(c_out, x_t) * out).float()
         a, s = self.coefficients(t, x_t.device)
-        a, s = _expand(a, x_t), _expand(s, x_t)
+        a, s = per_sample(a, x_t), per_sample(s, x_t)
         bu = self.shift(t, u, x_t)
         if bu is not None:
             xt = xt - bu
@@ -164,7 +160,7 @@ class NoiseSchedule:
         bu = self.shift(t, u, x_t)
         if bu is not None:
             xt = xt - bu
-        return (xt - _expand(a, x_t) * x0.double()) / _expand(s, x_t)
+        return (xt - per_sample(a, x_t) * x0.double()) / per_sample(s, x_t)
 
     def from_x0(
         self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, prediction_type: str, u: torch.Tensor | None = None
@@ -175,9 +171,9 @@ class NoiseSchedule:
         x0d = x0.double()
         if prediction_type == "edm":
             c_skip, c_out, _ = self._edm_scalings(t, x_t.device)
-            return ((x0d - _expand(c_skip, x_t) * x_t.double()) / _expand(c_out, x_t)).to(x0.dtype)
+            return ((x0d - per_sample(c_skip, x_t) * x_t.double()) / per_sample(c_out, x_t)).to(x0.dtype)
         a, s = self.coefficients(t, x_t.device)
-        a, s = _expand(a, x_t), _expand(s, x_t)
+        a, s = per_sample(a, x_t), per_sample(s, x_t)
         eps = self.eps_from_x0(x0, x_t, t, u)
         if prediction_type == "epsilon":
             out = eps
@@ -203,7 +199,7 @@ class NoiseSchedule:
         if prediction_type == "edm":
             return x0, (1 / s**2 + 1 / self.sigma_data**2).float()
         if prediction_type == "v_prediction":
-            a, s = _expand(a, x0).float(), _expand(s, x0).float()
+            a, s = per_sample(a, x0).float(), per_sample(s, x0).float()
             return a * eps - s * x0, None
         if prediction_type == "flow":
             if self.shifted:  # v = start - x0 with start = (b u + c eps) / (1 - a)
@@ -226,11 +222,11 @@ class NoiseSchedule:
         a_t, s_t = self.coefficients(t, x_t.device)
         a_s, s_s = self.coefficients(s, x_t.device)
         x0d = x0.double()
-        residual = x_t.double() - _expand(a_t, x0) * x0d
+        residual = x_t.double() - per_sample(a_t, x0) * x0d
         bu_t, bu_s = self.shift(t, u, x_t), self.shift(s, u, x_t)
         if bu_t is not None:
             residual = residual - bu_t
-        out = _expand(a_s, x0) * x0d + _expand(s_s / s_t, x0) * residual
+        out = per_sample(a_s, x0) * x0d + per_sample(s_s / s_t, x0) * residual
         if bu_s is not None:
             out = out + bu_s
         return out.to(x_t.dtype)
@@ -332,7 +328,7 @@ class ResShiftSchedule(NoiseSchedule):
         if not self.scale_input:
             return super().model_input(x_t, t, prediction_type)
         eta = self.etas.to(x_t.device)[t.long()]
-        return (x_t.double() / _expand((self.kappa**2 * eta + 1).sqrt(), x_t)).to(x_t.dtype)
+        return (x_t.double() / per_sample((self.kappa**2 * eta + 1).sqrt(), x_t)).to(x_t.dtype)
 
 
 class ConditionalFlowSchedule(NoiseSchedule):

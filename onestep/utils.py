@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 
 import numpy as np
 import torch
+
+
+def per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a per-sample coefficient (B,) so that it broadcasts over a (B, ...) tensor."""
+    return coef.reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def sinusoidal_embedding(time: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """[cos, sin] of time * max_period^(-i / (dim/2)), the diffusion UNets' timestep embedding."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=time.device, dtype=torch.float32) / half)
+    args = time.float().reshape(-1, 1) * freqs.reshape(1, -1)
+    return torch.cat([args.cos(), args.sin()], dim=1)
 
 
 def seed_for(*parts) -> int:

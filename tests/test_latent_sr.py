@@ -484,8 +484,7 @@ def test_the_teacher_sampler_is_diffusers_own_pipeline(runs, name):
     from onestep.denoiser import Cond, Denoiser
     from onestep.latent_sr import UpscalerAdapter
     from onestep.loading import load_teacher
-    from onestep.methods.tadsr import ddim_from
-    from onestep.sampling import trailing_timesteps
+    from onestep.sampling import ddim_from, trailing_timesteps
 
     folder, k = runs[f"{name}_teacher"], 4
     pipe = DiffusionPipeline.from_pretrained(folder)

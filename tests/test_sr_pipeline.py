@@ -146,22 +146,13 @@ def test_bad_input_is_one_sentence(runs):
         student(image=torch.rand(1, 4, 5, 5))
 
 
-def test_scripts_refuse_a_teacher_without_low_resolution_input_and_name_a_missing_bundled_one(tmp_path, monkeypatch):
+def test_scripts_refuse_a_teacher_without_low_resolution_input(tmp_path):
     from tests.helpers import save_tiny_teacher
 
     teacher = save_tiny_teacher(str(tmp_path / "pixel"))
     r = run([PY, "train/tadsr.py", "--pretrained_model_name_or_path", teacher, "--output_dir", str(tmp_path / "o")])
     assert r.returncode == 2 and "TAD-SR distils super-resolution" in r.stderr, r.stderr[-1000:]
     assert not (tmp_path / "o").exists()
-    from onestep import loading
-    from onestep.errors import UserError
-    from onestep.run_setup import check_bundled_teacher
-
-    assert os.path.isdir(loading.resolve_teacher_path("sr-flow"))  # shipped: nothing to say
-    check_bundled_teacher("sr-flow")
-    monkeypatch.setitem(loading.BUNDLED_TEACHERS, "sr-flow", str(tmp_path / "not-made-yet"))  # a checkout before it
-    with pytest.raises(UserError, match="train/oftsr.py --stage teacher"):
-        check_bundled_teacher("sr-flow")
 
 
 def test_onestep_eval_sr_runs_the_pipeline_with_its_knob(runs, tmp_path):

@@ -32,7 +32,7 @@ def _states(method, folder):
     out = {f"{n}.{k}": v.clone() for n, m in method.models().items() for k, v in m.state_dict().items()}
     for name in sorted(os.listdir(folder)):  # the EMA shadow, the schedulers' and the run's counters
         if name.startswith("custom_checkpoint"):
-            for k, v in torch.load(os.path.join(folder, name), weights_only=False).items():
+            for k, v in torch.load(os.path.join(folder, name), weights_only=True).items():
                 out[f"{name}.{k}"] = v
     return out
 

@@ -20,8 +20,8 @@ import time
 import torch
 
 from onestep.denoiser import Cond, Denoiser
-from onestep.methods.tadsr import TADSR, TADSRConfig, ddim_from
-from onestep.sampling import trailing_timesteps
+from onestep.methods.tadsr import TADSR, TADSRConfig
+from onestep.sampling import ddim_from, trailing_timesteps
 from onestep.schedules import ResShiftSchedule
 from onestep.testing.sr_gmm import (
     AnalyticSRDenoiser,

@@ -340,9 +340,6 @@ class DegradationPath(DMD2):
         # DMD2's code reads the critic slot; G0 is not trained, so it is not prepared (nor checkpointed).
         super().attach({"critic": prepared["degradation"], "generator": self.generator}, unwrap)
 
-    def memory_networks(self):
-        return [self.generator.denoiser.net] + ([] if self.config.gan else [self.critic.denoiser.net])
-
     def to(self, device):
         super().to(device)
         self.generator.to(device)

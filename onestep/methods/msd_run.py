@@ -89,7 +89,7 @@ def condition_space(config: RunConfig) -> ConditionSpace:
         return ConditionSpace(
             "text", path, prompts=read_prompts(tc.prompt_file), text_dim=enc["hidden_size"], sdxl=sdxl
         )
-    num_classes = tc.num_classes or read_class_info(path, unet_cfg).get("num_classes")
+    num_classes = tc.num_classes or read_class_info(path, unet_cfg, tc.revision).get("num_classes")
     if not unet_cfg.get("num_class_embeds") or not num_classes:
         raise UserError(
             "MSD shares out the classes of a class-conditional teacher or the prompts of a text-to-image one; this "

@@ -25,6 +25,7 @@ from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..errors import UserError
 from ..losses import rk2_velocity, time_weighted_mse, trajectory_target
+from ..utils import per_sample
 from .base import Method, Update
 
 SOLVERS = {"euler": None, "midpoint": 0.5, "heun": 1.0, "ralston": 2 / 3}  # the RK2 ratio r
@@ -90,7 +91,7 @@ def flow_matching_loss(velocity, x1: torch.Tensor, u: torch.Tensor, sigma_p: flo
     """Spec 4.1 per sample: t ~ U[t_min, 1], x_t = (1 - t) x0 + t x1, |v(x_t, t) - (x1 - x0)| (l1) or squared (l2)."""
     x0 = start_state(u, torch.randn_like(x1), sigma_p)
     t = t_min + (1 - t_min) * torch.rand(x1.shape[0], device=x1.device)
-    tt = t.reshape(-1, *([1] * (x1.ndim - 1)))
+    tt = per_sample(t, x1)
     err = velocity((1 - tt) * x0 + tt * x1, u, t) - (x1 - x0)
     return err.abs().mean() if kind == "l1" else err.square().mean()
 
@@ -189,10 +190,10 @@ class OFTSR(Method):
             x0.repeat(3, *[1] * (x0.ndim - 1)), u.repeat(3, *[1] * (u.ndim - 1)), torch.cat([t, s, t_bc])
         ).chunk(3)
         with torch.no_grad():
-            x_t = x0 + _per_sample(t, x0) * v_t.detach()
+            x_t = x0 + per_sample(t, x0) * v_t.detach()
             k1 = teacher(x_t, u, t)
             r = SOLVERS[c.solver]
-            v_bar = k1 if r is None else rk2_velocity(k1, teacher(x_t + r * _per_sample(h, k1) * k1, u, t + r * h), r)
+            v_bar = k1 if r is None else rk2_velocity(k1, teacher(x_t + r * per_sample(h, k1) * k1, u, t + r * h), r)
             v_bc_teacher = teacher(x0, u, t_bc)
         loss_distill = time_weighted_mse(v_s, trajectory_target(v_t, v_bar, h, s))
         loss_align = time_weighted_mse(v_t, v_bar if c.align_target == "v_bar" else k1, (1 - t) ** 2)
@@ -275,7 +276,3 @@ class OFTSR(Method):
         if self.config.stage == "teacher":
             return f"a teacher for train/oftsr.py --pretrained_model_name_or_path {folder}; as a pipeline {super().usage(folder)}(image=low_res_pil).images"
         return f"{super().usage(folder)}(image=low_res_pil, t=0.5).images"
-
-
-def _per_sample(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return coef.reshape(-1, *([1] * (like.ndim - 1)))

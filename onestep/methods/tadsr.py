@@ -28,7 +28,7 @@ from ..losses import (
     score_difference,
     score_distillation_loss,
 )
-from ..sampling import trailing_timesteps
+from ..sampling import ddim_from, trailing_timesteps
 from .base import Method, Update
 from .denoising import DiffusionTraining
 
@@ -125,18 +125,6 @@ def default_feature_modules(net: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def ddim_from(denoiser: Denoiser, x_T: torch.Tensor, cond: Cond, timesteps: list[int]) -> torch.Tensor:
-    """Deterministic DDIM (eta = 0) over `timesteps` from x_T: x_s = a_s x0 + b_s u + (c_s / c_t)(x_t - a_t x0 - b_t u);
-    the final x0_hat (spec 3, the teacher's sampler)."""
-    x, B = x_T, x_T.shape[0]
-    index = lambda t: torch.full((B,), int(t), dtype=torch.long, device=x_T.device)  # noqa: E731
-    for i, t in enumerate(timesteps):
-        x0 = denoiser(x, index(t), cond)
-        if i + 1 < len(timesteps):
-            x = denoiser.schedule.ddim_step(x, x0, index(t), index(timesteps[i + 1]), cond.u)
-    return x0
-
-
 class TADSR(Method):
     ema_models = ("generator",)
     exported_models = ("generator",)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..schedules import NoiseSchedule
+from ..utils import sinusoidal_embedding
 
 
 class GaussianMixture:
@@ -81,13 +82,6 @@ class AnalyticDenoiser(nn.Module):
         return self.gmm.posterior_mean(x, a, c).to(x.dtype)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float().unsqueeze(1) * freqs.unsqueeze(0)
-    return torch.cat([args.cos(), args.sin()], dim=1)
-
-
 class MLPDenoiserNet(nn.Module):
     """Teacher-net of the toy recipes: MLP (depth x width, SiLU) on [x, sinusoidal t embedding, class]."""
 
@@ -105,7 +99,7 @@ class MLPDenoiserNet(nn.Module):
         self.out = nn.Linear(width, dim)
 
     def forward(self, x, time, cond=None):
-        emb = timestep_embedding(time, self.time_dim)
+        emb = sinusoidal_embedding(time, self.time_dim)
         if self.class_emb is not None and cond is not None and cond.class_labels is not None:
             emb = emb + self.class_emb(cond.class_labels)
         h = torch.cat([x, emb.to(x.dtype)], dim=1)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from ..denoiser import Cond
-from .gmm import energy_distance, timestep_embedding
+from ..utils import sinusoidal_embedding
+from .gmm import energy_distance
 
 DIM, LOW = 8, 4
 PEAK_TO_PEAK = 2.0  # the PSNR range R of the README ("2 for [-1, 1]"), fixed so PSNRs compare across runs
@@ -219,7 +220,7 @@ class ConditionalMLP(nn.Module):
         self.out = nn.Linear(width, dim)
 
     def forward(self, x, time, cond: Cond):
-        h = torch.cat([x, cond.image.to(x.dtype), timestep_embedding(time, self.time_dim).to(x.dtype)], dim=1)
+        h = torch.cat([x, cond.image.to(x.dtype), sinusoidal_embedding(time, self.time_dim).to(x.dtype)], dim=1)
         for block in self.blocks:
             h = block(h)
         return self.out(h)
