@@ -52,6 +52,17 @@ class Cond:
             kw[f.name] = None if a is None else torch.cat([a, b])
         return Cond(**kw)
 
+    def where(self, mask: torch.Tensor, other: Cond) -> Cond:
+        """Per sample: `other` where mask (B,) is set, else self (condition dropout: `other` = the null condition).
+        Fields set on one side only keep self's."""
+        kw = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if a is not None and b is not None:
+                a = torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))).to(a.device), b.to(a.device, a.dtype), a)
+            kw[f.name] = a
+        return Cond(**kw)
+
     def __len__(self) -> int:
         for f in fields(self):
             v = getattr(self, f.name)

@@ -15,7 +15,6 @@ from onestep.errors import UserError
 from onestep.methods.disback import (
     DisBack,
     load_snapshot,
-    mix_cond,
     read_path,
     resolve_for_run,
     save_snapshot,
@@ -260,7 +259,7 @@ def test_guidance_policy_and_condition_dropout_on_a_class_conditional_teacher(tm
     only.switch(1)
     assert only.target_index == 0 and only._real_guidance_scale() == 2.0
     mask = torch.tensor([True, False, True])
-    mixed = mix_cond(Cond(class_labels=torch.tensor([0, 1, 1])), Cond(class_labels=torch.full((3,), 2)), mask)
+    mixed = Cond(class_labels=torch.tensor([0, 1, 1])).where(mask, Cond(class_labels=torch.full((3,), 2)))
     assert mixed.class_labels.tolist() == [2, 1, 2]
     # A path recorded without dropout cannot be guided everywhere unless one asks for the released code's way.
     plain = str(tmp_path / "plain")

@@ -15,7 +15,7 @@ import json
 import math
 import os
 import shutil
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -258,15 +258,6 @@ def _say(message: str) -> None:
         tqdm.write(message)
 
 
-def mix_cond(cond: Cond, other: Cond, mask: torch.Tensor) -> Cond:
-    """Per sample: `other` where mask, else `cond` (the null condition for condition dropout)."""
-    out = {}
-    for f in fields(cond):
-        a, b = getattr(cond, f.name), getattr(other, f.name)
-        out[f.name] = a if a is None or b is None else torch.where(mask.view(-1, *[1] * (a.ndim - 1)), b, a)
-    return Cond(**out)
-
-
 def _g0_name(config: DisBackConfig, generator_init: Denoiser | None) -> str:
     """What G0 is, as the path records it and stage 2 checks it."""
     if config.initial_generator:
@@ -349,7 +340,7 @@ class DegradationPath(DMD2):
         cond = s["cond"]
         if self.uncond_prob > 0:
             drop = torch.rand(len(cond), device=s["x"].device) < self.uncond_prob
-            cond = mix_cond(cond, self.uncond(cond), drop)
+            cond = cond.where(drop, self.uncond(cond))
         loss, logs = self._critic_loss(dict(s, cond=cond))  # the DMD2 critic loss with G frozen (spec 4.1)
         self.losses.append(float(logs["loss_fake"]))
         return loss, logs

@@ -74,19 +74,6 @@ def check_msd_config(c: MSDConfig) -> None:
         raise UserError(f"--tsm_null_dropout {c.tsm_null_dropout} must lie in [0, 1).")
 
 
-def _mix(cond: Cond, uncond: Cond, use_null: torch.Tensor) -> Cond:
-    """Per sample: the null condition where use_null is set, the real one elsewhere."""
-    out = {}
-    for f in fields(Cond):
-        a, b = getattr(cond, f.name), getattr(uncond, f.name)
-        if a is None or b is None or f.name == "time_ids":
-            out[f.name] = a
-            continue
-        mask = use_null.reshape(-1, *([1] * (a.ndim - 1))).to(a.device)
-        out[f.name] = torch.where(mask, b.to(a.dtype), a)
-    return Cond(**out)
-
-
 class TeacherScoreMatching(Method):
     """Stage 0 (msd.md 4.2): L_TSM = E || U_S(x_t, t, c) - SG[U_T(x_t, t, c)] ||^2 in the teacher's native output
     space (EDM: x0 with its weight), t ~ U{0..T-1}, x0 real (or teacher samples), no CFG on the target."""
@@ -140,7 +127,7 @@ class TeacherScoreMatching(Method):
             with self.timer.phase("teacher"):
                 x0 = ddim_sample(self.teacher, z, cond, c.tsm_teacher_steps)
         if self.uncond is not None and cond is not None and c.tsm_null_dropout > 0:
-            cond = _mix(cond, self.uncond(cond), torch.rand(x0.shape[0], device=device) < c.tsm_null_dropout)
+            cond = cond.where(torch.rand(x0.shape[0], device=device) < c.tsm_null_dropout, self.uncond(cond))
         x_t, t, eps = self.teacher.schedule.sample_noised(x0, 0, self.teacher.schedule.num_timesteps - 1)
         with torch.no_grad(), self.timer.phase("teacher"):
             target = self.teacher.raw(x_t, t, cond)
