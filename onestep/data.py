@@ -31,6 +31,7 @@ def random_indices(n: int, batch_size: int, seed: int, rank: int, step: int, mic
 class Batch:
     images: torch.Tensor  # (B, C, H, W) in [-1, 1]
     cond: Cond | None = None
+    low_res: torch.Tensor | None = None  # SR: the low-resolution crops the condition was made from
 
 
 def load_digits_images(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,7 +21,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from .data import Batch, degrade
+from .data import Batch
 from .denoiser import Cond, Denoiser, UNet2DConditionAdapter
 from .errors import UserError
 from .loading import Teacher, resolve_teacher_path
@@ -158,8 +158,8 @@ def decoder_fn(autoencoder):
 class LatentSRBatches:
     """SRCrops batches moved to the latent space: images = z_gt (the encoded HR crop), cond = Cond(image=LR on the
     latent grid (noised at `noise_level` for the upscaler), shift=encoded u, and for the upscaler the prompt's
-    embeddings and the noise level as class labels). The LR is degrade(HR), as SRCrops makes it. Every draw (the
-    low-resolution noise, the prompts) is a pure function of (seed, rank, step, micro)."""
+    embeddings and the noise level as class labels). The LR is SRCrops' own (degrade(HR), or the paired --lr_dir
+    crop). Every draw (the low-resolution noise, the prompts) is a pure function of (seed, rank, step, micro)."""
 
     def __init__(
         self, crops, encode, scale: int, latent: int, seed: int, low_res=None, noise_level: int = 0, text=None
@@ -172,8 +172,7 @@ class LatentSRBatches:
 
     def batch(self, step: int, micro: int, rank: int, device) -> Batch:
         b = self.crops.batch(step, micro, rank, device)
-        hr, u_pixels = b.images, b.cond.image
-        lr = degrade(hr, self.scale)
+        hr, u_pixels, lr = b.images, b.cond.image, b.low_res
         if lr.shape[-1] != self.latent:
             lr = F.interpolate(lr, size=(self.latent, self.latent), mode="bicubic", align_corners=False)
         g = torch.Generator().manual_seed(seed_for(self.seed, "latent-sr", rank, step, micro))
@@ -211,10 +210,10 @@ def prepare_latent_sr(config, preset: str, method_name: str, teacher: Teacher, n
         raise UserError("--noise_level is for x4 upscaler teachers; an LDM-SR teacher reads the LR image as it is.")
     if flavour == LDM and tc.prompt_file:
         raise UserError("--prompt_file is for x4 upscaler teachers; an LDM-SR teacher takes no prompt.")
-    if dc.lr_dir or dc.dataset_name:
+    if dc.dataset_name:
         raise UserError(
-            "Latent SR teachers read HR images from --train_data_dir (the LR made by the bicubic degradation); "
-            "--hr_dir/--lr_dir pairs and --dataset_name are not supported for them yet."
+            "Latent SR teachers read --train_data_dir (the LR made by the degradation) or --hr_dir/--lr_dir pairs, "
+            "not --dataset_name."
         )
     if config.trainer.eval_steps and {"eval_steps", "eval_reference", "eval_features"} & config.explicit:
         raise UserError(

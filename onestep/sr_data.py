@@ -151,7 +151,7 @@ class SRCrops:
         idx = random_indices(len(self.hr), self.batch_size, self.seed, rank, step, micro)
         g = torch.Generator().manual_seed(seed_for(self.seed, "sr-crop", rank, step, micro))
         r, s = self.resolution, self.scale
-        hrs, us = [], []
+        hrs, lrs = [], []
         for i in idx.tolist():
             img = self._image("hr", i)
             h, w = img.shape[-2:]
@@ -167,8 +167,9 @@ class SRCrops:
             else:
                 lr = degrade(hr[None], s)[0]
             hrs.append(hr)
-            us.append(upsample(lr[None], s)[0])
-        return Batch(torch.stack(hrs).to(device), Cond(image=torch.stack(us).to(device)))
+            lrs.append(lr)
+        lr = torch.stack(lrs)
+        return Batch(torch.stack(hrs).to(device), Cond(image=upsample(lr, s).to(device)), low_res=lr.to(device))
 
 
 def write_eval_set(folder: str, scale: int = 4, crop: int | None = None) -> dict[str, int]:

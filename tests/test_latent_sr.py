@@ -561,3 +561,22 @@ def test_bad_latent_sr_input_gives_one_sentence(runs, tmp_path):
             ["--pretrained_model_name_or_path", runs["ldm_teacher"], "--output_dir", str(tmp_path / "o")]
             + ["--train_data_dir", data]
         )
+
+
+def test_paired_low_resolution_images_reach_the_teacher_as_given(runs, tmp_path):
+    """--hr_dir/--lr_dir: the LDM-SR teacher reads the given LR crop, not a degradation of the HR one."""
+    from onestep.methods.tadsr import TADSRConfig
+    from onestep.presets.tadsr import DEFAULT_PRESET, PRESETS
+    from onestep.run_setup import parse_run, prepare
+    from train.tadsr import build_parser
+
+    (tmp_path / "hr").mkdir(), (tmp_path / "lr").mkdir()
+    hr = np.random.RandomState(5).randint(0, 256, (32, 40, 3), dtype=np.uint8)
+    Image.fromarray(hr).save(tmp_path / "hr" / "x.png")
+    Image.fromarray(hr[::4, ::4]).save(tmp_path / "lr" / "x.png")  # not what the bicubic degradation gives
+    argv = ["--pretrained_model_name_or_path", runs["ldm_teacher"], "--output_dir", str(tmp_path / "out")]
+    argv += ["--hr_dir", str(tmp_path / "hr"), "--lr_dir", str(tmp_path / "lr")]
+    config, preset = parse_run(build_parser(), argv + TINY + LOOP, PRESETS, DEFAULT_PRESET, TADSRConfig)
+    setup = prepare(config, preset, "TAD-SR", needs_real_data=True, kinds=("sr", "latent_sr"))
+    b, crops = setup.data.batch(0, 0, 0, torch.device("cpu")), setup.data.crops.batch(0, 0, 0, torch.device("cpu"))
+    torch.testing.assert_close(b.cond.image, crops.images[..., ::4, ::4])

@@ -185,6 +185,7 @@ def test_sr_crops_pair_by_name_follow_the_seed_and_refuse_mismatched_sizes(tmp_p
     a, b = crops.batch(5, 0, 0, "cpu"), crops.batch(5, 0, 0, "cpu")
     assert torch.equal(a.images, b.images) and not torch.equal(a.images, crops.batch(6, 0, 0, "cpu").images)
     assert torch.allclose(upsample(a.images[..., ::4, ::4], 4), a.cond.image)  # the LR crop matches the HR crop
+    assert torch.equal(a.low_res, a.images[..., ::4, ::4])  # and is carried as it is (latent SR teachers read it)
     Image.fromarray(hr[::4, ::5]).save(tmp_path / "lr" / "x.png")
     with pytest.raises(UserError, match="x4 that gives"):
         SRCrops.from_folders(str(tmp_path / "hr"), str(tmp_path / "lr"), resolution=16, scale=4, batch_size=1)
