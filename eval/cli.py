@@ -17,13 +17,31 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import textwrap
 
-from onestep.cli import non_negative_int, positive_int, run_main
+from onestep.cli import int_list, non_negative_int, positive_int, run_main
 
 from .clip import DEFAULT_MODEL, DEFAULT_PREFIX, DEFAULT_PRETRAINED, SCALES
 from .features import FEATURES, FID_MODES
+from .metrics import SHARPNESS_DEFINITION
 from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
 from .record import CommandLine
+
+SR_DESCRIPTION = f"""PSNR and SSIM (on RGB and on the Y channel), sharpness, and optionally the distance to a teacher's
+samples and LPIPS, of super-resolved images (--sr) or of a pipeline's outputs for --lr inputs, against --hr.
+
+{textwrap.fill(SHARPNESS_DEFINITION + ".", 116)}
+
+Distance to a teacher (--teacher): the teacher runs on the same LR inputs (and crops) with the same noise seeds;
+teacher_psnr_y is the PSNR on Y of the output against the teacher's output, teacher_mad their mean absolute
+difference in 8-bit levels over RGB, both after --crop-border.
+
+LPIPS offline: --lpips-weights (the lpips package's linear layers) and --lpips-backbone (torchvision's AlexNet or
+VGG16 weights), read with torch.load(weights_only=True), nothing downloaded; without them LPIPS is skipped.
+
+Seeds and crops: --seeds 0,1,2 repeats the run per seed (noise and crops); every figure is averaged per seed and
+reported as mean +- sample std over the seeds; the record keeps every image's value per seed.
+"""
 
 
 def _source_args(p, images_help="an image folder to evaluate as it is"):
@@ -162,36 +180,107 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _output_arg(s, "clip.json")
 
-    s = sub.add_parser("sr", help="PSNR / SSIM (RGB and Y) [and LPIPS] of super-resolution outputs")
+    s = sub.add_parser(
+        "sr",
+        help="PSNR / SSIM (RGB and Y), sharpness [, distance to a teacher, LPIPS] of super-resolution outputs",
+        description=SR_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     s.add_argument("--hr", required=True, help="ground-truth high-resolution images")
     s.add_argument("--sr", help="super-resolved images (paired with --hr by file name)")
-    s.add_argument("--pipeline", help="a super-resolution pipeline, called as pipe(image=LR)")
-    s.add_argument("--lr", help="low-resolution inputs for --pipeline (paired by file name)")
+    s.add_argument(
+        "--pipeline",
+        help="a super-resolution pipeline folder (or sr-flow / sr-resshift), called as pipe(image=LR)",
+    )
+    s.add_argument("--lr", help="low-resolution inputs for --pipeline and --teacher (paired by file name)")
     s.add_argument("--steps", type=positive_int, default=None)
-    s.add_argument("--num-samples", type=positive_int, default=None)
+    s.add_argument("--num-samples", type=positive_int, default=None, help="only the first N images (sorted by name)")
     s.add_argument(
         "--crop-border",
         type=non_negative_int,
         default=0,
         help="pixels cut from each border before measuring (SR papers: the scale)",
     )
-    s.add_argument("--lpips", action="store_true", help="also LPIPS (needs the lpips package and its weights)")
     s.add_argument("--t", type=float, default=None, help="--pipeline's fidelity-realism knob t in [0, 1] (OFTSR)")
-    s.add_argument("--seed", type=int, default=0)
+    g = s.add_argument_group("distance to a teacher's samples")
+    g.add_argument(
+        "--teacher",
+        help="a super-resolution pipeline folder (e.g. sr-flow, sr-resshift) run on the same --lr inputs with the "
+        "same seeds; adds teacher_psnr_y and teacher_mad",
+    )
+    g.add_argument(
+        "--teacher-steps", type=positive_int, default=None, help="the teacher's steps (default: its own default)"
+    )
+    g = s.add_argument_group("LPIPS")
+    g.add_argument(
+        "--lpips-weights",
+        help="the lpips package's linear-layer weights .pth (weights/v0.1/alex.pth or vgg.pth), read offline",
+    )
+    g.add_argument(
+        "--lpips-backbone",
+        help="torchvision's AlexNet or VGG16 weights .pth (e.g. alexnet-owt-7be5be79.pth), read offline",
+    )
+    g.add_argument(
+        "--lpips",
+        action="store_true",
+        help="LPIPS AlexNet through the lpips package, which downloads its backbone once (needs internet)",
+    )
+    g = s.add_argument_group("seeds and crops")
+    g.add_argument("--seed", type=int, default=None, help="the pipelines' noise seed (one run; default 0)")
+    g.add_argument(
+        "--seeds",
+        type=int_list,
+        default=None,
+        help="several seeds, e.g. 0,1,2: every figure is reported as mean +- std over them (replaces --seed)",
+    )
+    g.add_argument(
+        "--crops-per-image",
+        type=non_negative_int,
+        default=0,
+        help="K random crops per image and seed, fixed by the seed and the image name (0: whole images)",
+    )
+    g.add_argument(
+        "--crop-size",
+        type=positive_int,
+        default=None,
+        help="the side of each crop in HR pixels (a multiple of the scale)",
+    )
     s.add_argument("--device", default=None)
     s.add_argument("--trust-remote-code", action="store_true")
     _output_arg(s, "sr.json")
 
-    s = sub.add_parser("bench", help="sampling speed of a student beside its teacher at N steps")
-    s.add_argument("--pipeline", required=True, help="the student pipeline folder")
+    s = sub.add_parser(
+        "bench", help="sampling speed of a student (generation or super-resolution) beside its teacher at N steps"
+    )
+    s.add_argument("--pipeline", required=True, help="the student pipeline folder (generation or super-resolution)")
     s.add_argument("--steps", type=positive_int, default=None, help="student steps (default: all trained steps)")
-    s.add_argument("--teacher", help="teacher folder or 'digits' (DDIM, trailing spacing)")
-    s.add_argument("--teacher-steps", type=positive_int, nargs="+", default=[50])
+    s.add_argument(
+        "--teacher",
+        help="generation: a teacher folder or 'digits' (DDIM, trailing spacing); super-resolution: an SR pipeline "
+        "folder (e.g. sr-flow, sr-resshift)",
+    )
+    s.add_argument(
+        "--teacher-steps",
+        type=positive_int,
+        nargs="+",
+        default=None,
+        help="the teacher's steps, one row each (default: 50 for DDIM; an SR teacher's own default)",
+    )
+    s.add_argument(
+        "--image",
+        help="super-resolution students: the low-resolution input to time (default: a bundled held-out photograph "
+        "degraded to the pipeline's input size)",
+    )
     s.add_argument(
         "--guidance-scale", type=float, default=None, help="teacher guidance (2 network passes per step when != 1)"
     )
     _teacher_class_args(s)
-    s.add_argument("--batch-size", type=positive_int, default=64)
+    s.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per call (default: 64 for generation, 1 for super-resolution)",
+    )
     s.add_argument("--repeats", type=positive_int, default=5)
     s.add_argument("--warmup", type=int, default=1)
     s.add_argument("--seed", type=int, default=0)
@@ -208,6 +297,8 @@ def _check_sources(args, parser) -> None:
     if args.command in ("fid", "kid", "stats", "clip") and len(given) != 1:
         what = "--pipeline, --teacher, --images" + (" or --stats" if args.command in ("fid", "kid") else "")
         parser.error(f"give exactly one of {what} (got {len(given) or 'none'}).")
+    if args.command == "sr" and args.seeds is not None and args.seed is not None:
+        parser.error("give --seed or --seeds, not both.")
 
 
 # --- from the parsed command line to the library's typed options (nothing below this file sees `args`) ---
@@ -299,11 +390,18 @@ def _sr(args, command_line: CommandLine) -> dict:
         num_samples=args.num_samples,
         crop_border=args.crop_border,
         lpips=args.lpips,
-        seed=args.seed,
+        seed=0 if args.seed is None else args.seed,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
         command_line=command_line,
         t=args.t,
+        seeds=args.seeds,
+        crops_per_image=args.crops_per_image,
+        crop_size=args.crop_size,
+        teacher=args.teacher,
+        teacher_steps=args.teacher_steps,
+        lpips_weights=args.lpips_weights,
+        lpips_backbone=args.lpips_backbone,
     )
 
 
@@ -328,6 +426,7 @@ def _bench(args, command_line: CommandLine) -> dict:
         command_line=command_line,
         num_classes=args.num_classes,
         null_class=args.null_class,
+        image=args.image,
     )
 
 

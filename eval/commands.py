@@ -24,15 +24,28 @@ from .features import DigitsFeatures, build_features
 from .options import ClipOptions, FeatureOptions, ReferenceOptions, SamplingOptions, SourceOptions
 from .record import CommandLine, check_output, new_record, write_record
 from .sources import (
+    CROP_SCHEME,
+    GENERATION,
+    SUPER_RESOLUTION,
     PipelineSampler,
     SamplePlan,
+    SuperResolutionRunner,
     TeacherSampler,
+    bundled_low_resolution,
+    check_kind,
     check_same_size,
+    crop_boxes,
     digits_reference_images,
+    image_channels,
+    input_channels,
     list_images,
     read_image,
     read_images,
+    refuse_super_resolution_teacher,
+    resolve_sr_pipeline,
     run_sharded,
+    sr_default_steps,
+    sr_input_size,
 )
 
 
@@ -64,12 +77,19 @@ def _check_class_flags(source: SourceOptions) -> None:
         raise UserError("--num-classes and --null-class describe the classes of a --teacher; drop them here.")
 
 
-def _sampler(source: SourceOptions, sampling: SamplingOptions, device):
+def _sampler(source: SourceOptions, sampling: SamplingOptions, device, command: str = "fid"):
     _check_class_flags(source)
     if source.pipeline:
         dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[sampling.dtype]
         return PipelineSampler(
-            source.pipeline, device, sampling.steps, sampling.guidance_scale, dtype, sampling.trust_remote_code
+            source.pipeline,
+            device,
+            sampling.steps,
+            sampling.guidance_scale,
+            dtype,
+            sampling.trust_remote_code,
+            expect=GENERATION,
+            command=command,
         )
     if source.teacher:
         if not sampling.steps:
@@ -93,9 +113,11 @@ def generated_features(
     device,
     crop_size: int | None = None,
     prompts: list[str] | None = None,
+    command: str = "fid",
 ) -> tuple[metrics.FeatureStats, dict]:
     """Features of the evaluated images (pipeline, teacher, image folder, or a saved statistics file);
-    crop_size: centre-crop the images of a folder as they are read (None or 0: off)."""
+    crop_size: centre-crop the images of a folder as they are read (None or 0: off); command: named when a
+    pipeline of the wrong kind is refused."""
     if source.stats:
         stats = metrics.FeatureStats.load(source.stats)
         _check_same_features(stats, extractor, source.stats)
@@ -105,7 +127,7 @@ def generated_features(
             "sha256": file_sha256(source.stats),
             **stats.meta,
         }
-    sampler = _sampler(source, sampling, device)
+    sampler = _sampler(source, sampling, device, command)
     if prompts is None and source.prompts:
         from onestep.data import read_prompts
 
@@ -318,6 +340,9 @@ def distance(
         )
     if reference.ref_name and reference.ref_res is None and reference.ref_split != "custom":  # before any weights load
         raise UserError("--ref-name needs --ref-res (the statistics' resolution), unless --ref-split custom.")
+    check_kind(source.pipeline, GENERATION, metric)
+    if source.teacher:
+        refuse_super_resolution_teacher(source.teacher)
     state = _state()
     device = _device(sampling.device, state)
     start = time.perf_counter()
@@ -331,7 +356,7 @@ def distance(
         crop_size=features.crop_size,
         kid=metric == "kid",
     )
-    gen, gen_info = generated_features(source, sampling, extractor, state, device, features.crop_size)
+    gen, gen_info = generated_features(source, sampling, extractor, state, device, features.crop_size, command=metric)
     record = new_record(metric, device, state.num_processes if state else 1, command_line)
     warning = None
     if metric == "fid":
@@ -390,6 +415,9 @@ def make_stats(
     with cleanfid_name, as clean-fid custom statistics. Returns the statistics' meta."""
     check_output(output, "stats.npz")
     _check_class_flags(source)
+    check_kind(source.pipeline, GENERATION, "stats")
+    if source.teacher:
+        refuse_super_resolution_teacher(source.teacher)
     state = _state()
     device = _device(sampling.device, state)
     extractor = _extractor(features, device)
@@ -400,7 +428,7 @@ def make_stats(
             {"source": {"kind": "bundled dataset", "name": "sklearn digits"}, "features": extractor.describe()},
         )
     else:
-        stats, _ = generated_features(source, sampling, extractor, state, device, features.crop_size)
+        stats, _ = generated_features(source, sampling, extractor, state, device, features.crop_size, command="stats")
     if not _is_main(state):
         return {}
     if cleanfid_name and not extractor.name.startswith("inception"):
@@ -446,6 +474,7 @@ def clip_score(
     from .clip import clip_scores, load_open_clip, scale_scores
 
     check_output(output, "clip.json")
+    check_kind(source.pipeline, GENERATION, "clip")
     state = _state()
     device = _device(sampling.device, state)
     start = time.perf_counter()
@@ -488,7 +517,7 @@ def clip_score(
         all_prompts = read_prompts(source.prompts)
         n = sampling.num_samples or len(all_prompts)
         prompts = [all_prompts[i % len(all_prompts)] for i in range(n)]
-        sampler = _sampler(source, sampling, device)
+        sampler = _sampler(source, sampling, device, "clip")
         plan = SamplePlan(n, sampling.batch_size, seed)
         work = lambda b: clip_scores(
             clip,
@@ -538,6 +567,183 @@ def _by_name(folder: str) -> dict[str, str]:
     return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in list_images(folder)}
 
 
+# The figures of one measurement: against the HR image, against the teacher's output, and LPIPS.
+SR_FIGURES = ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y", "sharpness")
+TEACHER_FIGURES = ("teacher_psnr_y", "teacher_mad")
+TEACHER_DISTANCE = (
+    "teacher_psnr_y: PSNR on Y of the output against the teacher's output for the same LR input and noise seed; "
+    "teacher_mad: their mean absolute difference in 8-bit levels over RGB; both after the border cut"
+)
+
+
+def _channels_word(channels: int) -> str:
+    return "grey (1 channel)" if channels == 1 else "colour (3 channels)"
+
+
+def _check_sr_options(
+    *,
+    sr,
+    pipeline,
+    lr,
+    t,
+    crop_border,
+    seeds,
+    seed,
+    crops_per_image,
+    crop_size,
+    teacher,
+    teacher_steps,
+    lpips,
+    lpips_files,
+) -> list[int]:
+    """Everything the flags alone can say is wrong, before any file is read; returns the seeds."""
+    if crop_border < 0:
+        raise UserError(f"--crop-border must be 0 or more; got {crop_border}.")
+    if t is not None and (sr or not 0.0 <= t <= 1.0):
+        raise UserError(f"--t is a pipeline's knob in [0, 1] (OFTSR); got {t}" + (" with --sr." if sr else "."))
+    if sr and pipeline:
+        raise UserError("Give --sr (super-resolved images) or --pipeline (with --lr), not both.")
+    if not sr and not (pipeline and lr):
+        raise UserError("Give --sr (super-resolved images) or --pipeline with --lr (low-resolution inputs).")
+    seeds = [seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds needs distinct seeds, e.g. 0,1,2; got {','.join(map(str, seeds)) or 'none'}.")
+    if crops_per_image < 0:
+        raise UserError(f"--crops-per-image must be 0 (whole images) or more; got {crops_per_image}.")
+    if crops_per_image and not crop_size:
+        raise UserError("--crops-per-image needs --crop-size (the side of each crop, in HR pixels).")
+    if crop_size and not crops_per_image:
+        raise UserError("--crop-size is the side of the random crops; give --crops-per-image K with it.")
+    if teacher_steps is not None and not teacher:
+        raise UserError("--teacher-steps sets the steps of --teacher; give --teacher FOLDER with it.")
+    if teacher and not lr:
+        raise UserError("--teacher runs on the low-resolution inputs; pass --lr with --sr.")
+    weights, backbone = lpips_files
+    if bool(weights) != bool(backbone):
+        raise UserError("LPIPS from local files needs both --lpips-weights (linear layers) and --lpips-backbone.")
+    if lpips and weights:
+        raise UserError("Give --lpips (downloads its AlexNet) or --lpips-weights with --lpips-backbone, not both.")
+    return seeds
+
+
+def _check_crop_border(files: list[str], border: int, crop: int | None = None) -> None:
+    """Before any image is decoded: the smallest HR image (or the crop) keeps at least SSIM's window after the
+    border cut (less would write NaN into the record); the sizes come from the file headers."""
+    k = metrics.SSIM_MIN_SIZE
+    sizes = {p: image_size(p) for p in files}
+    smallest = min(files, key=lambda p: min(sizes[p]))
+    w, h = sizes[smallest]
+    if crop:
+        if crop > min(w, h):
+            raise UserError(f"--crop-size {crop} is larger than the {w}x{h} HR image {smallest}; take smaller crops.")
+        w = h = crop
+    what = f"the {crop}x{crop} crops" if crop else f"the {w}x{h} HR image {smallest}"
+    largest = (min(w, h) - k) // 2
+    if largest < 0:
+        raise UserError(
+            f"{what[0].upper() + what[1:]} is smaller than SSIM's {k}x{k} window; measure images of at least {k}x{k} pixels."
+        )
+    if border > largest:
+        left = f"{max(w - 2 * border, 0)}x{max(h - 2 * border, 0)}"
+        raise UserError(
+            f"--crop-border {border} leaves {left} of {what}, less than SSIM's {k}x{k} window; "
+            f"the largest border allowed is {largest}."
+        )
+
+
+def _scale_of(hr_path: str, lr_path: str) -> int:
+    (w, h), (lw, lh) = image_size(hr_path), image_size(lr_path)
+    if w % lw or h % lh or w // lw != h // lh:
+        raise UserError(
+            f"The HR image {hr_path} is {w}x{h} but its LR image {lr_path} is {lw}x{lh}, not the same integer "
+            f"fraction of both sides; crops need LR images exactly 1/scale of their HR images."
+        )
+    return w // lw
+
+
+def _check_channels(names, hr_files, sr_files, lr_files) -> dict[str, int]:
+    """Grey against colour is refused per pair (file headers only); returns each HR image's channels."""
+    channels = {}
+    for name in names:
+        channels[name] = c = image_channels(hr_files[name])
+        for other, what, hint in (
+            (sr_files, "SR", "PSNR / SSIM across channel counts mean nothing, so convert one of the two"),
+            (lr_files, "LR", "give LR and HR images with the same channels"),
+        ):
+            if other is not None and image_channels(other[name]) != c:
+                raise UserError(
+                    f"The {what} image {other[name]} is {_channels_word(4 - c)} but its HR image "
+                    f"{hr_files[name]} is {_channels_word(c)}; {hint}."
+                )
+    return channels
+
+
+def _check_output_channels(out: np.ndarray, channels: int, flag: str, path: str, hr_path: str) -> None:
+    if out.shape[-1] != channels:
+        raise UserError(
+            f"{flag} {path} makes {_channels_word(out.shape[-1])} images but the HR image {hr_path} is "
+            f"{_channels_word(channels)}; score a grey model on grey images and a colour model on colour images."
+        )
+
+
+def _check_output_size(image: np.ndarray, target: np.ndarray, what: str) -> None:
+    if image.shape[:2] != target.shape[:2]:
+        raise UserError(
+            f"The output for {what} is {image.shape[1]}x{image.shape[0]} but its HR image is "
+            f"{target.shape[1]}x{target.shape[0]}."
+        )
+
+
+def _window(image: np.ndarray, box: tuple[int, int] | None, size: int | None, factor: int = 1) -> np.ndarray:
+    """The crop of side `size` HR pixels at box (top, left) of an image `factor` times smaller (an LR image);
+    box None: the whole image."""
+    if box is None:
+        return image
+    top, left, side = box[0] // factor, box[1] // factor, size // factor
+    return image[top : top + side, left : left + side]
+
+
+def _as_rgb(image: np.ndarray) -> np.ndarray:
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def _lpips_scorer(lpips: bool, weights: str | None, backbone: str | None, device):
+    if weights:
+        return metrics.LocalLPIPS(weights, backbone, device)
+    if lpips:
+        return metrics.DownloadedLPIPS(device)
+    return None
+
+
+def _measure(out: np.ndarray, target: np.ndarray, border: int, teacher_out=None, scorer=None) -> dict:
+    """The figures of one output against its HR image (and the teacher's output), after the border cut."""
+    a, b = metrics.crop_border(out, border), metrics.crop_border(target, border)
+    ya, yb = metrics.rgb_to_y(a), metrics.rgb_to_y(b)
+    row = {
+        "psnr_rgb": metrics.psnr(a, b),
+        "ssim_rgb": metrics.ssim(a, b),
+        "psnr_y": metrics.psnr(ya, yb),
+        "ssim_y": metrics.ssim(ya, yb),
+        "sharpness": metrics.sharpness(ya, yb),
+    }
+    if teacher_out is not None:
+        ta = metrics.crop_border(teacher_out, border)
+        row["teacher_psnr_y"] = metrics.psnr(ya, metrics.rgb_to_y(ta))
+        row["teacher_mad"] = metrics.mean_abs_diff(a, ta)
+    if scorer is not None:
+        row["lpips"] = scorer(a, b)
+    return row
+
+
+def _read_native(path: str) -> np.ndarray:
+    """uint8 (H, W, C) with the file's own channels: 1 for grey files, else 3."""
+    from onestep.images import open_image
+
+    channels = image_channels(path)
+    image = np.asarray(open_image(path, channels))
+    return image[..., None] if channels == 1 else image
+
+
 def super_resolution(
     hr: str,
     output: str,
@@ -554,85 +760,124 @@ def super_resolution(
     trust_remote_code: bool = False,
     command_line: CommandLine | None = None,
     t: float | None = None,
+    seeds: Sequence[int] | None = None,
+    crops_per_image: int = 0,
+    crop_size: int | None = None,
+    teacher: str | None = None,
+    teacher_steps: int | None = None,
+    lpips_weights: str | None = None,
+    lpips_backbone: str | None = None,
+    output_cache: dict | None = None,
 ) -> dict:
-    """PSNR / SSIM (RGB and Y) [and LPIPS] of the super-resolved images in folder sr, or of a pipeline's
-    outputs from the low-resolution folder lr, against the folder hr (paired by file name); crop_border:
-    pixels cut from each border first; t: the pipeline's fidelity-realism knob (OFTSR). The JSON record goes to
-    output, and is returned."""
+    """PSNR / SSIM (RGB and Y), sharpness [, distance to a teacher's output, LPIPS] of the super-resolved images
+    in folder sr, or of a pipeline's outputs from the low-resolution folder lr, against the folder hr (paired by
+    file name); crop_border: pixels cut from each border first; t: the pipeline's fidelity-realism knob (OFTSR).
+
+    seeds (default [seed]): each seed draws the pipelines' noise and, with crops_per_image K > 0, K random
+    crop_size crops per image (sources.CROP_SCHEME); every figure is averaged per seed, then reported as the
+    mean and standard deviation over seeds. teacher (an SR pipeline folder, at teacher_steps): its outputs for
+    the same inputs and seeds, against which the outputs are also measured. lpips_weights and lpips_backbone:
+    LPIPS from local files (metrics.LocalLPIPS); lpips: the lpips package's, downloaded. output_cache: a dict
+    shared between calls so the same pipeline call runs once (recipes). The JSON record goes to output, and is
+    returned."""
     check_output(output, "sr.json")
-    if crop_border < 0:
-        raise UserError(f"--crop-border must be 0 or more; got {crop_border}.")
-    if t is not None and (sr or not 0.0 <= t <= 1.0):
-        raise UserError(f"--t is a pipeline's knob in [0, 1] (OFTSR); got {t}" + (" with --sr." if sr else "."))
+    seeds = _check_sr_options(
+        sr=sr,
+        pipeline=pipeline,
+        lr=lr,
+        t=t,
+        crop_border=crop_border,
+        seeds=seeds,
+        seed=seed,
+        crops_per_image=crops_per_image,
+        crop_size=crop_size,
+        teacher=teacher,
+        teacher_steps=teacher_steps,
+        lpips=lpips,
+        lpips_files=(lpips_weights, lpips_backbone),
+    )
+    pipeline, teacher = (resolve_sr_pipeline(p) if p else None for p in (pipeline, teacher))
+    check_kind(pipeline, SUPER_RESOLUTION, "sr")
+    check_kind(teacher, SUPER_RESOLUTION, "sr", "--teacher")
     state = _state()
     device = _device(device, state)
     hr_files = _by_name(hr)
-    if sr:
-        other = _by_name(sr)
-    else:
-        if not (pipeline and lr):
-            raise UserError("Give --sr (super-resolved images) or --pipeline with --lr (low-resolution inputs).")
-        other = _by_name(lr)
-    missing = sorted(set(hr_files) - set(other))
-    if missing:
-        raise UserError(
-            f"No {'SR' if sr else 'LR'} image matches the HR image {hr_files[missing[0]]} (images pair by file name)."
-        )
+    sr_files = _by_name(sr) if sr else None
+    lr_files = _by_name(lr) if lr else None
+    for other, what in ((sr_files, "SR"), (lr_files, "LR")):
+        missing = sorted(set(hr_files) - set(other or hr_files))
+        if missing:
+            raise UserError(f"No {what} image matches the HR image {hr_files[missing[0]]} (images pair by file name).")
     names = sorted(hr_files)[:num_samples] if num_samples else sorted(hr_files)
-    _check_crop_border([hr_files[n] for n in names], crop_border)
-    sampler = None if sr else PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
-    rows, pipeline_seconds = [], 0.0
-    for i, name in enumerate(names):
-        target = read_image(hr_files[name])
-        if sampler is None:
-            out = read_image(other[name])
-        else:
-            from PIL import Image
-
-            from onestep.utils import to_uint8
-
-            from .sources import generators
-
-            low = Image.fromarray(read_image(other[name]))
-            kwargs = {"image": low, "generator": generators(seed, [i])[0], "output_type": "np"}
-            if steps:
-                kwargs["num_inference_steps"] = steps
-            if t is not None:
-                kwargs["t"] = t
-            start = time.perf_counter()
-            try:
-                images = sampler.pipe(**kwargs).images
-            except ValueError as err:  # the pipeline refuses the input or the knob in one sentence
-                raise UserError(f"{pipeline} refused {name}: {err}") from None
-            out = to_uint8(images, (0, 1), "auto")[0]  # pipeline output: [0, 1]
-            pipeline_seconds += time.perf_counter() - start
-        if out.shape != target.shape:
+    _check_crop_border([hr_files[n] for n in names], crop_border, crop_size)
+    channels = _check_channels(names, hr_files, sr_files, lr_files)
+    scales = {n: _scale_of(hr_files[n], lr_files[n]) for n in names} if lr_files and crops_per_image else {}
+    for name, scale in scales.items():
+        if crop_size % scale:
             raise UserError(
-                f"The output for {name} is {out.shape[1]}x{out.shape[0]} but its HR image is {target.shape[1]}x{target.shape[0]}."
+                f"--crop-size {crop_size} is not a multiple of the scale {scale} of {hr_files[name]} over its LR image; "
+                f"pick a multiple so each LR crop is whole."
             )
-        a, b = metrics.crop_border(out, crop_border), metrics.crop_border(target, crop_border)
-        ya, yb = metrics.rgb_to_y(a), metrics.rgb_to_y(b)
-        rows.append(
-            {
-                "image": name,
-                "psnr_rgb": metrics.psnr(a, b),
-                "ssim_rgb": metrics.ssim(a, b),
-                "psnr_y": metrics.psnr(ya, yb),
-                "ssim_y": metrics.ssim(ya, yb),
-            }
+    scorer = _lpips_scorer(lpips, lpips_weights, lpips_backbone, device)  # a bad weight file: named before any work
+
+    def runner(path, n_steps, knob, flag):
+        sampler = PipelineSampler(
+            path, device, n_steps, None, None, trust_remote_code, expect=SUPER_RESOLUTION, command="sr", flag=flag
         )
+        return SuperResolutionRunner(sampler, n_steps, knob, output_cache)
+
+    student = None if sr else runner(pipeline, steps, t, "--pipeline")
+    teacher_runner = runner(teacher, teacher_steps, None, "--teacher") if teacher else None
+    hr_images = {n: read_image(hr_files[n]) for n in names}
+    low_images = {n: _read_native(lr_files[n]) for n in names} if lr_files else {}
+    sr_images = {n: read_image(sr_files[n]) for n in names} if sr_files else {}
+    rows = []
+    for s in seeds:
+        for i, name in enumerate(names):
+            boxes = [None]
+            if crops_per_image:
+                size = hr_images[name].shape[1::-1]
+                boxes = crop_boxes(name, size, crop_size, crops_per_image, s, scales.get(name, 1))
+            for k, box in enumerate(boxes):
+                index = i * crops_per_image + k if crops_per_image else i  # the pipelines' noise (CROP_SCHEME)
+                what = name if box is None else f"{name} (crop at {box[0]},{box[1]})"
+                target = _window(hr_images[name], box, crop_size)
+                low = _window(low_images[name], box, crop_size, scales.get(name, 1)) if low_images else None
+                made = {}
+                for key, run, flag in (("out", student, "--pipeline"), ("teacher", teacher_runner, "--teacher")):
+                    if run is not None:
+                        made[key] = run([low], s, [index], what)[0]
+                        _check_output_channels(made[key], channels[name], flag, run.sampler.path, hr_files[name])
+                        made[key] = _as_rgb(made[key])
+                if student is None:
+                    made["out"] = _window(sr_images[name], box, crop_size)
+                for image in made.values():
+                    _check_output_size(image, target, what)
+                row = {"image": name, "seed": s}
+                if box is not None:
+                    row["crop"] = {"top": box[0], "left": box[1], "size": crop_size}
+                row.update(_measure(made["out"], target, crop_border, made.get("teacher"), scorer))
+                rows.append(row)
+    figures = list(SR_FIGURES) + (list(TEACHER_FIGURES) if teacher_runner else []) + (["lpips"] if scorer else [])
+    over_seeds = {
+        key: metrics.seed_summary({s: float(np.mean([r[key] for r in rows if r["seed"] == s])) for s in seeds})
+        for key in figures
+    }
     record = new_record("sr", device, 1, command_line)
-    for key in ("psnr_rgb", "ssim_rgb", "psnr_y", "ssim_y"):
-        record[key] = float(np.mean([r[key] for r in rows]))
-    if sampler is not None:
+    for key in figures:
+        record[key] = over_seeds[key]["mean"]
+    if student is not None:
         record["t"] = t
-        record["images_per_second"] = len(rows) / pipeline_seconds if pipeline_seconds else None
-    record["lpips"] = None
-    record["lpips_note"] = (
-        "not computed: LPIPS needs the lpips package and its backbone weights (pip install lpips; downloads AlexNet once)"
-    )
-    if lpips:
-        record["lpips"], record["lpips_note"] = _lpips(names, hr_files, other, sampler, device)
+        record["images_per_second"] = student.images / student.seconds if student.seconds else None
+    if scorer is None:
+        record["lpips"] = None
+        record["lpips_note"] = (
+            "not computed: pass --lpips-weights (the lpips package's linear layers, e.g. weights/v0.1/alex.pth) "
+            "and --lpips-backbone (torchvision's AlexNet or VGG16 weights) to compute it offline, or --lpips to "
+            "download them (needs the lpips package and internet once)"
+        )
+    else:
+        record["lpips_model"] = scorer.describe()
     record.update(
         {
             "protocol": {
@@ -640,62 +885,56 @@ def super_resolution(
                 "crop_border": crop_border,
                 "y_channel": "BT.601 (MATLAB rgb2ycbcr), 16..235",
                 "ssim": "Gaussian window sigma 1.5 (11 taps), K1 0.01, K2 0.03, population covariance, mean over channels",
+                "sharpness": metrics.SHARPNESS_DEFINITION,
+                "teacher_distance": TEACHER_DISTANCE if teacher_runner else None,
+                "grey_images": "measured as R = G = B (PSNR and SSIM equal the one-channel figures)",
+                "over_seeds": "each figure averaged over the images (and crops) of one seed; mean and sample "
+                "standard deviation (ddof 1; null with one seed) over the seeds",
             },
             "hr": os.path.abspath(hr),
-            "source": sampler.describe() if sampler else {"kind": "image folder", "path": os.path.abspath(sr)},
-            "num_images": len(rows),
+            "source": student.describe() if student else {"kind": "image folder", "path": os.path.abspath(sr)},
+            "teacher": teacher_runner.describe() if teacher_runner else None,
+            "seeds": seeds,
+            "crops": {
+                "per_image": crops_per_image,
+                "size": crop_size,
+                "scheme": CROP_SCHEME,
+            }
+            if crops_per_image
+            else None,
+            "over_seeds": over_seeds,
+            "num_images": len(names),
+            "measurements_per_seed": len(rows) // len(seeds),
             "per_image": rows,
         }
     )
     if _is_main(state):
         write_record(output, record)
-        print(
-            f"PSNR {record['psnr_rgb']:.3f} dB (Y {record['psnr_y']:.3f}), SSIM {record['ssim_rgb']:.4f} (Y {record['ssim_y']:.4f}) "
-            f"over {len(rows)} images -> {output}"
-        )
+        print(_sr_summary(record, over_seeds, seeds, crops_per_image) + f" -> {output}")
     return record
 
 
-def _check_crop_border(files: list[str], border: int) -> None:
-    """Before any image is decoded: the smallest HR image keeps at least SSIM's window after the border cut
-    (less would write NaN into the record); the sizes come from the file headers."""
-    k = metrics.SSIM_MIN_SIZE
-    sizes = {p: image_size(p) for p in files}
-    smallest = min(files, key=lambda p: min(sizes[p]))
-    w, h = sizes[smallest]
-    largest = (min(w, h) - k) // 2
-    if largest < 0:
-        raise UserError(
-            f"The HR image {smallest} is {w}x{h}, smaller than SSIM's {k}x{k} window; measure images of at least {k}x{k} pixels."
-        )
-    if border > largest:
-        left = f"{max(w - 2 * border, 0)}x{max(h - 2 * border, 0)}"
-        raise UserError(
-            f"--crop-border {border} leaves {left} of the {w}x{h} HR image {smallest}, less than SSIM's {k}x{k} window; "
-            f"the largest border allowed is {largest}."
-        )
+def _sr_summary(record: dict, over_seeds: dict, seeds: list[int], crops: int) -> str:
+    def value(key, digits):
+        s = over_seeds[key]
+        text = f"{s['mean']:.{digits}f}"
+        return text + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
 
-
-def _lpips(names, hr, other, sampler, device):
-    if sampler is not None:
-        raise UserError("--lpips with --pipeline is not supported yet; save the outputs and pass --sr.")
-    try:
-        import lpips  # the optional extra onestep[lpips]
-    except ImportError:
-        raise UserError("--lpips needs the optional lpips package: pip install 'onestep[lpips]'.") from None
-    try:
-        net = lpips.LPIPS(net="alex", verbose=False).to(device)
-    except Exception as err:  # torchvision fetches the AlexNet backbone on first use
-        raise UserError(
-            f"--lpips could not load its AlexNet weights ({err.__class__.__name__}); run it once on a machine "
-            f"with internet so torchvision caches them."
-        ) from None
-    vals = []
-    for name in names:
-        a = torch.from_numpy(read_image(other[name])).permute(2, 0, 1)[None].float() / 127.5 - 1
-        b = torch.from_numpy(read_image(hr[name])).permute(2, 0, 1)[None].float() / 127.5 - 1
-        vals.append(float(net(a.to(device), b.to(device)).item()))
-    return float(np.mean(vals)), "lpips AlexNet v0.1, inputs in [-1, 1]"
+    line = (
+        f"PSNR {value('psnr_rgb', 3)} dB (Y {value('psnr_y', 3)}), SSIM {value('ssim_rgb', 4)} (Y {value('ssim_y', 4)}), "
+        f"sharpness {value('sharpness', 3)}"
+    )
+    if "teacher_psnr_y" in over_seeds:
+        line += f", to the teacher: PSNR-Y {value('teacher_psnr_y', 3)} dB, MAD {value('teacher_mad', 3)}"
+    line += (
+        f", LPIPS {value('lpips', 4)}"
+        if "lpips" in over_seeds
+        else " (LPIPS skipped: no --lpips-weights/--lpips-backbone)"
+    )
+    line += f" over {record['num_images']} images" + (f" x {crops} crops" if crops else "")
+    if len(seeds) > 1:
+        line += f", mean ± std over {len(seeds)} seeds"
+    return line
 
 
 def _time(fn, repeats: int, warmup: int, device) -> list[float]:
@@ -713,15 +952,19 @@ def _time(fn, repeats: int, warmup: int, device) -> list[float]:
     return out
 
 
+def _n_steps(n: int | None) -> str:
+    return "default steps" if n is None else f"{n} step" + ("s" if n != 1 else "")
+
+
 def bench(
     pipeline: str,
     output: str,
     *,
     steps: int | None = None,
     teacher: str | None = None,
-    teacher_steps: Sequence[int] = (50,),
+    teacher_steps: Sequence[int] | None = None,
     guidance_scale: float | None = None,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     repeats: int = 5,
     warmup: int = 1,
     seed: int = 0,
@@ -732,54 +975,65 @@ def bench(
     command_line: CommandLine | None = None,
     num_classes: int | None = None,
     null_class: int | None = None,
+    image: str | None = None,
 ) -> dict:
     """Sampling speed of a student pipeline beside its teacher at N steps (each of teacher_steps): same batch,
-    device, noise. run: a training output folder whose timing.json is included; plot: a PNG bar chart.
-    The JSON record goes to output, and is returned. num_classes, null_class: the class layout of a
-    class-conditional teacher without onestep.json."""
+    device, noise. A generation student: batch_size (default 64) images from noise, the teacher (a UNet teacher
+    folder or "digits") sampled with DDIM (default 50 steps). A super-resolution student: batch_size (default 1)
+    copies of the low-resolution `image` (default: a bundled held-out photograph degraded to the pipeline's input
+    size), the teacher an SR pipeline folder (default: its own steps). run: a training output folder whose
+    timing.json is included; plot: a PNG bar chart. The JSON record goes to output, and is returned.
+    num_classes, null_class: the class layout of a class-conditional teacher without onestep.json."""
     check_output(output, "bench.json")
     check_output(plot, "bench.png", "--plot")
     if not teacher and (num_classes is not None or null_class is not None):
         raise UserError("--num-classes and --null-class describe the classes of a --teacher; drop them here.")
     if run and not os.path.isfile(os.path.join(run, "timing.json")):  # before the timing, not after
         raise UserError(f"{run} has no timing.json; pass the output folder of a training run.")
+    if image and not os.path.isfile(image):
+        raise UserError(f"--image {image} does not exist; pass a low-resolution image file.")
+    pipeline = resolve_sr_pipeline(pipeline)
     device = _device(device, None)
     student = PipelineSampler(pipeline, device, steps, None, None, trust_remote_code)
-    n_steps = lambda n: f"{n} step" + ("s" if n != 1 else "")  # noqa: E731
-    samplers = [(f"student ({n_steps(steps or len(student.pipe.config.get('timesteps', [1])))})", student)]
-    for n in teacher_steps:
-        if teacher:
-            samplers.append(
-                (
-                    f"teacher DDIM {n_steps(n)}",
-                    TeacherSampler(teacher, n, device, guidance_scale or 1.0, num_classes, null_class),
-                )
+    if student.kind == SUPER_RESOLUTION:
+        if guidance_scale is not None or num_classes is not None or null_class is not None:
+            raise UserError(
+                f"--guidance-scale, --num-classes and --null-class describe class-conditional generation teachers; "
+                f"the student {pipeline} is a super-resolution pipeline."
             )
-    batch = range(batch_size)
-    rows = []
-    for name, sampler in samplers:
-        labels = SamplePlan(batch_size, batch_size, seed, "uniform", sampler.num_classes).labels()
-        times = _time(lambda s=sampler, lab=labels: s(batch, seed, lab), repeats, warmup, device)
-        med = statistics.median(times)
-        rows.append(
-            {
-                "sampler": name,
-                "source": sampler.describe(),
-                "latency_s_median": med,
-                "latency_s_all": times,
-                "images_per_s": batch_size / med,
-            }
+        batch_size = batch_size or 1
+        rows, extra = _bench_super_resolution(
+            student, steps, teacher, teacher_steps, image, batch_size, repeats, warmup, seed, device, trust_remote_code
+        )
+    else:
+        if image:
+            raise UserError(
+                f"--image is the low-resolution input of a super-resolution student; {pipeline} is a generation "
+                f"pipeline ({type(student.pipe).__name__}), which takes none."
+            )
+        batch_size = batch_size or 64
+        rows, extra = _bench_generation(
+            student,
+            steps,
+            teacher,
+            teacher_steps or (50,),
+            guidance_scale,
+            batch_size,
+            (repeats, warmup, seed, device),
+            (num_classes, null_class),
         )
     for r in rows[1:]:
         r["student_speedup"] = rows[0]["images_per_s"] and rows[0]["images_per_s"] / r["images_per_s"]
     record = new_record("bench", device, 1, command_line)
     record.update(
         {
+            "kind": student.kind,
             "batch_size": batch_size,
             "repeats": repeats,
             "warmup": warmup,
             "torch_threads": torch.get_num_threads(),
             "timing": "wall clock per pipeline call (noise, network, decode to uint8), median of repeats",
+            **extra,
             "results": rows,
         }
     )
@@ -795,11 +1049,95 @@ def bench(
         _speed_plot(rows, plot)
     write_record(output, record)
     for r in rows:
-        extra = f", student is {r['student_speedup']:.1f}x faster" if "student_speedup" in r else ""
+        extra_text = f", student is {r['student_speedup']:.1f}x faster" if "student_speedup" in r else ""
         print(
-            f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['latency_s_median'] * 1000:.1f} ms per batch of {batch_size}{extra})"
+            f"{r['sampler']}: {r['images_per_s']:.1f} images/s ({r['ms_per_image']:.1f} ms per image, "
+            f"{r['latency_s_median'] * 1000:.1f} ms per batch of {batch_size}{extra_text})"
         )
     return record
+
+
+def _timing_row(name: str, source: dict, times: list[float], batch_size: int) -> dict:
+    med = statistics.median(times)
+    return {
+        "sampler": name,
+        "source": source,
+        "latency_s_median": med,
+        "latency_s_all": times,
+        "images_per_s": batch_size / med,
+        "ms_per_image": 1000 * med / batch_size,
+    }
+
+
+def _bench_generation(student, steps, teacher, teacher_steps, guidance_scale, batch_size, timing, classes):
+    """Rows of the generation student (and the DDIM teacher at each of teacher_steps) on one batch of noise."""
+    (repeats, warmup, seed, device), (num_classes, null_class) = timing, classes
+    samplers = [(f"student ({_n_steps(steps or len(student.pipe.config.get('timesteps', [1])))})", student)]
+    for n in teacher_steps if teacher else ():
+        sampler = TeacherSampler(teacher, n, device, guidance_scale or 1.0, num_classes, null_class)
+        samplers.append((f"teacher DDIM {_n_steps(n)}", sampler))
+    batch = range(batch_size)
+    rows = []
+    for name, sampler in samplers:
+        labels = SamplePlan(batch_size, batch_size, seed, "uniform", sampler.num_classes).labels()
+        times = _time(lambda s=sampler, lab=labels: s(batch, seed, lab), repeats, warmup, device)
+        rows.append(_timing_row(name, sampler.describe(), times, batch_size))
+    return rows, {}
+
+
+def _bench_super_resolution(
+    student, steps, teacher, teacher_steps, image, batch_size, repeats, warmup, seed, device, trust_remote_code
+):
+    """Rows of the SR student (and its SR teacher at each of teacher_steps) on batch_size copies of one LR image."""
+    channels = input_channels(student.pipe)
+    if image:
+        from onestep.images import open_image
+
+        low = np.asarray(open_image(image, channels)).reshape(*image_size(image)[::-1], channels)
+        given = {"kind": "image file", "path": os.path.abspath(image), "sha256": file_sha256(image)}
+        given["size"] = f"{low.shape[1]}x{low.shape[0]}"
+    else:
+        side = sr_input_size(student.pipe)
+        if side is None:
+            raise UserError(
+                f"{student.path} ({type(student.pipe).__name__}) does not say its input size; pass --image LR.png."
+            )
+        low, given = bundled_low_resolution(side, int(student.pipe.config.get("upscale_factor", 4)), channels)
+    runners = [
+        (f"student ({_n_steps(steps or sr_default_steps(student.pipe))})", SuperResolutionRunner(student, steps))
+    ]
+    if teacher:
+        teacher = resolve_sr_pipeline(teacher)
+        for n in teacher_steps or (None,):
+            sampler = _bench_sr_teacher(teacher, n, student.path, device, trust_remote_code)
+            runners.append(
+                (f"teacher, {_n_steps(n or sr_default_steps(sampler.pipe))}", SuperResolutionRunner(sampler, n))
+            )
+    lows, batch = [low] * batch_size, list(range(batch_size))
+    rows = []
+    for name, run in runners:
+        times = _time(lambda r=run: r(lows, seed, batch, "the benchmark image"), repeats, warmup, device)
+        rows.append(_timing_row(name, run.describe(), times, batch_size))
+    return rows, {"input": given}
+
+
+def _bench_sr_teacher(teacher: str, steps, student_path: str, device, trust_remote_code: bool) -> PipelineSampler:
+    """An SR student's --teacher: an SR pipeline folder; a UNet teacher or 'digits' is refused in one sentence."""
+    hint = (
+        f"--teacher {teacher} is not a super-resolution pipeline, but the student {student_path} is one; pass the SR "
+        f"teacher it was distilled from (a SuperResolutionPipeline folder, or sr-flow / sr-resshift)."
+    )
+    if not os.path.isfile(os.path.join(teacher, "model_index.json")):
+        raise UserError(hint)
+    try:
+        check_kind(teacher, SUPER_RESOLUTION, "bench", "--teacher")
+        return PipelineSampler(
+            teacher, device, steps, None, None, trust_remote_code, expect=SUPER_RESOLUTION, command="bench"
+        )
+    except UserError as err:
+        if "is a generation pipeline" in str(err):
+            raise UserError(hint) from None
+        raise
 
 
 def _speed_plot(rows, path):

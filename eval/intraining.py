@@ -5,8 +5,6 @@ The same seeds are used at every evaluation, so the curve shows the student chan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
@@ -55,24 +53,21 @@ class FIDEvaluator:
         return out
 
 
-@dataclass
-class InTrainingEvalOptions:
-    """The train scripts' --eval_* options (evaluation itself is on: the caller checks --eval_steps)."""
-
-    samples: int = 500  # --eval_samples
-    features: str | None = None  # --eval_features; None: digits for the digits teacher, else inception
-    reference: str | None = None  # --eval_reference; None: 'digits' for the digits teacher, else an error
-    inception_weights: str | None = None  # --inception_weights
-
-
-def build_evaluator(options: InTrainingEvalOptions, teacher_id: str, seed: int, device) -> FIDEvaluator:
-    """The in-training FID evaluator of a run distilling (or training) teacher_id, its noise fixed by seed."""
-    reference = options.reference or ("digits" if teacher_id == "digits" else None)
-    features = options.features or ("digits" if teacher_id == "digits" else "inception")
+def build_evaluator(evaluation, teacher_id: str, seed: int, device) -> FIDEvaluator:
+    """The in-training FID evaluator of a run distilling (or training) teacher_id, its noise fixed by seed.
+    `evaluation`: the run's onestep.config.EvalConfig (eval_samples, eval_features, eval_reference,
+    inception_weights)."""
+    reference = evaluation.eval_reference or ("digits" if teacher_id == "digits" else None)
+    features = evaluation.eval_features or ("digits" if teacher_id == "digits" else "inception")
     if reference is None:
         raise UserError(
             "--eval_steps needs --eval_reference (an image folder or a statistics .npz from onestep-eval stats)."
         )
     return FIDEvaluator(
-        features, reference, options.samples, seed=seed, device=device, inception_weights=options.inception_weights
+        features,
+        reference,
+        evaluation.eval_samples,
+        seed=seed,
+        device=device,
+        inception_weights=evaluation.inception_weights,
     )

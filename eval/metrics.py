@@ -184,3 +184,186 @@ def ssim(a: np.ndarray, b: np.ndarray, data_range: float = 255.0, sigma: float =
         s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
         values.append(s[pad:-pad, pad:-pad].mean() if pad else s.mean())
     return float(np.mean(values))
+
+
+SHARPNESS_DEFINITION = (
+    "sharpness = E(output) / E(HR), E(x) = the mean over interior pixels of the squared 4-neighbour Laplacian "
+    "(x[i-1,j] + x[i+1,j] + x[i,j-1] + x[i,j+1] - 4 x[i,j]) of the Y channel (BT.601), after the border cut: "
+    "1 = as much high-frequency energy as the reference, below 1 = blurrier, above 1 = sharper or noisier"
+)
+
+
+def laplacian_energy(image: np.ndarray) -> float:
+    """The mean squared 4-neighbour Laplacian of a one-channel image (H, W) or (H, W, 1), over the pixels whose
+    four neighbours exist, so no padding rule enters the figure."""
+    x = image.astype(np.float64).reshape(image.shape[0], image.shape[1])
+    lap = x[:-2, 1:-1] + x[2:, 1:-1] + x[1:-1, :-2] + x[1:-1, 2:] - 4 * x[1:-1, 1:-1]
+    return float(np.mean(lap**2))
+
+
+def sharpness(y_out: np.ndarray, y_ref: np.ndarray) -> float:
+    """laplacian_energy of the output's Y over the reference's (SHARPNESS_DEFINITION); NaN for a flat reference."""
+    ref = laplacian_energy(y_ref)
+    return laplacian_energy(y_out) / ref if ref > 0 else float("nan")
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference in 8-bit levels over every pixel and channel."""
+    return float(np.mean(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+
+
+# --- LPIPS from local weight files --------------------------------------------------------------------------
+
+# The lpips package's trunks: torchvision's `features` cut after each ReLU it reads, and the channels there.
+LPIPS_TRUNKS = {
+    "alex": {"slices": ((0, 2), (2, 5), (5, 8), (8, 10), (10, 12)), "channels": (64, 192, 384, 256, 256)},
+    "vgg": {"slices": ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)), "channels": (64, 128, 256, 512, 512)},
+}
+# lpips' ScalingLayer: inputs in [-1, 1] shifted and scaled to ImageNet statistics.
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+
+
+def _load_state_dict(path: str, flag: str) -> dict:
+    import torch
+
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors alike: the file is not a readable state dict
+        raise UserError(
+            f"{flag} {path} is not a readable PyTorch weights file ({err.__class__.__name__}); pass the .pth itself."
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(
+            f"{flag} {path} holds no state dict of tensors; pass a .pth saved from a model's state_dict()."
+        )
+    return state
+
+
+class LocalLPIPS:
+    """LPIPS v0.1 (Zhang et al. 2018, the lpips package's network) built from two local files, nothing downloaded:
+    `weights`, the lpips package's linear layers (weights/v0.1/alex.pth or vgg.pth: lin0..lin4.model.1.weight),
+    and `backbone`, torchvision's AlexNet or VGG16 state dict (its `features.*` entries; which one is read
+    from the first convolution's kernel). Images: uint8 (H, W, 3); the distance of one pair is returned."""
+
+    def __init__(self, weights: str, backbone: str, device="cpu"):
+        import torch
+        import torchvision
+
+        lin, trunk = (
+            _load_state_dict(weights, "--lpips-weights"),
+            _load_state_dict(backbone, "--lpips-backbone"),
+        )
+        if "features.0.weight" in trunk:
+            trunk = {k.removeprefix("features."): v for k, v in trunk.items() if k.startswith("features.")}
+        first = trunk.get("0.weight")
+        kernel = None if first is None or first.ndim != 4 else first.shape[-1]
+        self.net = {11: "alex", 3: "vgg"}.get(kernel) if "10.weight" in trunk else None
+        if self.net is None:
+            raise UserError(
+                f"--lpips-backbone {backbone} is neither torchvision's AlexNet nor its VGG16 weights (no features.0 "
+                f"convolution of kernel 11 or 3); pass alexnet-owt-7be5be79.pth or vgg16-397923af.pth."
+            )
+        build = {"alex": torchvision.models.alexnet, "vgg": torchvision.models.vgg16}[self.net]
+        features = build(weights=None).features
+        try:
+            features.load_state_dict(trunk)
+        except RuntimeError as err:
+            raise UserError(
+                f"--lpips-backbone {backbone} does not fit torchvision's {self.net} ({str(err).splitlines()[0][:120]})."
+            ) from None
+        channels = LPIPS_TRUNKS[self.net]["channels"]
+        self.lins = []
+        for i, c in enumerate(channels):
+            w = lin.get(f"lin{i}.model.1.weight")
+            if w is None or tuple(w.shape) != (1, c, 1, 1):
+                raise UserError(
+                    f"--lpips-weights {weights} has no linear layer lin{i}.model.1.weight of shape (1, {c}, 1, 1) for "
+                    f"the {self.net} backbone; pass the lpips package's weights/v0.1/{self.net}.pth."
+                )
+            self.lins.append(w.float().to(device))
+        self.device = torch.device(device)
+        self.features = features.to(self.device).eval()
+        self.slices = LPIPS_TRUNKS[self.net]["slices"]
+        self.files = {"weights": weights, "backbone": backbone}
+
+    def describe(self) -> dict:
+        from onestep.utils import file_sha256
+
+        return {
+            "name": f"LPIPS v0.1, {self.net} trunk, from local files",
+            "weights": {"path": os.path.abspath(self.files["weights"]), "sha256": file_sha256(self.files["weights"])},
+            "backbone": {
+                "path": os.path.abspath(self.files["backbone"]),
+                "sha256": file_sha256(self.files["backbone"]),
+            },
+        }
+
+    def _layers(self, x):
+        out = []
+        for start, stop in self.slices:
+            for i in range(start, stop):
+                x = self.features[i](x)
+            out.append(x / (x.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-10))  # lpips' normalize_tensor
+        return out
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        import torch
+
+        shift = torch.tensor(LPIPS_SHIFT, device=self.device).view(1, 3, 1, 1)
+        scale = torch.tensor(LPIPS_SCALE, device=self.device).view(1, 3, 1, 1)
+
+        def prepare(img):
+            x = torch.tensor(img, device=self.device).permute(2, 0, 1)[None].float()
+            return (x / 127.5 - 1 - shift) / scale
+
+        with torch.no_grad():
+            try:
+                fa, fb = self._layers(prepare(a)), self._layers(prepare(b))
+            except RuntimeError:  # a pooling stage left nothing: the image is smaller than the trunk's reach
+                raise UserError(
+                    f"LPIPS ({self.net}) cannot take a {a.shape[1]}x{a.shape[0]} image, too small for its trunk; measure larger images or crops."
+                ) from None
+            total = sum(((x - y) ** 2 * w).sum(dim=1).mean() for x, y, w in zip(fa, fb, self.lins))
+        return float(total)
+
+
+class DownloadedLPIPS:
+    """The lpips package's AlexNet LPIPS as it ships (`--lpips`): torchvision fetches the trunk on first use."""
+
+    def __init__(self, device="cpu"):
+        try:
+            import lpips  # the optional extra onestep[lpips]
+        except ImportError:
+            raise UserError("--lpips needs the optional lpips package: pip install 'onestep[lpips]'.") from None
+        try:
+            self.net = lpips.LPIPS(net="alex", verbose=False).to(device)
+        except Exception as err:  # torchvision fetches the AlexNet backbone on first use
+            raise UserError(
+                f"--lpips could not load its AlexNet weights ({err.__class__.__name__}); run it once on a machine "
+                f"with internet so torchvision caches them, or pass --lpips-weights and --lpips-backbone."
+            ) from None
+        self.device = device
+
+    def describe(self) -> dict:
+        return {"name": "lpips AlexNet v0.1 (the lpips package, trunk from torchvision's cache), inputs in [-1, 1]"}
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> float:
+        import torch
+
+        prepare = lambda img: torch.tensor(img).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
+        with torch.no_grad():
+            return float(self.net(prepare(a).to(self.device), prepare(b).to(self.device)).item())
+
+
+def seed_summary(per_seed: dict[int, float]) -> dict:
+    """Mean and sample standard deviation (ddof 1; None with one seed) of one figure over seeds."""
+    values = np.array(list(per_seed.values()), dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # PSNR of identical images is inf: its spread is undefined
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else None
+        mean = float(np.mean(values))
+    return {"mean": mean, "std": std, "per_seed": {str(s): float(v) for s, v in per_seed.items()}}

@@ -61,17 +61,17 @@ def write_record(path: str, record: dict) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(_finite(record), f, indent=2, default=str)
+        json.dump(json_safe(record), f, indent=2, default=str)
         f.write("\n")
     os.replace(tmp, path)
 
 
-def _finite(x):
+def json_safe(x):
     """JSON has no Infinity/NaN: write them as strings (PSNR of identical images is "inf")."""
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
+        return {k: json_safe(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_finite(v) for v in x]
+        return [json_safe(v) for v in x]
     return x

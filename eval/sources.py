@@ -79,6 +79,91 @@ def weights_sha256(folder: str) -> str:
 
 # --- pipeline folders ---------------------------------------------------------------------------------
 
+GENERATION = "generation"
+SUPER_RESOLUTION = "super-resolution"
+# Pipeline classes whose kind is known from model_index.json alone (custom classes: from their call signature).
+SUPER_RESOLUTION_CLASSES = {
+    "SuperResolutionPipeline",
+    "LatentSuperResolutionPipeline",
+    "LDMSuperResolutionPipeline",
+    "StableDiffusionUpscalePipeline",
+    "StableDiffusionLatentUpscalePipeline",
+}
+GENERATION_CLASSES = {
+    "OneStepPipeline",
+    "MultiStudentPipeline",
+    "BootPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "DDPMPipeline",
+    "DDIMPipeline",
+    "DiTPipeline",
+    "LDMPipeline",
+}
+
+
+def _class_name(index: dict) -> str | None:
+    name = index.get("_class_name")
+    name = name[-1] if isinstance(name, list) and name else name
+    return name if isinstance(name, str) else None
+
+
+def kind_of_class(name: str | None) -> str | None:
+    if name in SUPER_RESOLUTION_CLASSES:
+        return SUPER_RESOLUTION
+    if name in GENERATION_CLASSES:
+        return GENERATION
+    return None
+
+
+def pipeline_kind(pipe) -> str:
+    """super-resolution (the call takes a low-resolution image) or generation (noise, labels or prompts)."""
+    known = kind_of_class(type(pipe).__name__)
+    if known:
+        return known
+    params = inspect.signature(pipe.__call__).parameters
+    conditioned = any(k in params for k in ("prompt", "class_labels", "batch_size", "num_images_per_prompt"))
+    return SUPER_RESOLUTION if "image" in params and not conditioned else GENERATION
+
+
+def wrong_kind(path: str, class_name: str, kind: str, command: str, flag: str = "--pipeline") -> UserError:
+    """The one-sentence refusal of a pipeline of the other kind than `command` measures."""
+    if kind == SUPER_RESOLUTION:
+        return UserError(
+            f"{flag} {path} is a super-resolution pipeline ({class_name}), which {command} cannot sample from noise; "
+            f"measure it with onestep-eval sr (--pipeline with --lr and --hr) or time it with onestep-eval bench."
+        )
+    return UserError(
+        f"{flag} {path} is a generation pipeline ({class_name}), not a super-resolution one; {command} upscales "
+        f"low-resolution images, so measure this one with onestep-eval fid, kid or clip."
+    )
+
+
+def check_kind(path: str | None, expect: str, command: str, flag: str = "--pipeline") -> None:
+    """Before anything loads: refuse a folder whose model_index.json names a pipeline class of the other kind
+    (a custom class is checked by PipelineSampler once loaded)."""
+    index_path = os.path.join(path or "", "model_index.json")
+    if not path or not os.path.isfile(index_path):
+        return  # load_pipeline says what is wrong with the folder
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return
+    name = _class_name(index) if isinstance(index, dict) else None
+    kind = kind_of_class(name)
+    if kind and kind != expect:
+        raise wrong_kind(path, name, kind, command, flag)
+
+
+def resolve_sr_pipeline(name: str) -> str:
+    """A bundled super-resolution teacher's name (sr-flow, sr-resshift) -> its folder; anything else as given."""
+    from onestep.loading import BUNDLED_TEACHERS
+
+    if name and not os.path.exists(name) and name.startswith("sr-") and name in BUNDLED_TEACHERS:
+        return BUNDLED_TEACHERS[name]
+    return name
+
 
 def load_pipeline(path: str, device, dtype=None, trust_remote_code: bool = False):
     """Any folder DiffusionPipeline.from_pretrained loads. Our own OneStepPipeline, MultiStudentPipeline,
@@ -168,9 +253,19 @@ class PipelineSampler:
         guidance_scale: float | None = None,
         dtype=None,
         trust_remote_code: bool = False,
+        expect: str | None = None,
+        command: str = "this command",
+        flag: str = "--pipeline",
     ):
+        """expect: the kind `command` measures (GENERATION or SUPER_RESOLUTION); a pipeline of the other kind is
+        refused in one sentence naming `flag`."""
         self.path, self.steps, self.guidance_scale = path, steps, guidance_scale
+        if expect:
+            check_kind(path, expect, command, flag)
         self.pipe = load_pipeline(path, device, dtype, trust_remote_code)
+        self.kind = pipeline_kind(self.pipe)
+        if expect and self.kind != expect:
+            raise wrong_kind(path, type(self.pipe).__name__, self.kind, command, flag)
         self.params = inspect.signature(self.pipe.__call__).parameters
         cfg = self.pipe.config
         self.num_classes = cfg.get("num_classes") if "class_labels" in self.params else None
@@ -229,6 +324,7 @@ class TeacherSampler:
         from onestep.loading import load_teacher, read_class_info
 
         self.name, self.steps, self.guidance_scale, self.device = name, steps, guidance_scale, device
+        refuse_super_resolution_teacher(name)
         self.teacher = load_teacher(name)
         if self.teacher.unet_class != "UNet2DModel":
             raise UserError(
@@ -310,6 +406,158 @@ class TeacherSampler:
                 uncond = Cond(class_labels=torch.full((len(indices),), null, dtype=torch.long, device=self.device))
         x0 = ddim_sample(self.teacher.denoiser, z, cond, self.steps, self.guidance_scale, uncond)
         return to_uint8(x0)
+
+
+def refuse_super_resolution_teacher(name: str) -> None:
+    """An SR teacher folder loads as a UNet2DModel teacher too, but sampling it from noise alone means nothing."""
+    from onestep.loading import resolve_teacher_path
+
+    index_path = os.path.join(resolve_teacher_path(name), "model_index.json")
+    if not os.path.isfile(index_path):
+        return
+    try:
+        with open(index_path) as f:
+            class_name = _class_name(json.load(f))
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if kind_of_class(class_name) == SUPER_RESOLUTION:
+        raise UserError(
+            f"--teacher {name} is a super-resolution teacher ({class_name}), which cannot be sampled from noise; "
+            f"measure it with onestep-eval sr --pipeline {name}, or time it with onestep-eval bench beside an SR student."
+        )
+
+
+# --- super-resolution calls -----------------------------------------------------------------------------------
+
+CROP_SCHEME = (
+    "crop k of an image: top/left drawn by numpy RandomState(sha256-seed(seed, 'crop', image name)) on the LR grid "
+    "(multiples of the scale); pipeline noise of image i, crop k: generator index i * crops_per_image + k"
+)
+
+
+def input_channels(pipe) -> int:
+    """The channels a super-resolution pipeline reads: 1 (grey) or 3. Ours say it in the UNet's input width
+    ([x, u] on the channels); other pipelines are taken as colour."""
+    if type(pipe).__name__ == "SuperResolutionPipeline":
+        return 1 if pipe.unet.config.in_channels // 2 == 1 else 3
+    return 3
+
+
+def sr_input_size(pipe) -> int | None:
+    """The low-resolution side a super-resolution pipeline takes in one tile (its training size over the
+    scale), or None when the pipeline does not say."""
+    cfg = pipe.config
+    tile, scale = cfg.get("tile_size"), cfg.get("upscale_factor")
+    if not tile or not scale:
+        return None
+    if type(pipe).__name__ == "LatentSuperResolutionPipeline":
+        tile = tile * pipe.latent_factor  # tiles are latent pixels there
+    return max(int(tile) // int(scale), 2)
+
+
+def sr_default_steps(pipe) -> int | None:
+    """How many network passes an SR pipeline takes when called without num_inference_steps (None: unknown)."""
+    cfg = pipe.config
+    if type(pipe).__name__ != "SuperResolutionPipeline":
+        return None
+    if cfg.get("mode") != "sampler":
+        return 1
+    return cfg.get("num_inference_steps") or len(pipe._tables()[0])
+
+
+class SuperResolutionRunner:
+    """Calls a super-resolution pipeline on uint8 low-resolution images with the per-image seed scheme (image i
+    of seed s: generator index i), at `steps` (None: its default) and its knob `t` (None: its default)."""
+
+    def __init__(self, sampler: PipelineSampler, steps: int | None = None, t: float | None = None, cache=None):
+        self.sampler, self.steps, self.t = sampler, steps, t
+        self.channels = input_channels(sampler.pipe)
+        self.cache = cache  # a dict shared between runs (recipes): the same call is computed once (output, seconds)
+        self.seconds, self.images = 0.0, 0
+
+    def describe(self) -> dict:
+        return {**self.sampler.describe(), "num_inference_steps": self.steps or "pipeline default", "t": self.t}
+
+    def _key(self, low: np.ndarray, seed: int, index: int):
+        digest = hashlib.sha256(low.tobytes() + repr(low.shape).encode()).hexdigest()
+        return (os.path.abspath(self.sampler.path), self.steps, self.t, seed, index, digest)
+
+    def __call__(self, lows: list[np.ndarray], seed: int, indices, what: str = "its input") -> np.ndarray:
+        """uint8 (N, H, W, C) outputs of uint8 (h, w, C) inputs; `what` names the input in a refusal."""
+        import time
+
+        keys = [self._key(low, seed, i) for low, i in zip(lows, indices)] if self.cache is not None else None
+        if keys and all(k in self.cache for k in keys):
+            # A cached output counts the time it took when it was made, so images/s stays the pipeline's own.
+            self.seconds += sum(self.cache[k][1] for k in keys)
+            self.images += len(keys)
+            return np.stack([self.cache[k][0] for k in keys])
+        images = [Image.fromarray(low[..., 0] if low.shape[-1] == 1 else low) for low in lows]
+        images = [im.convert("L" if self.channels == 1 else "RGB") for im in images]
+        gens = generators(seed, indices)
+        kwargs = {
+            "image": images[0] if len(images) == 1 else images,
+            "generator": gens[0] if len(gens) == 1 else gens,
+            "output_type": "np",
+        }
+        if self.steps:
+            kwargs["num_inference_steps"] = self.steps
+        if self.t is not None:
+            kwargs["t"] = self.t
+        start = time.perf_counter()
+        try:
+            out = to_uint8(self.sampler.pipe(**kwargs).images, (0, 1), "auto")  # pipeline output: [0, 1]
+        except ValueError as err:  # the pipeline refuses the input or the knob in one sentence
+            raise UserError(f"{self.sampler.path} refused {what}: {err}") from None
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        self.images += len(lows)
+        if keys:
+            self.cache.update((k, (o, seconds / len(keys))) for k, o in zip(keys, out))
+        return out
+
+
+def image_channels(path: str) -> int:
+    """1 for a grey file (L, LA, 1, I, I;16, F), 3 otherwise; from the header only."""
+    image_size(path)  # an unreadable file: the reader's one-sentence error
+    with Image.open(path) as img:
+        mode = img.mode
+    return 1 if mode in ("1", "L", "LA", "La", "I", "F") or mode.startswith("I;16") else 3
+
+
+def crop_boxes(name: str, size: tuple[int, int], crop: int, count: int, seed: int, align: int = 1) -> list:
+    """`count` (top, left) corners of crop x crop windows inside an image of size (width, height), on multiples of
+    `align` (the LR grid), fixed by (seed, image name) alone (CROP_SCHEME)."""
+    w, h = size
+    rng = np.random.RandomState(seed_for(seed, "crop", name) % (2**32))
+    tops = rng.randint(0, (h - crop) // align + 1, count) * align
+    lefts = rng.randint(0, (w - crop) // align + 1, count) * align
+    return [(int(t), int(left)) for t, left in zip(tops, lefts)]
+
+
+def bundled_low_resolution(side: int, scale: int, channels: int = 3) -> tuple[np.ndarray, dict]:
+    """A held-out bundled photograph's centre crop of side * scale pixels, degraded to side x side by the training
+    degradation (bicubic, antialiased) and rounded to 8 bits; with how it was made."""
+    from onestep.data import degrade
+    from onestep.sr_data import EVAL_IMAGES, natural_image
+
+    name = EVAL_IMAGES[0]
+    photo = natural_image(name)
+    h, w = photo.shape[:2]
+    hr_side = min(side * scale, h // scale * scale, w // scale * scale)
+    top, left = (h - hr_side) // 2, (w - hr_side) // 2
+    hr = torch.from_numpy(np.ascontiguousarray(photo[top : top + hr_side, left : left + hr_side])).float()
+    lr = degrade(hr.permute(2, 0, 1)[None] / 127.5 - 1, scale)[0]
+    low = ((lr.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    if channels == 1:
+        low = np.asarray(Image.fromarray(low).convert("L"))[..., None]
+    return low, {
+        "kind": "bundled held-out photograph",
+        "name": name,
+        "hr_crop": f"centre {hr_side}x{hr_side}",
+        "degradation": f"bicubic antialiased /{scale}, rounded to 8 bits",
+        "size": f"{low.shape[1]}x{low.shape[0]}",
+    }
 
 
 # --- image folders ------------------------------------------------------------------------------------

@@ -15,6 +15,27 @@ from .errors import UserError
 
 CHECKPOINT_PREFIX = "checkpoint-"
 MODEL_NAMES_FILE = "models.json"
+WRITER_FILE = "onestep.json"  # the method that wrote a checkpoint: {"method": "dmd2"}
+
+
+def written_by(checkpoint: str) -> str | None:
+    """The method recorded in a checkpoint (None for one made before methods were recorded)."""
+    path = os.path.join(checkpoint, WRITER_FILE)
+    try:
+        with open(path) as f:
+            return json.load(f).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def check_writer(checkpoint: str, method: str | None) -> None:
+    """One sentence when a checkpoint was written by another method than the one about to read it."""
+    writer = written_by(checkpoint)
+    if method and writer and writer != method:
+        raise UserError(
+            f"{checkpoint} was written by a {writer} run, not {method}; resume it with train/{writer}.py, or pass a "
+            f"checkpoint of a {method} run."
+        )
 
 
 def list_checkpoints(output_dir: str) -> list[str]:
@@ -27,19 +48,20 @@ def list_checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in sorted(names, key=lambda n: int(n[len(CHECKPOINT_PREFIX) :]))]
 
 
-def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> None:
+def check_output_dir(output_dir: str, resume_from_checkpoint: str | None, flag: str = "--output_dir") -> None:
     """The rule behind every run's folder: a run writes only into its own output folder. A new run needs a new
     or empty folder; a folder with anything in it is only written into to resume the run whose checkpoints
-    it holds (the teacher's and the data's folders are checked by the run setup, which knows them)."""
+    it holds (the teacher's and the data's folders are checked by the run setup, which knows them). `flag`: the
+    option that named the folder, for the sentence."""
     if not os.path.isdir(output_dir):
         if os.path.exists(output_dir):
-            raise UserError(f"--output_dir {output_dir} is a file; pass a folder (new or empty) for the run.")
+            raise UserError(f"{flag} {output_dir} is a file; pass a folder (new or empty) for the run.")
         return
     checkpoints = list_checkpoints(output_dir)
     if checkpoints and not resume_from_checkpoint:
         raise UserError(
-            f"{output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
-            f"latest to continue it, or choose another --output_dir."
+            f"{flag} {output_dir} already holds checkpoints of an earlier run; pass --resume_from_checkpoint "
+            f"latest to continue it, or choose another {flag}."
         )
     contents = sorted(os.listdir(output_dir))
     resumes_here = (
@@ -51,8 +73,8 @@ def check_output_dir(output_dir: str, resume_from_checkpoint: str | None) -> Non
         shown = ", ".join(contents[:4]) + (", ..." if len(contents) > 4 else "")
         why = "holds no checkpoint to resume" if not checkpoints else "is not the folder of the checkpoint resumed"
         raise UserError(
-            f"{output_dir} is not empty ({shown}) and {why}; a run writes only into a new or empty folder, or the "
-            f"folder of the run it resumes, so that nothing there is overwritten: choose another --output_dir."
+            f"{flag} {output_dir} is not empty ({shown}) and {why}; a run writes only into a new or empty folder, or "
+            f"the folder of the run it resumes, so that nothing there is overwritten: choose another {flag}."
         )
 
 
@@ -74,7 +96,9 @@ def weight_file(index: int) -> str:
     return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
 
 
-def save_checkpoint(accelerator, output_dir: str, step: int, model_names: list[str], limit: int | None) -> str:
+def save_checkpoint(
+    accelerator, output_dir: str, step: int, model_names: list[str], limit: int | None, method: str | None = None
+) -> str:
     """Write to checkpoint-<step>.tmp and rename, so an interrupted save never replaces a good one. Collective."""
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{step}")
     tmp = final + ".tmp"
@@ -87,6 +111,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, model_names: list[s
     if main:
         with open(os.path.join(tmp, MODEL_NAMES_FILE), "w") as f:
             json.dump({weight_file(i): name for i, name in enumerate(model_names)}, f, indent=2)
+        with open(os.path.join(tmp, WRITER_FILE), "w") as f:
+            json.dump({"method": method, "step": step}, f)
         # Move any previous copy aside before the rename, so a good checkpoint exists at every moment.
         old = final + ".old"
         if os.path.exists(final):
@@ -130,15 +156,27 @@ def verify_checkpoint(checkpoint: str, num_models: int, num_custom: int, num_pro
 
 
 def earlier_checkpoint_hint(checkpoint: str) -> str:
+    """An earlier checkpoint of the same run (the same method) to resume from instead, if there is one."""
     parent = os.path.dirname(os.path.abspath(checkpoint))
-    earlier = [c for c in list_checkpoints(parent) if os.path.abspath(c) != os.path.abspath(checkpoint)]
+    name = os.path.basename(os.path.abspath(checkpoint))[len(CHECKPOINT_PREFIX) :]
+    step = int(name) if name.isdigit() else float("inf")
+    method = written_by(checkpoint)
+    earlier = [
+        c
+        for c in list_checkpoints(parent)
+        if int(os.path.basename(c)[len(CHECKPOINT_PREFIX) :]) < step and written_by(c) in (method, None)
+    ]
     if earlier:
         return f"resume from an earlier checkpoint instead: --resume_from_checkpoint {earlier[-1]}."
     return "this run has no earlier checkpoint to resume from."
 
 
 def load_model_weights(
-    checkpoint: str, models: dict, may_be_new: dict[str, tuple[str, ...]] | None = None, may_be_absent=()
+    checkpoint: str,
+    models: dict,
+    may_be_new: dict[str, tuple[str, ...]] | None = None,
+    may_be_absent=(),
+    method: str | None = None,
 ) -> list[str]:
     """Start `models` from the weights in an accelerate checkpoint of an earlier run (not its optimiser,
     step or random state): DMD2's stage 2 continues stage 1 with the GAN head added. Models are matched
@@ -146,12 +184,14 @@ def load_model_weights(
     names start with a prefix in `may_be_new[model]` may be missing (new in this stage). A wrapper's key
     prefix, where one was saved (torch.compile's `_orig_mod.`, DDP's `module.`), is dropped. Models named in
     `may_be_absent` that the checkpoint does not hold keep their initialisation; returns their names."""
-    from safetensors.torch import load_file
+    from .loading import read_weights
 
     if not os.path.isdir(checkpoint):
         raise UserError(
             f"--init_from_checkpoint {checkpoint} is not a folder; pass a checkpoint-<step> folder of an earlier run."
         )
+    if method is not None:
+        check_writer(checkpoint, method)
     names_path = os.path.join(checkpoint, MODEL_NAMES_FILE)
     if os.path.isfile(names_path):
         with open(names_path) as f:
@@ -173,7 +213,8 @@ def load_model_weights(
                 f"{checkpoint} has no {file_of[name]} (the {name}); only single-process and DDP "
                 f"checkpoints can start a new stage (FSDP ones are stored in another format)."
             )
-        state = {_strip_wrapper_prefix(k): v for k, v in load_file(path).items()}
+        weights = read_weights(path, "start from another checkpoint, or train the earlier stage again")
+        state = {_strip_wrapper_prefix(k): v for k, v in weights.items()}
         try:
             missing, unexpected = model.load_state_dict(state, strict=False)
         except RuntimeError:  # a shape mismatch

@@ -1,4 +1,5 @@
-"""Argument validators, the --help formatter, and the scripts' error handling (one sentence, exit 2)."""
+"""The --help formatter and the scripts' error handling (one sentence, exit 2); the argument validators (onestep/flags.py)
+are re-exported for the command-line tools."""
 
 from __future__ import annotations
 
@@ -7,55 +8,9 @@ import os
 import sys
 
 from .errors import UserError
+from .flags import int_list, non_negative_float, non_negative_int, positive_float, positive_int
 
-
-def _int_at_least(value: str, low: int, kind: str) -> int:
-    try:
-        v = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value!r}") from None
-    if v < low:
-        raise argparse.ArgumentTypeError(f"expected a {kind} integer, got {value!r}")
-    return v
-
-
-def positive_int(value: str) -> int:
-    return _int_at_least(value, 1, "positive")
-
-
-def non_negative_int(value: str) -> int:
-    return _int_at_least(value, 0, "non-negative")
-
-
-def _finite_float(value: str, allow_zero: bool) -> float:
-    import math
-
-    kind = "non-negative" if allow_zero else "positive"
-    try:
-        v = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a {kind} number, got {value!r}") from None
-    if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise argparse.ArgumentTypeError(f"expected a {kind} number, got {value!r}")
-    return v
-
-
-def positive_float(value: str) -> float:
-    """A finite number above zero (clipping norms, LoRA alpha): NaN, inf, zero and negatives are refused."""
-    return _finite_float(value, allow_zero=False)
-
-
-def non_negative_float(value: str) -> float:
-    """A finite number, zero or above (learning rates: 0 freezes a model)."""
-    return _finite_float(value, allow_zero=True)
-
-
-def int_list(value: str) -> list[int]:
-    """Comma-separated integers, e.g. 999,749,499,249."""
-    try:
-        return [int(v) for v in value.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {value!r}") from None
+__all__ = ["int_list", "non_negative_float", "non_negative_int", "positive_float", "positive_int", "run_main"]
 
 
 def help_formatter(defaults):

@@ -9,6 +9,7 @@ field names: every flag left unset keeps the preset's value (or that of `--confi
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -17,59 +18,206 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import UserError
-from .trainer import TrainerConfig
+from .flags import (
+    DATA,
+    EVALUATION,
+    LOOP,
+    MEMORY,
+    TEACHER,
+    finite_float,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+)
 
 CONFIG_FILE = "training_config.json"
 
 
 @dataclass
 class TeacherConfig:
-    pretrained_model_name_or_path: str = "digits"  # a diffusers folder, a hub id, or 'digits' (bundled)
-    revision: str | None = None
-    variant: str | None = None
-    resolution: int | None = None  # None: the teacher's sample_size (x the VAE factor)
-    num_classes: int | None = None  # None: from the teacher folder's onestep.json
-    null_class: int | None = None
-    prompt_file: str | None = None  # text-to-image teachers
-    upscale_factor: int | None = None  # super-resolution teachers: HR size / LR size (None: the teacher's, else 4)
+    flag_group = TEACHER
+
+    pretrained_model_name_or_path: str = option(
+        "digits", "A diffusers folder (unet/ + scheduler/), a hub id, or 'digits' (bundled)."
+    )
+    revision: str | None = option(None, "Hub teachers: the git revision (branch, tag or commit) to load.")
+    variant: str | None = option(
+        None, "Teacher weight variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors)."
+    )
+    resolution: int | None = option(
+        None, "Image size (None: the teacher's sample_size, times the VAE factor).", parse=positive_int
+    )
+    num_classes: int | None = option(None, "Real classes of a class-conditional teacher.", parse=positive_int)
+    null_class: int | None = option(
+        None, "Class index the teacher was trained with as 'no class' (enables CFG).", parse=non_negative_int
+    )
+    prompt_file: str | None = option(
+        None, "Text-to-image teachers: prompts for the student (.txt, one per line, or .jsonl)."
+    )
+    upscale_factor: int | None = option(
+        None, "Super-resolution teachers: high-resolution size / low-resolution size.", parse=positive_int
+    )
+    guidance_embedding: float | None = option(
+        None,
+        "Flux teachers: the guidance scale the guidance-distilled transformer reads as an input (None: "
+        "FluxPipeline's 3.5); the student is trained, and is to be called, with it.",
+        parse=positive_float,
+    )
 
 
 @dataclass
 class DataConfig:
-    train_data_dir: str | None = None  # None with the digits teacher: scikit-learn's digits
-    dataset_name: str | None = None
-    dataset_config_name: str | None = None
-    dataset_split: str = "train"
-    image_column: str = "image"
-    caption_column: str = "text"
-    dataloader_num_workers: int = 2
-    cache_latents: bool = False
-    latent_cache_dir: str | None = None
-    hr_dir: str | None = None  # super-resolution: paired high-resolution images (with lr_dir)
-    lr_dir: str | None = None  # super-resolution: their low-resolution inputs, paired by file name
+    flag_group = DATA
+
+    train_data_dir: str | None = option(
+        None,
+        "An image folder (sub-folders = classes for class-conditional teachers; metadata.jsonl captions for "
+        "text-to-image). The digits teacher defaults to scikit-learn's digits.",
+    )
+    dataset_name: str | None = option(
+        None,
+        "Text-to-image: a Hugging Face dataset instead, a hub id or a local dataset folder "
+        "(needs pip install 'onestep[datasets]').",
+    )
+    dataset_config_name: str | None = option(None, "--dataset_name: the dataset's configuration, if it has several.")
+    dataset_split: str = option("train", "--dataset_name: the split to read.")
+    image_column: str = option("image", "--dataset_name: the column holding images.")
+    caption_column: str = option("text", "--dataset_name: the column holding captions.")
+    dataloader_num_workers: int = option(
+        2, "Worker processes reading --train_data_dir images.", parse=non_negative_int
+    )
+    cache_latents: bool = option(False, "Text-to-image: encode every real image with the VAE once, up front.")
+    latent_cache_dir: str | None = option(
+        None, "Where --cache_latents writes its shards (None: <output_dir>/latent_cache)."
+    )
+    hr_dir: str | None = option(
+        None,
+        "Super-resolution: high-resolution images paired with --lr_dir (else --train_data_dir, LR by degradation).",
+    )
+    lr_dir: str | None = option(None, "Super-resolution: the low-resolution inputs of --hr_dir, paired by file name.")
+    augmentation: str = option(
+        "flips",
+        "Super-resolution crops: flips (horizontal, rare vertical), or full (all 8 flips and rotations, and each "
+        "image also at 0.75 and 0.5 of its size).",
+        choices=("flips", "full"),
+    )
 
 
 @dataclass
 class MemoryConfig:
-    gradient_checkpointing: bool = False
-    enable_xformers_memory_efficient_attention: bool = False
-    lora_rank: int = 0  # LoRA on the student only; 0 = full fine-tuning
-    lora_alpha: float = 8.0
-    lora_targets: str | None = None  # comma-separated module names; None: the method's list
+    flag_group = MEMORY
+
+    gradient_checkpointing: bool = option(False, "Trade compute for memory in the trained networks.")
+    enable_xformers_memory_efficient_attention: bool = option(
+        False, "xformers attention (CUDA and pip install 'onestep[xformers]'; PyTorch SDPA otherwise)."
+    )
+    lora_rank: int = option(0, "LoRA on the student only (0 = full fine-tuning).", parse=non_negative_int)
+    lora_alpha: float = option(
+        8.0, "LoRA scale numerator (the update is scaled by alpha / rank).", parse=positive_float
+    )
+    lora_targets: str | None = option(None, "Comma-separated module names for LoRA (None: the method's list).")
 
 
 @dataclass
 class EvalConfig:
     """In-training FID (how often: TrainerConfig.eval_steps)."""
 
-    eval_samples: int = 500
-    eval_features: str | None = None  # None: digits for the digits teacher, else inception
-    eval_reference: str | None = None  # None: 'digits' for the digits teacher
-    inception_weights: str | None = None
+    flag_group = EVALUATION
+
+    eval_samples: int = option(500, "Samples per in-training evaluation.", parse=positive_int)
+    eval_features: str | None = option(
+        None,
+        "Feature extractor (None: digits for the digits teacher, else inception).",
+        choices=("digits", "inception", "clip"),
+    )
+    eval_reference: str | None = option(None, "Reference: an image folder, a statistics .npz, or 'digits'.")
+    inception_weights: str | None = option(None, "Local copy of clean-fid's Inception weights (offline machines).")
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop's settings (onestep/trainer.py). Fields made with `option` are flags."""
+
+    flag_group = LOOP
+
+    output_dir: str = option("outputs/run", "Where the exported pipeline, checkpoints, sample grids and logs go.")
+    max_train_steps: int = option(1000, "Optimisation iterations.", parse=positive_int)
+    gradient_accumulation_steps: int = option(1, "Micro-batches summed into each update.", parse=positive_int)
+    mixed_precision: str = option("no", "Autocast dtype (bf16 recommended on CUDA).", choices=("no", "fp16", "bf16"))
+    max_grad_norm: float | None = option(10.0, "Clip each model's gradient norm to this value.", parse=positive_float)
+    lr_scheduler: str = option(
+        "constant", "Learning-rate decay after the warm-up.", choices=("constant", "linear", "cosine")
+    )
+    lr_warmup_steps: int = option(0, "Iterations of linear learning-rate warm-up.", parse=non_negative_int)
+    ema_decay: float | None = option(
+        None, "Weight EMA of the student, exported (0 = off).", parse=lambda v: _ema_decay(v)
+    )
+    ema_warmup: bool = option(False, "EMA decay min(--ema_decay, (1 + n) / (10 + n)) at update n.")
+    checkpointing_steps: int | None = option(
+        None, "Iterations between resumable checkpoints (None: only at the end).", parse=positive_int
+    )
+    checkpoints_total_limit: int | None = option(None, "Keep only this many newest checkpoints.", parse=positive_int)
+    resume_from_checkpoint: str | None = option(
+        None,
+        "'latest' (a run of several stages skips the finished ones and continues the unfinished one) or a "
+        "checkpoint-<step> folder.",
+    )
+    init_from_checkpoint: str | None = option(
+        None, "Start from an earlier run's weights only (a checkpoint-<step> folder)."
+    )
+    push_to_hub: bool = option(
+        False, "Upload the exported student (not the checkpoints or logs) to the Hugging Face Hub when training ends."
+    )
+    hub_model_id: str | None = option(
+        None, "--push_to_hub: the repository, owner/name (None: the --output_dir folder's name under your account)."
+    )
+    report_to: str = option(
+        "none",
+        "Experiment tracker (logs/losses.csv and loss_curves.png are written in any case).",
+        choices=("none", "tensorboard", "wandb", "all"),
+    )
+    tracker_project_name: str = "onestep"
+    validation_steps: int | None = option(
+        None, "Iterations between PNG sample grids (None: start and end only).", parse=positive_int
+    )
+    num_validation_images: int = 16
+    eval_steps: int | None = option(
+        None,
+        "Iterations between in-training FID evaluations (EMA weights, fixed noise; 0 = off); logs/eval.csv.",
+        parse=non_negative_int,
+        group=EVALUATION,
+    )
+    log_every: int = 10  # iterations between tracker/CSV log rows
+    seed: int = option(0, "Every random draw of the run follows from it (exact resume).")
+    nan_patience: int = 20  # consecutive non-finite losses before the run stops
+    export: bool = True
+    export_dir: str | None = None  # where the export goes (None: output_dir; a run of several stages: its folder)
+    folder_flag: str = "--output_dir"  # the option that named output_dir (DisBack's path stage: --path_dir)
+    distributed_timeout_s: int = 7200  # collectives' timeout: rank 0 may download or encode data while others wait
+    final_checkpoint: bool = True  # benchmarks turn it off (an SD-size state is tens of GB)
+    run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
+    resolved_config: dict = field(default_factory=dict)  # the whole run's configuration: training_config.json
+
+    def __post_init__(self):
+        if not self.ema_decay:  # presets and flags write 0 for off
+            self.ema_decay = None
+
+
+def _ema_decay(value: str) -> float:
+    v = finite_float(value)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a decay in [0, 1) (0 = off), got {value!r}")
+    return v
 
 
 GROUPS = ("teacher", "data", "memory", "evaluation", "trainer", "method")
-NOT_FLAGS = {"run_config", "resolved_config"}  # TrainerConfig fields the run setup fills, not the user
+NOT_FLAGS = {
+    "run_config",
+    "resolved_config",
+    "export_dir",
+    "folder_flag",
+}  # TrainerConfig fields the runner fills, not the user
 
 
 @dataclass
@@ -148,11 +296,41 @@ def _like(default, value):
 
 
 @dataclass(frozen=True)
+class FromStage:
+    """A stage setting that names an earlier stage's folder (e.g. the teacher a teacher stage trained)."""
+
+    stage: str
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One named stage of a run (a published recipe is a list of them): which of the method's builders makes its
+    method, the settings it changes (method, trainer and teacher fields; a flag given on the command line still
+    wins over a preset's stage table), and what it takes from the stages before it.
+
+    With several stages, each trains in <output_dir>/<name>/ and the last one exports into <output_dir>; a run of
+    one stage trains in <output_dir> itself."""
+
+    name: str
+    build: str = "distill"  # the key of the method's builder
+    method: dict = field(default_factory=dict)
+    trainer: dict = field(default_factory=dict)
+    teacher: dict = field(default_factory=dict)  # values may be FromStage(...): that stage's folder
+    init_from: str | None = None  # start from this earlier stage's final weights (its last checkpoint)
+    seed: int | None = None  # None: the run's --seed
+    keeps_product: bool = False  # an intermediate stage whose export (a teacher, a path, a student) later stages read
+    folder: str | None = None  # None: the name
+
+
+@dataclass(frozen=True)
 class Preset:
+    """A named recipe: the run's configuration and, for a recipe of several stages, the stages."""
+
     name: str
     description: str
     config: RunConfig
     notes: str = ""
+    stages: tuple[Stage, ...] = ()
 
 
 def resolve(flags: dict, presets: dict[str, Preset], default_preset: str, method_class: type) -> tuple[RunConfig, str]:
@@ -188,10 +366,12 @@ def read_config_file(path: str) -> dict:
     return data
 
 
-def resolved_record(config: RunConfig, preset: str, method_name: str) -> dict:
-    """What training_config.json holds: every field, defaults included, plus the software that ran it."""
+def resolved_record(config: RunConfig, preset: str, method_name: str, method_key: str | None = None) -> dict:
+    """What training_config.json holds: every field, defaults included, plus the software that ran it and the
+    method that wrote it (so another method's run is recognised as such)."""
     return {
         "method_name": method_name,
+        "onestep_method": method_key,
         "preset": preset,
         **config.to_dict(),
         "versions": library_versions(),
@@ -246,7 +426,7 @@ def git_commit() -> str | None:
 
 
 def presets_help(presets: dict[str, Preset], default: str) -> str:
-    """The --help epilog: each preset, and the fields where it differs from the default preset."""
+    """The --help epilog: each preset, its stages, and the fields where it differs from the default preset."""
     import textwrap
 
     base = presets[default].config
@@ -255,8 +435,17 @@ def presets_help(presets: dict[str, Preset], default: str) -> str:
     for p in presets.values():
         changed = [f"{n}={p.config.get(n)}" for n in groups if n != "output_dir" and p.config.get(n) != base.get(n)]
         values = ", ".join(changed) if p.name != default else "the values shown with each flag above"
-        lines += [
-            f"  {p.name}: {p.description}",
-            textwrap.fill(values, 110, initial_indent=" " * 6, subsequent_indent=" " * 6),
-        ]
+        lines.append(f"  {p.name}: {p.description}")
+        if values:
+            lines.append(textwrap.fill(values, 110, initial_indent=" " * 6, subsequent_indent=" " * 6))
+        if p.stages:
+            described = "; ".join(_describe_stage(s) for s in p.stages)
+            lines.append(textwrap.fill(f"stages: {described}", 110, initial_indent=" " * 6, subsequent_indent=" " * 8))
     return "\n".join(lines)
+
+
+def _describe_stage(stage: Stage) -> str:
+    settings = {**stage.method, **stage.trainer, **stage.teacher}
+    shown = ", ".join(f"{k}={v.stage if isinstance(v, FromStage) else v}" for k, v in settings.items())
+    start = f", from {stage.init_from}" if stage.init_from else ""
+    return f"{stage.name} ({stage.build}{start}{': ' + shown if shown else ''})"

@@ -262,7 +262,9 @@ class CaptionedLatentBatches:
         """Shard k is encoded by rank k mod world_size (missing shards only), then every rank reads all."""
         import hashlib
 
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import save_file
+
+        from .loading import read_weights
 
         os.makedirs(cache_dir, exist_ok=True)
         digest = hashlib.sha256(
@@ -279,7 +281,8 @@ class CaptionedLatentBatches:
                 save_file({"latents": self.encode_images(images).cpu().contiguous()}, f"{path}.{rank}.tmp")
                 os.replace(f"{path}.{rank}.tmp", path)
         barrier()
-        return torch.cat([load_file(p)["latents"] for p in paths])
+        again = "delete it (or the cache folder) and run again: the latents are encoded anew"
+        return torch.cat([read_weights(p, again)["latents"] for p in paths])
 
     def __len__(self):
         return len(self.dataset)
@@ -353,7 +356,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def degrade(hr: torch.Tensor, scale: int) -> torch.Tensor:
-    """The SR specs' degradation: bicubic downsampling by `scale` with antialiasing (oftsr.md section 3)."""
+    """The SR methods' degradation: bicubic downsampling by `scale` with antialiasing (OFTSR's H)."""
     return F.interpolate(hr, scale_factor=1 / scale, mode="bicubic", antialias=True, align_corners=False)
 
 

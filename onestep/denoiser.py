@@ -25,6 +25,7 @@ class Cond:
     time_ids: torch.Tensor | None = None  # (B, 6) SDXL added time ids
     image: torch.Tensor | None = None  # (B, C, H, W) concatenated on channels (SR)
     shift: torch.Tensor | None = None  # u of x_t = a x0 + b u + c eps where it is not `image` (latent SR)
+    guidance: torch.Tensor | None = None  # (B,) guidance scale a guidance-distilled teacher reads (Flux)
 
     @property
     def u(self) -> torch.Tensor | None:
@@ -121,8 +122,101 @@ class UNet2DConditionAdapter(NetworkAdapter):
         return self.net(x, time, encoder_hidden_states=hidden, added_cond_kwargs=added).sample
 
 
+# -- flow-matching transformers (SD3, Flux) ---------------------------------------------------------------------
+
+
+def _text(cond: Cond | None, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if cond is None or cond.encoder_hidden_states is None or cond.text_embeds is None:
+        raise ValueError(
+            f"A {kind} transformer needs encoder_hidden_states and pooled text_embeds in its conditioning."
+        )
+    return cond.encoder_hidden_states, cond.text_embeds
+
+
+class SD3TransformerAdapter(NetworkAdapter):
+    """SD3Transformer2DModel as StableDiffusion3Pipeline calls it: `timestep` = sigma * 1000 (the model time as is),
+    joint CLIP + T5 token states, pooled CLIP embeddings; (B, C, H, W) in and out, the velocity eps - x0.
+
+    GAN features: the image tokens (B, L, D) of the middle joint block, read at its second norm (the block's own
+    output is a (text, image) tuple whose first element is the text stream)."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.bottleneck_name = f"transformer_blocks.{len(net.transformer_blocks) // 2}.norm2"
+
+    def forward(self, x, time, cond):
+        states, pooled = _text(cond, "SD3")
+        return self.net(
+            hidden_states=x,
+            timestep=time,
+            encoder_hidden_states=states.to(x.dtype),
+            pooled_projections=pooled.to(x.dtype),
+            return_dict=False,
+        )[0]
+
+
+def pack_latents(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): FluxPipeline._pack_latents."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W): FluxPipeline._unpack_latents, in latent pixels."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(H/2 * W/2, 3) position ids of the packed tokens: (0, row, column), FluxPipeline._prepare_latent_image_ids."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] = torch.arange(h // 2)[:, None]
+    ids[..., 2] = torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+class FluxTransformerAdapter(NetworkAdapter):
+    """FluxTransformer2DModel as FluxPipeline calls it: 2x2 latent patches packed into tokens with (0, row, column)
+    ids, zero text ids, `timestep` = model time / 1000 = sigma (after rounding it to the latents' dtype, as the
+    pipeline does), the guidance scale from `Cond.guidance` where the transformer embeds one; the output is unpacked
+    to (B, C, H, W), the velocity eps - x0.
+
+    GAN features: the image tokens (B, L, D) of the last double-stream block, read at its second norm. The
+    single-stream blocks that follow mix text and image tokens into one sequence; this is the deepest point where
+    the image tokens stand alone."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.bottleneck_name = f"transformer_blocks.{len(net.transformer_blocks) - 1}.norm2"
+
+    def forward(self, x, time, cond):
+        states, pooled = _text(cond, "Flux")
+        b, _, h, w = x.shape
+        if h % 2 or w % 2:
+            raise ValueError(f"Flux packs 2x2 latent patches; latents of {h}x{w} are not even-sized.")
+        guidance = None
+        if self.net.config.guidance_embeds:
+            if cond.guidance is None:
+                raise ValueError(
+                    "This Flux transformer is guidance-distilled: set the guidance scale in Cond.guidance."
+                )
+            guidance = cond.guidance.to(device=x.device, dtype=torch.float32).expand(b)
+        out = self.net(
+            hidden_states=pack_latents(x),
+            timestep=time.to(x.dtype).expand(b) / 1000,
+            guidance=guidance,
+            pooled_projections=pooled.to(x.dtype),
+            encoder_hidden_states=states.to(x.dtype),
+            txt_ids=torch.zeros(states.shape[1], 3, device=x.device, dtype=x.dtype),
+            img_ids=latent_image_ids(h, w, x.device, x.dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, h, w)
+
+
 def adapt(net: nn.Module) -> NetworkAdapter:
-    """Wrap a network in the adapter matching its class (diffusers UNets, else a plain module)."""
+    """Wrap a network in the adapter matching its class (diffusers UNets and flow transformers, else a plain
+    module)."""
     if isinstance(net, NetworkAdapter):
         return net
     name = type(net).__name__
@@ -130,12 +224,16 @@ def adapt(net: nn.Module) -> NetworkAdapter:
         return UNet2DAdapter(net)
     if name == "UNet2DConditionModel":
         return UNet2DConditionAdapter(net)
+    if name == "SD3Transformer2DModel":
+        return SD3TransformerAdapter(net)
+    if name == "FluxTransformer2DModel":
+        return FluxTransformerAdapter(net)
     return NetworkAdapter(net)
 
 
 class Denoiser(nn.Module):
-    """x0_hat(x_t, t, cond) for a network of a given parametrisation (EDM spec: preconditioning as a
-    wrapper separate from the architecture). `t` is an integer index tensor of shape (B,)."""
+    """x0_hat(x_t, t, cond) for a network of a given parametrisation (as in EDM, Karras et al. 2022:
+    preconditioning as a wrapper separate from the architecture). `t` is an integer index tensor of shape (B,)."""
 
     def __init__(self, net: nn.Module, schedule: NoiseSchedule, prediction_type: str):
         super().__init__()

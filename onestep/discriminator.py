@@ -1,5 +1,5 @@
-"""GAN heads. DMD2's head reads the fake-score critic's bottleneck features (DMD2 spec 4.3); TAD-SR's
-time-aware heads read the frozen teacher's encoder features (TAD-SR spec 4.3)."""
+"""GAN heads. DMD2's head reads the fake-score critic's bottleneck features; TAD-SR's time-aware heads read the
+frozen teacher's encoder features."""
 
 from __future__ import annotations
 
@@ -58,11 +58,11 @@ class DMD2Head(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(features.device.type, enabled=False):  # the head runs in fp32 (DMD2 spec 4.3)
+        with torch.autocast(features.device.type, enabled=False):  # the head runs in fp32, as DMD2's does
             return self.net(features.float()).reshape(features.shape[0])
 
 
-# -- TAD-SR (shared/methods/tadsr.md section 4.3): time-aware heads on the frozen teacher's encoder ----------
+# -- TAD-SR (docs/methods/tadsr.md): time-aware heads on the frozen teacher's encoder ----------
 
 
 class _Residual(nn.Module):
@@ -82,7 +82,7 @@ def _sn_conv1d(c_in: int, c_out: int, kernel: int, circular: bool) -> nn.Module:
 
 
 class TimeAwareHead(nn.Module):
-    """One head on a (C, H, W) feature map (a (C,) vector is read as 1x1), TAD-SR spec 4.3:
+    """One head on a (C, H, W) feature map (a (C,) vector is read as 1x1), as TAD-SR's:
     FiLM(t): [scale, shift] = Linear_{E->2C}(SiLU(sinusoidal(t, E))), h = GN(h)(1 + scale) + shift;
     h = Conv3x3_{zero-init}(SiLU(h)); tokens (B, C, HW); spectral-norm Conv1d(k=1, circular) -> GN(4) ->
     LeakyReLU(0.2); a residual block Conv1d(k=9, circular) -> GN(4) -> LeakyReLU(0.2); Conv1d(k=1) to
@@ -105,7 +105,7 @@ class TimeAwareHead(nn.Module):
         self.norm = _group_norm_1x1(c) if tokens == 1 else _group_norm(c)
         self.to_film = nn.Linear(embed_dim, 2 * c) if film else None
         self.conv = nn.Conv2d(c, c, 3, padding=1)
-        nn.init.zeros_(self.conv.weight)  # spec 2: the last conv of each head's input block starts at zero
+        nn.init.zeros_(self.conv.weight)  # as in TAD-SR's released heads
         nn.init.zeros_(self.conv.bias)
         # A circular pad of 4 needs at least as many tokens; on fewer (MLP features: one token) the k=9 conv with
         # zero padding would act through its centre tap alone, which a k=1 conv is, at a ninth of the cost.
@@ -146,3 +146,26 @@ class TimeAwareDiscriminator(nn.Module):
 
     def forward(self, features: list[torch.Tensor], time: torch.Tensor) -> torch.Tensor:
         return torch.cat([head(f, time) for head, f in zip(self.heads, features)], dim=1)
+
+
+class TokenHead(nn.Module):
+    """Per-sample logit from a transformer block's token sequence (B, L, D), the DiT counterpart of DMD2Head:
+    LayerNorm(D) -> Linear(D, hidden) -> SiLU -> Linear(hidden, 1) on every token, then the mean over tokens (a
+    patch-GAN-style average, so the head takes any resolution). `feature_shape` is one sample's (L, D)."""
+
+    def __init__(self, feature_shape: tuple[int, ...], hidden: int = 256):
+        super().__init__()
+        if len(feature_shape) != 2:
+            raise ValueError(f"Token head expects (L, D) token features, got shape {tuple(feature_shape)}.")
+        d = feature_shape[-1]
+        self.net = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(features.device.type, enabled=False):  # fp32, as DMD2Head
+            return self.net(features.float()).mean(dim=(1, 2))
+
+
+def gan_head(feature_shape: tuple[int, ...]) -> nn.Module:
+    """DMD2's GAN head for the critic's features: TokenHead on a transformer block's tokens (L, D) (SD3, Flux),
+    DMD2Head on a UNet's (C, H, W) map or an MLP's (C,) vector."""
+    return TokenHead(feature_shape) if len(feature_shape) == 2 else DMD2Head(feature_shape)

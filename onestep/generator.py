@@ -1,6 +1,6 @@
 """One- and few-step generators: a Denoiser queried at fixed conditioning timesteps.
 
-DMD2 spec 3 and 5: G reads pure noise at t_c (scaled by the schedule's prior std: 1 for VP and flow,
+As in DMD2, G reads pure noise at t_c (scaled by the schedule's prior std: 1 for VP and flow,
 sigma_max for EDM) and returns x0. Few-step generation re-noises each x0 to the next listed timestep
 with fresh noise; training uses backward simulation to reach the inputs the sampler will produce.
 """
@@ -43,7 +43,8 @@ class OneStepGenerator(nn.Module):
         """Pure noise z ~ N(0, I) as the input at the first timestep."""
         return z * self.schedule.prior_std(self.timesteps[0])
 
-    def _t(self, index: int, like: torch.Tensor) -> torch.Tensor:
+    def timestep_at(self, index: int, like: torch.Tensor) -> torch.Tensor:
+        """Timestep list entry `index` as a (B,) index tensor for a batch like `like`."""
         return torch.full((like.shape[0],), self.timesteps[index], dtype=torch.long, device=like.device)
 
     @torch.no_grad()
@@ -61,29 +62,30 @@ class OneStepGenerator(nn.Module):
         steps = num_steps or len(self.timesteps)
         x = self.noise_input(z)
         for i in range(steps):
-            x0 = call(x, self._t(i, x), cond)
+            x0 = call(x, self.timestep_at(i, x), cond)
             if i + 1 < steps:
-                x = self.schedule.add_noise(x0, noise_fn(x0), self._t(i + 1, x0))
+                x = self.schedule.add_noise(x0, noise_fn(x0), self.timestep_at(i + 1, x0))
         return x0
 
     @torch.no_grad()
     def backward_simulate(
         self, z: torch.Tensor, cond: Cond | None, k: int, call: GeneratorCall | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """DMD2 spec 5, multi-step: the generator input at list entry k, made by the current G itself.
+        """DMD2's backward simulation for few-step students: the generator input at list entry k, made by the
+        current G itself.
 
         k = 0: pure noise z. k > 0: from fresh pure noise run G through the first k entries (each x0
         re-noised to the next entry with fresh, independent noise), then noise the last x0 to t_k with
         this iteration's noise z. Dataset samples are never touched."""
         call = call or self
         if k == 0:
-            return self.noise_input(z), self._t(0, z)
+            return self.noise_input(z), self.timestep_at(0, z)
         x = self.noise_input(torch.randn_like(z))
         for i in range(k):
-            x0 = call(x, self._t(i, x), cond)
+            x0 = call(x, self.timestep_at(i, x), cond)
             if i + 1 < k:
-                x = self.schedule.add_noise(x0, torch.randn_like(x0), self._t(i + 1, x0))
-        t_k = self._t(k, z)
+                x = self.schedule.add_noise(x0, torch.randn_like(x0), self.timestep_at(i + 1, x0))
+        t_k = self.timestep_at(k, z)
         return self.schedule.add_noise(x0, z, t_k), t_k
 
 
@@ -91,7 +93,7 @@ CLEAN = -1  # index of the virtual clean time (alpha = 1, sigma = 0) of a time-c
 
 
 class SignalGenerator(nn.Module):
-    """BOOT's time-conditioned student g(eps, t, cond) (shared/methods/boot.md 3.4): the network reads the pure
+    """BOOT's time-conditioned student g(eps, t, cond) (docs/methods/boot.md): the network reads the pure
     noise and is evaluated as the teacher would be at the fixed noise level `param_timestep` (its conversion
     coefficients and preconditioning), but is told time t through its timestep embedding. t is an index tensor;
     CLEAN (-1) is the clean end, embedded as time 0 (EDM: the smallest sigma's c_noise, as ln 0 has none).

@@ -1,4 +1,4 @@
-"""Latent super-resolution teachers users already have as diffusers folders (shared/methods/tadsr.md section 3):
+"""Latent super-resolution teachers users already have as diffusers folders (docs/methods/tadsr.md):
 
 - LDM-SR, `LDMSuperResolutionPipeline`-shaped: unet/ (UNet2DModel reading [x_t, LR], in = latent C + 3, out = C),
   vqvae/ (VQModel; latents unscaled), scheduler/. The LR image in [-1, 1] is concatenated as it is.
@@ -21,6 +21,7 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .context import LATENT_SUPER_RESOLUTION, ExportTarget, TeacherContext
 from .data import Batch
 from .denoiser import Cond, Denoiser, UNet2DConditionAdapter
 from .errors import UserError
@@ -187,10 +188,9 @@ class LatentSRBatches:
         return Batch(z_gt, Cond(image=lr, shift=u, **extra))
 
 
-def prepare_latent_sr(config, preset: str, method_name: str, teacher: Teacher, needs_real_data: bool):
-    """The run setup of a latent SR teacher (run_setup.prepare's 'latent_sr' kind)."""
-    from .run_setup import Setup, _trainer, sr_training_data
-
+def prepare_latent_sr(config, teacher: Teacher, sr_training_data, make_trainer):
+    """The run setup of a latent SR teacher (run_setup.prepare's 'latent_sr' kind): (context, data, trainer).
+    `sr_training_data(config, resolution, channels, scale)` gives the crops, `make_trainer(card)` the trainer."""
     tc, dc = config.teacher, config.data
     teacher_id = tc.pretrained_model_name_or_path
     path = resolve_teacher_path(teacher_id)
@@ -262,7 +262,7 @@ def prepare_latent_sr(config, preset: str, method_name: str, teacher: Teacher, n
     if default_steps:  # not the sampler over all T steps every iteration
         config.method.teacher_steps = min(DEFAULT_TEACHER_STEPS, T)
     extra = {"upscale_factor": scale, "resolution": resolution, "teacher kind": NAMES[flavour]}
-    trainer = _trainer(config, preset, method_name, extra)
+    trainer = make_trainer(extra)
     ae.to(trainer.device)
     if encoder is not None:
         if prompts == [""]:  # one embedding for every sample: computed once, the text encoder then freed
@@ -285,32 +285,29 @@ def prepare_latent_sr(config, preset: str, method_name: str, teacher: Teacher, n
             "latent SR teachers; --teacher_steps sets it)."
         )
     data = LatentSRBatches(crops, encoder_fn(ae), scale, latent, config.trainer.seed, low_res, noise_level, text)
-    return Setup(
-        config,
-        preset,
-        teacher,
-        "latent_sr",
+    export = ExportTarget(
+        LATENT_SUPER_RESOLUTION,
+        teacher.scheduler_config,
+        teacher_path=path,
+        upscale_factor=scale,
+        resolution=resolution,
+        latent_sr=flavour,
+        latent_size=latent,
+        noise_level=noise_level if flavour == UPSCALER else None,
+        max_noise_level=limit,
+        variant=tc.variant,
+    )
+    context = TeacherContext(
+        teacher.denoiser,
         (C, latent, latent),
-        cond_sampler=None,
-        uncond=None,
-        trainer=trainer,
-        data=data,
         decode=decoder_fn(ae),
-        export_info={
-            "latent_sr": flavour,
-            "teacher_path": path,
-            "teacher": teacher_id,
-            "scheduler_config": teacher.scheduler_config,
-            "upscale_factor": scale,
-            "resolution": resolution,
-            "latent_size": latent,
-            "noise_level": noise_level if flavour == UPSCALER else None,
-            "max_noise_level": limit,
-            "variant": tc.variant,
-        },
-        prompts=prompts,
+        source=teacher_id,
+        kind="latent_sr",
+        export=export,
+        prompts=tuple(prompts) if prompts else None,
         prompt_encoder=encoder,
     )
+    return context, data, trainer
 
 
 def _text_fp32(encoder, prompts: list[str]) -> Cond:

@@ -31,7 +31,42 @@ class Teacher:
     source: str
 
 
-def _read_json(path: str) -> dict:
+def read_weights(path: str, what_to_do: str) -> dict:
+    """A safetensors file's tensors, or one sentence naming the file and saying what to do (a truncated or
+    damaged file otherwise ends in safetensors' own error, which names neither)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise UserError(f"{path} is missing; {what_to_do}.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is damaged or incomplete ({str(err).splitlines()[0][:80]}); {what_to_do}.") from None
+
+
+def open_weights(path: str, what_to_do: str):
+    """safetensors' lazy reader of one file, with read_weights' sentence on a damaged one."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"{path} is damaged or incomplete ({str(err).splitlines()[0][:80]}); {what_to_do}.") from None
+
+
+def load_pretrained(cls, folder: str, what_to_do: str, **kwargs):
+    """`cls.from_pretrained(folder, **kwargs)` for a model a run wrote (a snapshot, a student, a TSM network),
+    with one sentence naming the folder when its weights are missing or damaged."""
+    try:
+        return cls.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"Cannot load {cls.__name__} from {folder} ({str(err).splitlines()[0][:100]}); {what_to_do}."
+        ) from None
+
+
+def read_json(path: str) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
@@ -60,8 +95,8 @@ def check_converted_teacher(name_or_path: str) -> None:
         )
 
 
-def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Teacher:
-    """A diffusers pipeline folder (unet/ + scheduler/) or hub id -> frozen teacher Denoiser."""
+def teacher_configs(name_or_path: str, revision: str | None = None) -> tuple[str, dict, dict]:
+    """(local folder or hub id, UNet config, scheduler config) of a teacher, read without loading any weights."""
     check_converted_teacher(name_or_path)
     path = resolve_teacher_path(name_or_path)
     if os.path.isdir(path):
@@ -71,7 +106,7 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
             raise UserError(f"{path} is not a diffusers pipeline folder: it has no unet/config.json.")
         if not os.path.exists(sched_cfg_path):
             raise UserError(f"{path} has no scheduler/scheduler_config.json; the teacher's noise schedule is needed.")
-        unet_cfg, sched_cfg = _read_json(unet_cfg_path), _read_json(sched_cfg_path)
+        unet_cfg, sched_cfg = read_json(unet_cfg_path), read_json(sched_cfg_path)
     elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise UserError(f"Teacher {name_or_path} is neither an existing diffusers folder nor a hub id (owner/name).")
     else:
@@ -81,6 +116,13 @@ def load_teacher(name_or_path: str, revision: str | None = None, variant: str | 
         raise UserError(
             f"Teacher UNet type {cls_name!r} is not supported; expected one of {', '.join(SUPPORTED_UNETS)}."
         )
+    return path, unet_cfg, sched_cfg
+
+
+def load_teacher(name_or_path: str, revision: str | None = None, variant: str | None = None) -> Teacher:
+    """A diffusers pipeline folder (unet/ + scheduler/) or hub id -> frozen teacher Denoiser."""
+    path, unet_cfg, sched_cfg = teacher_configs(name_or_path, revision)
+    cls_name = unet_cfg["_class_name"]
     import diffusers
 
     cls = getattr(diffusers, cls_name)
@@ -110,7 +152,7 @@ def read_class_info(name_or_path: str, unet_config: dict, revision: str | None =
     folder = resolve_teacher_path(name_or_path)
     path = os.path.join(folder, CLASS_INFO_FILE)
     if os.path.exists(path):
-        return _read_json(path)
+        return read_json(path)
     if os.path.isdir(folder) or folder.count("/") != 1:
         return {}
     return dict(_hub_class_info(folder, revision))
@@ -122,7 +164,7 @@ def _hub_class_info(repo_id: str, revision: str | None) -> tuple:
     try:
         from huggingface_hub import hf_hub_download
 
-        return tuple(_read_json(hf_hub_download(repo_id, CLASS_INFO_FILE, revision=revision)).items())
+        return tuple(read_json(hf_hub_download(repo_id, CLASS_INFO_FILE, revision=revision)).items())
     except Exception:  # no such file (most hub teachers), or offline: nothing recorded
         return ()
 
@@ -131,8 +173,8 @@ def _hub_configs(repo_id: str, revision: str | None):
     from huggingface_hub import hf_hub_download
 
     try:
-        unet_cfg = _read_json(hf_hub_download(repo_id, "unet/config.json", revision=revision))
-        sched_cfg = _read_json(hf_hub_download(repo_id, "scheduler/scheduler_config.json", revision=revision))
+        unet_cfg = read_json(hf_hub_download(repo_id, "unet/config.json", revision=revision))
+        sched_cfg = read_json(hf_hub_download(repo_id, "scheduler/scheduler_config.json", revision=revision))
     except Exception as err:  # network, auth, missing repo: one sentence whatever the cause
         raise UserError(
             f"Cannot fetch teacher {repo_id} from the hub ({err.__class__.__name__}); check the id, your network, or pass a local folder."

@@ -1,4 +1,4 @@
-"""Teacher ODE pairs for the regression warm start (DMD2 spec 5, SDXL one-step; DMD1's regression loss).
+"""Teacher ODE pairs for the regression warm start (DMD2's SDXL one-step recipe; DMD1's regression loss).
 
 Pair j is a fixed noise z_j, a condition c_j and the teacher's deterministic sampler output
 y_j = DDIM(z_j, c_j) (trailing spacing, N steps, CFG w). Everything about pair j is drawn from seeds
@@ -80,7 +80,9 @@ def make_ode_pairs(
     """Generate (or read back) the pairs. Chunk k is made by rank k mod world_size and saved under
     `cache_dir` (named by a hash of everything that determines it), so a rerun or a resumed run reuses
     them and a run killed while generating continues where it stopped."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
+
+    from .loading import read_weights
 
     key = repr((identity, tuple(shape), num_pairs, num_steps, guidance_scale, seed))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -105,5 +107,5 @@ def make_ode_pairs(
         save_file({"noise": z.cpu().contiguous(), "target": y.float().cpu().contiguous()}, f"{path}.{rank}.tmp")
         os.replace(f"{path}.{rank}.tmp", path)
     (barrier or (lambda: None))()
-    parts = [load_file(p) for p in paths]
+    parts = [read_weights(p, "delete it and run again: the pairs are made anew") for p in paths]
     return OdePairs(torch.cat([p["noise"] for p in parts]), torch.cat([p["target"] for p in parts]), seed)

@@ -1,4 +1,4 @@
-"""MSD's partition of the condition space (shared/methods/msd.md 4.1): fitted once, saved as JSON, and used
+"""MSD's partition of the condition space (docs/methods/msd.md): fitted once, saved as JSON, and used
 identically to choose each student's training conditions and to route at inference.
 
 Kinds: `class_range` (class-conditional teachers: contiguous equal ranges, route(c) = floor(c K / C)),
@@ -87,7 +87,7 @@ def _balance(x: torch.Tensor, mu: torch.Tensor, max_rounds: int = 1000, toleranc
 
     A sign change counts when the cluster was outside the tolerance on both sides of it (an overshoot): clusters
     already balanced flip between +1 and -1 point from round to round, and halving on those froze the step long
-    before the far-off clusters were balanced (the spec's rule read literally; 10% imbalance left after 1000 rounds)."""
+    before the far-off clusters were balanced (halving on every sign change left 10% imbalance after 1000 rounds)."""
     m, k = len(x), len(mu)
     target = m / k
     outside = tolerance * target

@@ -41,7 +41,7 @@ def plot_history(history: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = sorted({k for r in history for k in r} - {"step", "lr"})
+    keys = sorted({k for r in history for k in r} - {"step", "lr", "train_seconds"})
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * max(len(keys), 1)), squeeze=False, sharex=True)
     for ax, key in zip(axes[:, 0], keys):
         pts = [(r["step"], r[key]) for r in history if key in r]

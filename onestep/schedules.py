@@ -1,13 +1,13 @@
 """Noise schedules of the affine family `x_t = a_t x0 + b_t u + c_t eps` and every conversion of a
 network's output, in one place.
 
-Every schedule is indexed by an integer t in [0, num_timesteps) (DMD2 spec section 3: "t" is an index
-into the schedule's grid). `u` is the conditioning image of super-resolution (the upsampled
+Every schedule is indexed by an integer t in [0, num_timesteps) (EDM teachers too: "t" is an index
+into the schedule's grid, not a noise level). `u` is the conditioning image of super-resolution (the upsampled
 low-resolution image: ResShift, conditional flows); plain diffusion has b_t = 0 and writes
 alpha_t = a_t, sigma_t = c_t. Coefficients are kept in float64: near t = 999 of an SD schedule alpha is
 ~0.068, and the eps -> x0 conversion divides by it.
 
-Conversions (shared/methods/README.md "Converting a network output to an x0 prediction"):
+Conversions (docs/verification.md "Converting a network output to an x0 prediction"):
     epsilon:       x0 = (x_t - b u - c eps_hat) / a
     v_prediction:  x0 = a x_t - c v_hat                        (VP only: a^2 + c^2 = 1, b = 0)
     flow:          x0 = x_t - (1 - a) v_hat                    (v = start - x0, the start being noise, or
@@ -189,7 +189,7 @@ class NoiseSchedule:
         self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, prediction_type: str, u: torch.Tensor | None = None
     ):
         """(target for the network's native output, per-sample weight or None): each parametrisation's own
-        denoising objective (DMD2 spec 4.2: eps-MSE unweighted for eps networks; EDM: x0-MSE weighted by
+        denoising objective (as DMD2's critic trains: eps-MSE unweighted for eps networks; EDM: x0-MSE weighted by
         1/sigma^2 + 1/sigma_data^2, the output being D = c_skip x + c_out F)."""
         if prediction_type == "epsilon":
             return eps, None
@@ -295,8 +295,8 @@ class RectifiedFlowSchedule(NoiseSchedule):
 class ResShiftSchedule(NoiseSchedule):
     """ResShift (Yue et al. 2023), TAD-SR's teacher: a = 1 - eta, b = eta, c = kappa sqrt(eta), T steps.
 
-    sqrt(eta_i) = s_1 r^(((i-1)/(T-1))^p (T-1)), s_1 = min(m / kappa, m, sqrt(0.001)), r = (e_end / s_1)^(1/(T-1))
-    (tadsr.md section 3), so that sqrt(eta) runs from s_1 to e_end. With `scale_input` the network reads
+    sqrt(eta_i) = s_1 r^(((i-1)/(T-1))^p (T-1)), s_1 = min(m / kappa, m, sqrt(0.001)), r = (e_end / s_1)^(1/(T-1)),
+    so that sqrt(eta) runs from s_1 to e_end. With `scale_input` the network reads
     x_t / sqrt(kappa^2 eta_t + 1) (ResShift's latent input scaling)."""
 
     kind = "resshift"
@@ -334,8 +334,8 @@ class ResShiftSchedule(NoiseSchedule):
 class ConditionalFlowSchedule(NoiseSchedule):
     """Noise-augmented conditional rectified flow (OFTSR stage 1): the path runs from the start state
     sqrt(1 - sigma_p^2) u + sigma_p eps (index T-1: time 0 in OFTSR's notation) to the data x0 (OFTSR's
-    x1, time 1). With r = (t + 1) / T: a = 1 - r, b = r sqrt(1 - sigma_p^2), c = r sigma_p (oftsr.md
-    section 3). The network reads OFTSR's time (1 - r) * 999."""
+    x1, time 1). With r = (t + 1) / T: a = 1 - r, b = r sqrt(1 - sigma_p^2), c = r sigma_p.
+    The network reads OFTSR's time (1 - r) * 999."""
 
     kind = "conditional_flow"
 

@@ -3,7 +3,7 @@
 Sources: the natural photographs scikit-image and scikit-learn ship (offline; a fixed split of whole images
 held out for evaluation), `--train_data_dir` (HR images; LR made by the degradation), or paired
 `--hr_dir/--lr_dir` (LR given, paired by file name, LR size x scale = HR size). The degradation is the SR
-specs' bicubic antialiased downsampling (data.degrade); the teacher reads u = bicubic upsampling of the LR.
+methods' bicubic antialiased downsampling (data.degrade); the teacher reads u = bicubic upsampling of the LR.
 Crops, flips and image choices are a pure function of (seed, rank, step, micro), like every batch source.
 
     python -m onestep.sr_data --write_eval outputs/sr-eval     # hr/, lr/ and bicubic/ of the held-out images
@@ -23,8 +23,8 @@ from .denoiser import Cond
 from .errors import UserError
 from .utils import seed_for
 
-# Whole images: the held-out ones never contribute a training crop (motorcycle_right, a stereo twin of
-# motorcycle_left, is left out of both).
+# Whole images: every colour photograph scikit-image and scikit-learn ship, the held-out ones never contributing a
+# training crop (the synthetic colorwheel and logo are not photographs).
 TRAIN_IMAGES = (
     "astronaut",
     "chelsea",
@@ -32,9 +32,13 @@ TRAIN_IMAGES = (
     "immunohistochemistry",
     "retina",
     "motorcycle_left",
+    "motorcycle_right",
     "china",
 )
 EVAL_IMAGES = ("coffee", "rocket", "flower")
+# The bundled pixel x4 SR teachers (onestep/assets): with them, no data flag means the bundled photographs.
+BUNDLED_SR_TEACHERS = ("sr-resshift", "sr-flow")
+BUNDLED_PHOTOGRAPHS = "bundled photographs"  # a teacher folder's onestep.json training_data: distil it on them too
 
 
 def natural_image(name: str) -> np.ndarray:
@@ -49,8 +53,8 @@ def natural_image(name: str) -> np.ndarray:
         raise UserError(
             "The bundled natural images need scikit-image: pip install scikit-image (or pass --train_data_dir)."
         ) from None
-    if name == "motorcycle_left":
-        return np.asarray(skimage.data.stereo_motorcycle()[0])
+    if name in ("motorcycle_left", "motorcycle_right"):
+        return np.asarray(skimage.data.stereo_motorcycle()[0 if name == "motorcycle_left" else 1])
     return np.asarray(getattr(skimage.data, name)())[..., :3]
 
 
@@ -76,9 +80,16 @@ def _list_images(folder: str) -> dict[str, str]:
     return {os.path.splitext(os.path.relpath(p, folder))[0]: p for p in paths}
 
 
+AUGMENTATIONS = ("flips", "full")
+RESCALES = (1.0, 0.75, 0.5)  # "full" augmentation: HR images also seen downscaled (more structure per crop)
+
+
 class SRCrops:
-    """Random `resolution` crops of HR images (flipped as OFTSR's augmentation) and u = upsample(LR), where LR
-    is the degraded crop, or the matching crop of a given LR image. Images are decoded once and kept."""
+    """Random `resolution` crops of HR images and u = upsample(LR), where LR is the degraded crop, or the matching
+    crop of a given LR image. Augmentation "flips" (OFTSR's): horizontal flips, rare vertical ones; "full": also
+    90-degree rotations, vertical flips as often as horizontal, and each image seen at 1, 0.75 and 0.5 times its
+    size (antialiased; not for paired LR images, whose pairing a rescale would break). Images are decoded once and
+    kept."""
 
     def __init__(
         self,
@@ -92,10 +103,17 @@ class SRCrops:
         hflip: float = 0.5,
         vflip: float = 0.06,
         names: list[str] | None = None,
+        augmentation: str = "flips",
     ):
         """`hr` (and `lr`): arrays (H, W, C) uint8 or file paths."""
         if not hr:
             raise UserError("The super-resolution training data holds no images.")
+        if augmentation not in AUGMENTATIONS:
+            raise UserError(f"--augmentation must be one of {', '.join(AUGMENTATIONS)}, got {augmentation!r}.")
+        full = augmentation == "full"
+        self.rotate = full
+        self.rescales = RESCALES if full and lr is None else (1.0,)
+        vflip = 0.5 if full else vflip
         if resolution % scale:
             raise UserError(f"--resolution {resolution} must be a multiple of the upscale factor {scale}.")
         self.hr, self.lr, self.names = list(hr), lr, names or [str(i) for i in range(len(hr))]
@@ -117,9 +135,15 @@ class SRCrops:
         names = sorted(hr)
         return cls([hr[n] for n in names], lr=[lr[n] for n in names] if lr else None, names=names, **kw)
 
-    def _image(self, which: str, i: int) -> torch.Tensor:
-        key = (which, i)
+    def _image(self, which: str, i: int, rescale: float = 1.0) -> torch.Tensor:
+        key = (which, i, rescale)
         if key not in self._cache:
+            if rescale != 1.0:
+                full = self._image(which, i)
+                size = [max(self.resolution, int(round(d * rescale))) for d in full.shape[-2:]]
+                small = torch.nn.functional.interpolate(full[None], size=size, mode="bicubic", antialias=True)
+                self._cache[key] = small[0].clamp(-1, 1)
+                return self._cache[key]
             src = (self.hr if which == "hr" else self.lr)[i]
             if isinstance(src, str):
                 from .images import open_image
@@ -153,7 +177,8 @@ class SRCrops:
         r, s = self.resolution, self.scale
         hrs, lrs = [], []
         for i in idx.tolist():
-            img = self._image("hr", i)
+            rescale = self.rescales[int(torch.randint(len(self.rescales), (1,), generator=g))] if self.rotate else 1.0
+            img = self._image("hr", i, rescale)
             h, w = img.shape[-2:]
             top = int(torch.randint((h - r) // s + 1, (1,), generator=g)) * s  # on the LR grid, for paired data
             left = int(torch.randint((w - r) // s + 1, (1,), generator=g)) * s
@@ -161,9 +186,13 @@ class SRCrops:
             dims = [d for d, p, limit in zip((-1, -2), flips, (self.hflip, self.vflip)) if p < limit]
             hr = img[:, top : top + r, left : left + r]
             hr = hr.flip(dims) if dims else hr
+            transposed = self.rotate and float(torch.rand(1, generator=g)) < 0.5
+            if transposed:
+                hr = hr.transpose(-1, -2)  # with the flips: all 8 symmetries of the square
             if self.lr is not None:
                 lr = self._image("lr", i)[:, top // s : (top + r) // s, left // s : (left + r) // s]
                 lr = lr.flip(dims) if dims else lr
+                lr = lr.transpose(-1, -2) if transposed else lr
             else:
                 lr = degrade(hr[None], s)[0]
             hrs.append(hr)

@@ -1,7 +1,7 @@
 """Prompt encoding for Stable Diffusion teachers: SD1.5 (one CLIP text encoder) and SDXL (two, pooled
 embeddings and added time ids), loaded from the teacher's diffusers folder.
 
-The unconditional input follows the DMD2 spec: SD1.5 encodes the empty prompt; SDXL uses zeros for both
+The unconditional input follows DMD2's released code: SD1.5 encodes the empty prompt; SDXL uses zeros for both
 the token embeddings and the pooled embedding (diffusers' `force_zeros_for_empty_prompt`).
 """
 

@@ -23,15 +23,17 @@ from tqdm.auto import tqdm
 from .checkpoints import (
     check_output_dir,
     check_writable,
+    check_writer,
     earlier_checkpoint_hint,
     list_checkpoints,
     load_model_weights,
     save_checkpoint,
     verify_checkpoint,
 )
+from .config import CONFIG_FILE, TrainerConfig, differences
 from .ema import EMA
 from .errors import UserError
-from .methods.base import Method, StepInfo
+from .methods.base import Collective, Method, StepInfo
 from .run_logs import flat, plot_history, read_history, write_history
 from .sharding import as_local_scalar, check_sharding_supported, gather_for_export, is_sharded, prepare_models
 from .timing import PhaseTimer, format_summary
@@ -40,38 +42,31 @@ from .utils import save_image_grid, seed_for
 __all__ = ["Trainer", "TrainerConfig", "RunState", "list_checkpoints", "load_model_weights"]
 
 
-@dataclass
-class TrainerConfig:
-    output_dir: str = "outputs/run"
-    max_train_steps: int = 1000  # optimisation iterations (DMD2: critic steps)
-    gradient_accumulation_steps: int = 1  # micro-batches per iteration
-    mixed_precision: str = "no"  # no | fp16 | bf16
-    max_grad_norm: float | None = 10.0  # per-model gradient-norm clip; None = off
-    lr_scheduler: str = "constant"  # constant | linear | cosine (after warm-up)
-    lr_warmup_steps: int = 0  # iterations
-    ema_decay: float | None = None  # weight EMA of the method's ema_models; None = off
-    ema_warmup: bool = False  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (OFTSR's recipe)
-    checkpointing_steps: int | None = None  # iterations between checkpoints; None = only at the end
-    checkpoints_total_limit: int | None = None
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    init_from_checkpoint: str | None = None  # start the models from an earlier run's weights (a new stage)
-    report_to: str = "none"  # none | tensorboard | wandb | all
-    tracker_project_name: str = "onestep"
-    validation_steps: int | None = None  # iterations between sample grids; None = start and end only
-    num_validation_images: int = 16
-    eval_steps: int | None = None  # iterations between in-training evaluations (needs an evaluator)
-    log_every: int = 10  # iterations between tracker/CSV log rows
-    seed: int = 0
-    nan_patience: int = 20  # consecutive non-finite losses before the run stops
-    export: bool = True
-    distributed_timeout_s: int = 7200  # collectives' timeout: rank 0 may download or encode data while others wait
-    final_checkpoint: bool = True  # benchmarks turn it off (an SD-size state is tens of GB)
-    run_config: dict = field(default_factory=dict)  # recorded in the model card and trackers
-    resolved_config: dict = field(default_factory=dict)  # the whole run's configuration: training_config.json
+def user_thread_setting() -> int | None:
+    """The thread count the user asked for (OMP_NUM_THREADS, or accelerate's --num_cpu_threads_per_process), or
+    None. accelerate's launcher sets OMP_NUM_THREADS=1 for its children whenever the user set nothing, so under
+    the launcher its own environment (the user's, Linux's /proc) tells the two apart."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if os.environ.get("ONESTEP_KEEP_THREADS") == "1":
+        return torch.get_num_threads()
+    if value is None:
+        return None
+    if "ACCELERATE_MIXED_PRECISION" in os.environ:  # a child of `accelerate launch`
+        try:
+            with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+                parent = f.read().split(b"\0")
+            with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+                launcher = f.read()
+        except OSError:
+            return int(value) if value.isdigit() else None
+        user_set = any(v.startswith(b"OMP_NUM_THREADS=") for v in parent)
+        if b"accelerate" in launcher and not user_set and b"--num_cpu_threads_per_process" not in launcher:
+            return None
+    return int(value) if value.isdigit() else None
 
-    def __post_init__(self):
-        if not self.ema_decay:  # presets and flags write 0 for off
-            self.ema_decay = None
+
+class _CutShort(Exception):
+    """Raised by the signal handler inside a sample grid or an evaluation (Trainer._optional)."""
 
 
 class RunState:
@@ -80,12 +75,14 @@ class RunState:
     def __init__(self):
         self.step = 0  # optimisation iterations completed
         self.nonfinite = 0  # iterations in a row whose losses or gradients were not finite
+        self.seconds = 0.0  # wall-clock seconds of the iterations so far (no grids, evaluations or checkpoints)
 
     def state_dict(self):
-        return {"step": self.step, "nonfinite": self.nonfinite}
+        return {"step": self.step, "nonfinite": self.nonfinite, "seconds": self.seconds}
 
     def load_state_dict(self, state):
         self.step, self.nonfinite = int(state["step"]), int(state["nonfinite"])
+        self.seconds = float(state.get("seconds", 0.0))
 
 
 class _MethodState:
@@ -147,7 +144,7 @@ class Trainer:
                 import wandb  # noqa: F401  (the optional extra onestep[wandb])
             except ImportError:
                 raise UserError("--report_to wandb needs the wandb package: pip install 'onestep[wandb]'.") from None
-        check_output_dir(config.output_dir, config.resume_from_checkpoint)  # before any rank writes anything
+        check_output_dir(config.output_dir, config.resume_from_checkpoint, config.folder_flag)  # before any writes
         self.config = config
         report_to = None if config.report_to == "none" else config.report_to
         # accelerate keeps its settings in a process-wide singleton; a second Trainer in the same
@@ -165,11 +162,11 @@ class Trainer:
             kwargs_handlers=[InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=config.distributed_timeout_s))],
         )
         self.device = self.accelerator.device
-        if self.device.type == "cpu":
-            # `accelerate launch` pins CPU jobs to one thread (OMP_NUM_THREADS=1) unless told
-            # --num_cpu_threads_per_process; share the cores among the processes instead.
+        if self.device.type == "cpu" and user_thread_setting() is None:
+            # `accelerate launch` pins CPU jobs to one thread (OMP_NUM_THREADS=1) unless told otherwise; when the
+            # user set no thread count, share the cores among the processes instead.
             share = max(1, (os.cpu_count() or 1) // self.accelerator.num_processes)
-            if torch.get_num_threads() < share and os.environ.get("ONESTEP_KEEP_THREADS") != "1":
+            if torch.get_num_threads() < share:
                 torch.set_num_threads(share)
         self.is_main = self.accelerator.is_main_process
         if config.mixed_precision == "fp16" and self.device.type == "cpu":
@@ -184,6 +181,16 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda")
         self._stop_signal = None
         self.sharded = False  # set by fit() when accelerate shards the models (FSDP)
+
+    @property
+    def method_key(self) -> str | None:
+        """The method this run trains, as training_config.json and each checkpoint record it."""
+        return self.config.resolved_config.get("onestep_method")
+
+    @property
+    def export_dir(self) -> str:
+        """Where the student is exported: the run's folder (a stage of several writes into the run's, or its own)."""
+        return self.config.export_dir or self.config.output_dir
 
     def log(self, message: str) -> None:
         if self.is_main:
@@ -209,7 +216,12 @@ class Trainer:
     def save_checkpoint(self, step: int) -> str:
         run = self._run
         path = save_checkpoint(
-            self.accelerator, self.config.output_dir, step, list(run.models), self.config.checkpoints_total_limit
+            self.accelerator,
+            self.config.output_dir,
+            step,
+            list(run.models),
+            self.config.checkpoints_total_limit,
+            method=self.method_key,
         )
         if self.is_main:
             write_history(self._log_path, run.history)  # the CSV always reaches the newest checkpoint
@@ -229,8 +241,24 @@ class Trainer:
                 return
             self._stop_signal, self._stop_time = signum, now
             self.log(f"Signal {signum}: finishing this step, then writing a checkpoint (repeat to abort at once).")
+            if self._optional_phase:  # a sample grid or an evaluation: cut it short, the checkpoint comes first
+                raise _CutShort
 
+        self._optional_phase = False
         self._previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _optional(self, work) -> None:
+        """Sample grids and in-training evaluations give way to a stop signal: `accelerate launch` forwards SIGTERM
+        and kills the training process 5 seconds later, so the checkpoint must not wait for an evaluation."""
+        if self._stop_signal is not None:
+            return
+        self._optional_phase = True
+        try:
+            work()
+        except _CutShort:
+            self.log("The sample grid or evaluation was cut short by the signal.")
+        finally:
+            self._optional_phase = False
 
     def _restore_signal_handlers(self):
         for s, h in self._previous.items():
@@ -249,13 +277,16 @@ class Trainer:
         self._evaluator = evaluator
         run = self._run = self._setup(method, data)
         if run.finished_before and (
-            not self.config.export or os.path.isfile(os.path.join(self.config.output_dir, "model_index.json"))
+            not self.config.export or os.path.isfile(os.path.join(self.export_dir, "model_index.json"))
         ):
             self.accelerator.end_training()  # the run's export, timing and logs stay as they are
             return {"step": run.state.step, "interrupted": False, "signal": None, "already_finished": True}
         start, start_step = time.perf_counter(), run.state.step
         self._loop(run)
         summary = self.timer.summary(time.perf_counter() - start, run.state.step - start_step)
+        summary["train_seconds"] = run.state.seconds  # the iterations' wall-clock time, resumed runs included
+        if self.device.type == "cpu":
+            summary["cpu_threads"] = torch.get_num_threads()  # the user's OMP_NUM_THREADS, or a share of the cores
         return self._finish(run, summary)
 
     def _setup(self, method: Method, data) -> _Run:
@@ -282,11 +313,12 @@ class Trainer:
         resume = self._resolve_resume()
         if cfg.init_from_checkpoint and not resume:  # a resumed run already holds its own weights
             absent = load_model_weights(
-                cfg.init_from_checkpoint, method.models(), method.new_in_stage, method.fresh_in_stage
+                cfg.init_from_checkpoint, method.models(), method.new_in_stage, method.fresh_in_stage, self.method_key
             )
             fresh = f" ({', '.join(absent)} not in it: started afresh)" if absent else ""
             self.log(f"Started the models from {cfg.init_from_checkpoint}{fresh}")
         method.timer = self.timer
+        method.collective = _ProcessGroup(self)
         method.to(self.device)
 
         models, optimizers = method.models(), method.optimizers()
@@ -315,6 +347,7 @@ class Trainer:
         acc.register_for_checkpointing(_MethodState(method))
 
         if resume:
+            check_writer(resume, self.method_key)
             self._report_config_changes()
             self.log(f"Resuming from {resume}")
             verify_checkpoint(resume, len(models), len(acc._custom_objects), acc.num_processes)
@@ -351,13 +384,17 @@ class Trainer:
 
     def _report_config_changes(self) -> None:
         """On resume: say which settings differ from those the run was started with."""
-        from .config import CONFIG_FILE, differences
-
         path = os.path.join(self.config.output_dir, CONFIG_FILE)
         if not (self.is_main and self.config.resolved_config and os.path.isfile(path)):
             return
         with open(path) as f:
             earlier = json.load(f)
+        writer, mine = earlier.get("onestep_method"), self.method_key
+        if writer and mine and writer != mine:
+            raise UserError(
+                f"{path} was written by a {writer} run, not {mine}: {self.config.output_dir} holds another method's "
+                f"run; resume it with train/{writer}.py, or choose another --output_dir."
+            )
         changed = differences(earlier, json.loads(json.dumps(self.config.resolved_config, default=str)))
         if changed:
             self.log(
@@ -367,8 +404,6 @@ class Trainer:
 
     def _write_config(self) -> None:
         """The resolved configuration of the run, written before the first iteration (and again on resume)."""
-        from .config import CONFIG_FILE
-
         if not (self.is_main and self.config.resolved_config):
             return
         path = os.path.join(self.config.output_dir, CONFIG_FILE)
@@ -384,10 +419,10 @@ class Trainer:
         self._install_signal_handlers()
         progress = tqdm(total=cfg.max_train_steps, initial=state.step, disable=not self.is_main, desc="train")
         if state.step == 0:
-            self._validate(run, 0)
-            self._evaluate(run, 0)
+            self._optional(lambda: (self._validate(run, 0), self._evaluate(run, 0)))
         try:
             while state.step < cfg.max_train_steps:
+                started = time.perf_counter()
                 step = self._step_for_log = state.step
                 # 1. Which updates run now (e.g. DMD2: the generator every R-th iteration, the critic every one).
                 due = tuple(u.name for u in method.updates if step % u.every == 0)
@@ -428,6 +463,7 @@ class Trainer:
                 for n, ema in run.emas.items():
                     if any(model_of[u] == n for u in due):  # average the model's updates, not idle iterations
                         ema.update(acc.unwrap_model(models[n]))
+                state.seconds += time.perf_counter() - started
                 progress.update(1)
                 # 6. Logs, sample grids, in-training evaluation.
                 self._log_row(run, progress)
@@ -436,9 +472,9 @@ class Trainer:
                     and state.step % cfg.validation_steps == 0
                     and state.step < cfg.max_train_steps
                 ):
-                    self._validate(run, state.step)
+                    self._optional(lambda: self._validate(run, state.step))
                 if cfg.eval_steps and state.step % cfg.eval_steps == 0 and state.step < cfg.max_train_steps:
-                    self._evaluate(run, state.step)
+                    self._optional(lambda: self._evaluate(run, state.step))
                 # 7. Checkpoint at the interval or on a stop signal (any rank's), then stop if signalled.
                 stop = self._any_rank(self._stop_signal is not None)
                 at_interval = cfg.checkpointing_steps and state.step % cfg.checkpointing_steps == 0
@@ -496,10 +532,10 @@ class Trainer:
                     **cfg.run_config,
                 }
                 if full is not None:
-                    run.method.export(full, cfg.output_dir, card)
+                    run.method.export(full, self.export_dir, card)
                 else:
                     with _ema_weights(run.emas, acc, models):
-                        run.method.export({n: acc.unwrap_model(m) for n, m in models.items()}, cfg.output_dir, card)
+                        run.method.export({n: acc.unwrap_model(m) for n, m in models.items()}, self.export_dir, card)
             acc.wait_for_everyone()
         self.log(format_summary(summary))
         acc.end_training()
@@ -559,7 +595,8 @@ class Trainer:
             self.log(f"step {step}: evaluation skipped: {err}")
             return {}
         path, rows = self._evals
-        rows[:] = [r for r in rows if r["step"] != step] + [{"step": step, **values}]
+        row = {"step": step, **values, "train_seconds": round(run.state.seconds, 3)}
+        rows[:] = [r for r in rows if r["step"] != step] + [row]
         write_history(path, rows)
         plot_history(rows, os.path.join(os.path.dirname(path), "eval.png"))
         if self.config.report_to != "none":
@@ -578,6 +615,23 @@ class Trainer:
             if self.is_main:
                 path = os.path.join(self.config.output_dir, "samples", f"step-{step:06d}.png")
                 save_image_grid(images, path, min_width=512)
+
+
+class _ProcessGroup(Collective):
+    """The collectives a method may ask for, on the trainer's accelerator (Method.collective)."""
+
+    def __init__(self, trainer: Trainer):
+        self.accelerator = trainer.accelerator
+        self.is_main = trainer.is_main
+
+    def mean(self, values: list[float]) -> list[float]:
+        if self.accelerator.num_processes == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.accelerator.device)
+        return self.accelerator.reduce(t, reduction="mean").tolist()
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
 
 
 @contextlib.contextmanager

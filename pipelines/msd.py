@@ -1,4 +1,4 @@
-"""Multi-student one-step sampling (MSD, Song et al. 2025, arXiv 2410.23274; shared/methods/msd.md section 6).
+"""Multi-student one-step sampling (MSD, Song et al. 2025, arXiv 2410.23274).
 
 K one-step student UNets, each responsible for one part of the condition space, and the router that sends
 every item to exactly one of them: class ids by contiguous ranges, prompts by their pooled text embedding.
@@ -10,11 +10,11 @@ An EDM scheduler config (EDMEulerScheduler, ...) marks EDM-preconditioned studen
 as in one_step.py: timestep t indexes the ascending Karras grid of num_train_timesteps sigmas, the input is
 sigma_t z, and x0 = c_skip x + c_out F(c_in x, ln(sigma) / 4).
 
-Self-contained (torch + diffusers only): the export copies this file into the folder, so
-`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works where onestep is not installed.
-The routing functions here are also the ones training uses (onestep.router imports them), so a condition
-is routed identically when the students are trained and when they are sampled.
-"""
+Self-contained (torch, diffusers, numpy and PIL only; the code shared with the other pipeline files is copied from
+onestep/pipelines/common.py, each copy marked `# Copied from`): the export copies this file into the folder, so
+`DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` works where onestep is not installed. The
+routing functions here are also the ones training uses (onestep.router imports them), so a condition is routed
+identically when the students are trained and when they are sampled."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import inspect
 import json
 import os
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
@@ -67,8 +68,8 @@ def pca_scores(e: torch.Tensor, router: dict) -> torch.Tensor:
 def pooled_text_embedding(
     tokenizer, text_encoder, prompts: list[str], pooling: str = "masked_mean", normalisation: str = "l2"
 ) -> torch.Tensor:
-    """e(c) of msd.md 4.1: the text encoder's last hidden state averaged over the non-padding tokens (BOS and EOS
-    included; pooling "mean": over all positions) in float32, then L2-normalised (normalisation "none": not).
+    """e(c), the routing embedding: the text encoder's last hidden state averaged over the non-padding tokens (BOS and
+    EOS included; pooling "mean": over all positions) in float32, then L2-normalised (normalisation "none": not).
     (N, D) on the CPU. The router file records both choices. The encoder must be float32 and runs with autocast
     off, whatever precision the rest of a pipeline or a training run uses: the router was fitted on float32
     embeddings (MultiStudentPipeline.route passes a float32 encoder)."""
@@ -94,7 +95,11 @@ def pooled_text_embedding(
 
 class MultiStudentPipeline(DiffusionPipeline):
     """K one-step students (unet_0 .. unet_{K-1}) and a router; class-conditional pixel students or text-to-image
-    latent students (with the teacher's VAE, tokenizer(s) and text encoder(s))."""
+    latent students (with the teacher's VAE, tokenizer(s) and text encoder(s)).
+
+    `MultiStudentPipeline.from_pretrained(folder)` loads an export without running its msd.py, and still loads it
+    when that file was deleted; `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` then fails inside
+    diffusers' loader, an error this class cannot intercept (from_pretrained says more)."""
 
     _optional_components = [*STUDENT_SLOTS[1:], "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"]
 
@@ -146,31 +151,60 @@ class MultiStudentPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Load an exported folder with this (installed) class, without executing the copy of the pipeline file
-        stored in the folder, so no trust_remote_code is needed."""
-        folder = str(pretrained_model_name_or_path)
+        """Load a folder this class saved (onestep's MSD export) with this installed class, without running the
+        msd.py the folder ships: no trust_remote_code is needed. The rules are those of every onestep pipeline class
+        (OneStepPipeline.from_pretrained says them): `torch_dtype` and the other weight options apply to the students,
+        the VAE and the text encoders; a folder saved by another pipeline class is refused with the class to load it
+        with; a folder whose msd.py was deleted still loads here, while `DiffusionPipeline.from_pretrained(folder,
+        trust_remote_code=True)` then fails inside diffusers' loader, where this class cannot catch the error.
+
+        With a half-precision text encoder, routing still reads float32 embeddings: a float32 copy of the folder's
+        text encoder is loaded beside the components (see routing_embeddings)."""
+        pipe = cls._load_pretrained(pretrained_model_name_or_path, **kwargs)
+        folder = os.path.join(os.fspath(pretrained_model_name_or_path), "text_encoder")
+        encoder = pipe.text_encoder
+        if encoder is not None and encoder.dtype != torch.float32 and "text_encoder" not in kwargs:
+            if os.path.isdir(folder):  # routing reads the float32 weights (route)
+                fp32 = type(encoder).from_pretrained(folder, torch_dtype=torch.float32)
+                pipe._routing_encoder = (id(encoder), fp32.eval())
+        return pipe
+
+    # Copied from onestep.pipelines.common.SharedPipelineMethods._load_pretrained
+    @classmethod
+    def _load_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """from_pretrained's work (see there), for classes that add a step after loading."""
+        folder = os.fspath(pretrained_model_name_or_path)
         index_path = os.path.join(folder, "model_index.json")
         if not os.path.isfile(index_path):
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         with open(index_path) as f:
             index = json.load(f)
-        torch_dtype = kwargs.pop("torch_dtype", None)
-        params = inspect.signature(cls.__init__).parameters
+        _refuse_other_pipeline(index, cls, folder)
+        torch_dtype, dtype = kwargs.pop("torch_dtype", None), kwargs.pop("dtype", None)
+        dtype = dtype if torch_dtype is None else torch_dtype
+        options = ("variant", "use_safetensors", "low_cpu_mem_usage")
+        weights = {"torch_dtype": dtype, **{k: kwargs.pop(k, None) for k in options}}
+        weights = {k: v for k, v in weights.items() if v is not None}
+        hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "trust_remote_code")
+        for option in hub:  # nothing to fetch: the folder is local
+            kwargs.pop(option, None)
+        params = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        unknown = sorted(set(kwargs) - set(params))
+        if unknown:
+            raise TypeError(
+                f"{cls.__name__}.from_pretrained got the unexpected keyword argument(s) {', '.join(unknown)}; it "
+                f"takes the pipeline's components and config entries ({', '.join(params)}) and torch_dtype, "
+                f"{', '.join(options)}."
+            )
         init = {}
-        for name, value in index.items():
-            if name.startswith("_") or name not in params:
-                continue
-            if isinstance(value, list) and len(value) == 2 and value[0] in ("diffusers", "transformers"):
-                component = getattr(importlib.import_module(value[0]), value[1])
-                extra = {"torch_dtype": torch_dtype} if torch_dtype is not None and hasattr(component, "dtype") else {}
-                init[name] = component.from_pretrained(os.path.join(folder, name), **extra)
-            elif not (isinstance(value, list) and len(value) == 2 and value[0] is None):
+        for name in params:
+            value = kwargs[name] if name in kwargs else index.get(name, inspect.Parameter.empty)
+            if name not in kwargs and _is_component(value):
+                value = _load_component(folder, name, value, weights)
+            if value is not inspect.Parameter.empty:
                 init[name] = value
         pipe = cls(**init)
-        encoder = init.get("text_encoder")
-        if encoder is not None and encoder.dtype != torch.float32:  # routing reads the float32 weights (route)
-            fp32 = type(encoder).from_pretrained(os.path.join(folder, "text_encoder"), torch_dtype=torch.float32)
-            pipe._routing_encoder = (id(encoder), fp32.eval())
+        pipe.register_to_config(_name_or_path=folder)  # as diffusers' from_pretrained records it
         return pipe
 
     # -- routing ----------------------------------------------------------------------------------------
@@ -195,12 +229,15 @@ class MultiStudentPipeline(DiffusionPipeline):
         return pooled_text_embedding(self.tokenizer, encoder, prompts, router["pooling"], router["normalisation"])
 
     # -- one student's step -----------------------------------------------------------------------------
+    # Copied from onestep.pipelines.common.SharedPipelineMethods._edm
     @property
     def _edm(self) -> bool:
+        """An EDM scheduler config (EDMEulerScheduler, ...) marks EDM-preconditioned students."""
         return type(self.scheduler).__name__.startswith("EDM")
 
+    # Copied from onestep.pipelines.common.SharedPipelineMethods._edm_sigma
     def _edm_sigma(self, t: int) -> torch.Tensor:
-        """sigma at index t of the grid the students were trained on (float64; index T-1 is sigma_max)."""
+        """sigma at index t of the ascending Karras grid the students were trained on (float64; T-1 is sigma_max)."""
         c = self.scheduler.config
         i = torch.arange(c.num_train_timesteps, dtype=torch.float64) / (c.num_train_timesteps - 1)
         top, bottom = c.sigma_max ** (1 / c.rho), c.sigma_min ** (1 / c.rho)
@@ -273,37 +310,42 @@ class MultiStudentPipeline(DiffusionPipeline):
     ):
         """Generate one image per class label (class-conditional students) or per prompt (text students).
         Without class labels, `batch_size` labels are drawn at random. `generator` may be a list with one
-        generator per item: then each item's image depends on its own generator and condition only."""
+        generator per item: then each item's image depends on its own generator and condition only. `output_type`:
+        "pil", "np", "pt", or "latent" (the students' x0 as it is, before any decoding)."""
         router = self.config.router
-        if num_inference_steps not in (None, 1):
-            raise ValueError("MSD students are one-step generators: num_inference_steps must be 1 (or left out).")
+        _check_output_type(output_type, ("pil", "np", "pt", "latent"))
+        _check_num_inference_steps(num_inference_steps, 1, "MSD students are one-step generators")
         text = router["kind"] in TEXT_KINDS
         if text:
-            if prompt is None:
+            if prompt is None or class_labels is not None:
                 raise ValueError("These students are text-to-image: pass prompt= (a string or a list of strings).")
-            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            n, labels = len(prompts), None
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(
+                    f"These students are text-to-image: prompt must be a string or a list of strings; got "
+                    f"{type(prompt).__name__}."
+                )
+            if not prompts:
+                raise ValueError("prompt is an empty list; give at least one prompt.")
+            prompts, labels = list(prompts), None
+            n = _check_batch_size(batch_size, len(prompts), "prompts")
         else:
             if prompt is not None:
                 raise ValueError("These students are class-conditional: pass class_labels=, not a prompt.")
-            num_classes = self.config.num_classes
-            if class_labels is None:
-                n = 1 if batch_size is None else batch_size
-                single = generator if isinstance(generator, torch.Generator) else None
-                labels = torch.randint(0, num_classes, (n,), generator=single)
-            else:
-                labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
-                n = labels.numel()
-                if n and (labels.min() < 0 or labels.max() >= num_classes):
-                    raise ValueError(f"class_labels must lie in 0..{num_classes - 1}.")
-        if n < 1:
-            raise ValueError("Nothing to generate: give at least one class label, prompt or batch_size >= 1.")
+            num_classes = self.config.num_classes if self.config.num_classes is not None else router["num_classes"]
+            labels = None if class_labels is None else _check_class_labels(class_labels, num_classes)
+            n = _check_batch_size(batch_size, None if labels is None else len(labels))
+        generator = _check_generator(generator, n)
+        if not text and labels is None:
+            single = generator if isinstance(generator, torch.Generator) else None
+            labels = torch.randint(0, num_classes, (n,), generator=single)
         first = self.students[0]
         size = first.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         device = self._execution_device
         # 1. Every item's noise, drawn before routing.
         shape = (n, first.config.in_channels, *size)
+        latents = _check_latents(latents, shape)
         x = (
             latents.to(device, torch.float32)
             if latents is not None
@@ -339,20 +381,172 @@ class MultiStudentPipeline(DiffusionPipeline):
                 continue
             out = student(x[idx_dev].to(student.dtype), tt, **kw).sample.float()
             x0[idx_dev] = self._to_x0(out[:, : x.shape[1]], x[idx_dev], t)
-        if text and output_type != "latent":
-            images = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
-        else:
-            images = x0
         if output_type == "latent":
-            result = images
-        else:
-            images = (images / 2 + 0.5).clamp(0, 1)
-            if output_type == "pt":
-                result = images
-            else:
-                result = images.cpu().permute(0, 2, 3, 1).numpy()
-                if output_type == "pil":
-                    result = self.numpy_to_pil(result)
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+            return ImagePipelineOutput(images=x0) if return_dict else (x0,)
+        if text:
+            x0 = self.vae.decode((x0 / self.vae.config.scaling_factor).to(self.vae.dtype)).sample.float()
+        return _images_output((x0 / 2 + 0.5).clamp(0, 1), output_type, return_dict)
+
+
+# Copied from onestep.pipelines.common._refuse_other_pipeline
+def _refuse_other_pipeline(index: dict, cls, folder: str) -> None:
+    """A folder saved by another pipeline class is refused in one sentence that names the class to load it with."""
+    named = index.get("_class_name")
+    module, name = named if isinstance(named, list) and len(named) == 2 else (None, named)
+    if not isinstance(name, str) or name in {k.__name__ for k in cls.__mro__}:
+        return
+    ours = {
+        "OneStepPipeline": "onestep.pipelines.OneStepPipeline",
+        "MultiStudentPipeline": "onestep.pipelines.MultiStudentPipeline",
+        "SuperResolutionPipeline": "onestep.pipelines.SuperResolutionPipeline",
+        "LatentSuperResolutionPipeline": "onestep.pipelines.LatentSuperResolutionPipeline",
+        "BootPipeline": "onestep.pipelines.boot.BootPipeline",
+    }
+    if name in ours:
+        remote = "DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)"
+        how = f"{ours[name]}.from_pretrained(folder) or {remote}"
+    elif module is None:  # a stock diffusers class, maybe with a shipped component (BOOT's scheduler)
+        custom = [v for k, v in index.items() if not k.startswith("_") and _is_component(v)]
+        custom = any(library not in (None, "diffusers", "transformers") for library, _ in custom)
+        how = f"DiffusionPipeline.from_pretrained(folder{', trust_remote_code=True' if custom else ''})"
+    else:
+        how = f"DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you trust its {module}.py"
+    raise ValueError(f"{folder} holds a {name}, not a {cls.__name__}; load it with {how}.")
+
+
+# Copied from onestep.pipelines.common._is_component
+def _is_component(value) -> bool:
+    """model_index.json's [library, class] entries (null, null: an optional component left out)."""
+    return isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)
+
+
+# Copied from onestep.pipelines.common._load_component
+def _load_component(folder: str, name: str, entry: list, weights: dict):
+    """One component from its sub-folder. Classes come from diffusers, transformers or this very file (a scheduler
+    such as BootScheduler): never from code in the folder."""
+    library, class_name = entry
+    if library is None:
+        return None
+    if library in ("diffusers", "transformers"):
+        klass = getattr(importlib.import_module(library), class_name)
+    elif library == __name__.rsplit(".", 1)[-1] and isinstance(globals().get(class_name), type):
+        klass = globals()[class_name]
+    else:
+        raise ValueError(
+            f"{folder}/model_index.json names its {name} as {library}.{class_name}, which only code shipped in the "
+            f"folder defines; load it with DiffusionPipeline.from_pretrained(folder, trust_remote_code=True) if you "
+            f"trust that code."
+        )
+    return klass.from_pretrained(os.path.join(folder, name), **(weights if hasattr(klass, "dtype") else {}))
+
+
+# Copied from onestep.pipelines.common._is_integer
+def _is_integer(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+# Copied from onestep.pipelines.common._check_output_type
+def _check_output_type(output_type, allowed: tuple[str, ...] = ("pil", "np", "pt")) -> None:
+    if not isinstance(output_type, str) or output_type not in allowed:
+        raise ValueError(f"output_type must be one of {', '.join(map(repr, allowed))}; got {output_type!r}.")
+
+
+# Copied from onestep.pipelines.common._check_batch_size
+def _check_batch_size(batch_size, given: int | None = None, what: str = "class labels") -> int:
+    """The number of images: one per given condition (`given` of them), else batch_size (default 1)."""
+    if batch_size is None:
+        return 1 if given is None else given
+    if not _is_integer(batch_size):
+        raise TypeError(f"batch_size must be an integer; got {batch_size!r}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1; got {batch_size}.")
+    if given is not None and batch_size != given:
+        raise ValueError(f"batch_size={batch_size} does not match the {given} {what} given; leave batch_size out.")
+    return int(batch_size)
+
+
+# Copied from onestep.pipelines.common._check_class_labels
+def _check_class_labels(class_labels, num_classes: int) -> torch.Tensor:
+    """An integer, a list of them, or an integer array or tensor -> a 1-D long tensor of labels in 0..num_classes-1
+    (a float such as 3.5 is refused, not rounded)."""
+    if isinstance(class_labels, (torch.Tensor, np.ndarray)):
+        labels = torch.as_tensor(class_labels)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(
+                f"class_labels must be integers; got a {labels.dtype} {type(class_labels).__name__}: convert it with "
+                f".long() (or .astype(int)) after checking its values."
+            )
+        if labels.ndim > 1:
+            raise ValueError(f"class_labels must be one label per image (1-D); got shape {tuple(labels.shape)}.")
+        labels = labels.long().reshape(-1)
+    else:
+        items = list(class_labels) if isinstance(class_labels, (list, tuple)) else [class_labels]
+        bad = [c for c in items if not _is_integer(c)]
+        if bad:
+            raise TypeError(f"class_labels must be integers (an int or a list of ints); got {bad[0]!r}.")
+        labels = torch.tensor([int(c) for c in items], dtype=torch.long)
+    if labels.numel() == 0:
+        raise ValueError(
+            "class_labels is empty; give one label per image, or leave it out (random labels, batch_size images)."
+        )
+    outside = labels[(labels < 0) | (labels >= num_classes)]
+    if outside.numel():
+        raise ValueError(f"class_labels must lie in 0..{num_classes - 1}; got {int(outside[0])}.")
+    return labels
+
+
+# Copied from onestep.pipelines.common._check_generator
+def _check_generator(generator, count: int):
+    """None, one torch.Generator, or a list of exactly one per image (returned as a list, as randn_tensor takes)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        if len(generator) != count:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators for {count} images; give one per image, or "
+                f"a single generator."
+            )
+        return list(generator)
+    raise TypeError(
+        f"generator must be a torch.Generator or a list of them, one per image; got {type(generator).__name__}."
+    )
+
+
+# Copied from onestep.pipelines.common._check_latents
+def _check_latents(latents, shape: tuple[int, ...]):
+    """None, or a float tensor of exactly `shape` (the unit noise of every image)."""
+    if latents is None:
+        return None
+    if not isinstance(latents, torch.Tensor) or not latents.is_floating_point():
+        what = f"a {latents.dtype} tensor" if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise TypeError(f"latents must be a float torch.Tensor of shape {tuple(shape)}; got {what}.")
+    if tuple(latents.shape) != tuple(shape):
+        raise ValueError(
+            f"latents must have shape {tuple(shape)}, one {'x'.join(map(str, shape[1:]))} noise per image; got "
+            f"{tuple(latents.shape)}."
+        )
+    return latents
+
+
+# Copied from onestep.pipelines.common._check_num_inference_steps
+def _check_num_inference_steps(num_inference_steps, maximum: int, why: str) -> int | None:
+    """None (the pipeline's default) or an integer in 1..maximum; `why` says where the maximum comes from. 0 or a
+    negative count is refused, not read as "the default"."""
+    if num_inference_steps is None:
+        return None
+    if not _is_integer(num_inference_steps):
+        raise TypeError(f"num_inference_steps must be an integer; got {num_inference_steps!r}.")
+    if not 1 <= num_inference_steps <= maximum:
+        raise ValueError(f"num_inference_steps must be between 1 and {maximum} ({why}); got {num_inference_steps}.")
+    return int(num_inference_steps)
+
+
+# Copied from onestep.pipelines.common._images_output
+def _images_output(images: torch.Tensor, output_type: str, return_dict: bool):
+    """[0, 1] images (B, C, H, W) as output_type asks: "pt" as they are, "np" (B, H, W, C) float32 arrays, "pil"
+    a list of PIL images."""
+    if output_type != "pt":
+        images = images.detach().float().cpu().permute(0, 2, 3, 1).numpy()
+        if output_type == "pil":
+            images = DiffusionPipeline.numpy_to_pil(images)
+    return ImagePipelineOutput(images=images) if return_dict else (images,)

@@ -75,3 +75,22 @@ def save_hf_dataset(root, captions, caption_column="text", sizes=None):
     os.makedirs(os.path.join(root, "data"))
     ds.to_parquet(os.path.join(root, "data", "train-00000-of-00001.parquet"))
     return str(root)
+
+
+def check_model_card(folder, method=None, pipeline_tag="unconditional-image-generation", rows=("teacher",)):
+    """An exported folder's README.md is the Hub's YAML front matter, then a Markdown card: returns (header, body)
+    after checking the header's fields (library, task, tags) and that the body names each of `rows`."""
+    import yaml
+
+    text = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+    assert text.startswith("---\n"), "the card must start with YAML front matter"
+    header_text, body = text[4:].split("\n---\n", 1)
+    header = yaml.safe_load(header_text)
+    assert header["library_name"] == "diffusers" and header["pipeline_tag"] == pipeline_tag
+    assert "onestep" in header["tags"]
+    if method is not None:
+        assert method in header["tags"] and "one-step" in header["tags"]
+    assert body.lstrip().startswith("# ") and "## Loading" in body
+    for row in rows:
+        assert f"| {row} |" in body, row
+    return header, body

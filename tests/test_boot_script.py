@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import PY, ROOT, run
+from tests.helpers import PY, ROOT, check_model_card, run
 
 SMALL = ["--train_batch_size", "2", "--validation_steps", "1000", "--grid_size", "10"]
 
@@ -88,7 +88,7 @@ def test_default_run_is_data_free_resumes_exactly_after_sigkill_and_loads_in_a_f
     z = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(3))
     here = BootPipeline.from_pretrained(str(ref))(class_labels=[3, 7], latents=z, output_type="pt").images
     assert torch.allclose(torch.tensor(info["images"]), here, atol=1e-6)
-    card = (ref / "README.md").read_text()
+    _, card = check_model_card(ref, "boot", rows=("teacher", "training_steps", "metrics", "boundary"))
     assert "BOOT" in card and "network told timestep" in card and "none (noise)" in card
 
 
@@ -185,7 +185,7 @@ def _noisy_teacher(path):
 @pytest.mark.parametrize(
     "case,args,expected",
     [
-        ("grid 0", ["--grid_size", "0"], "--grid_size 0 must lie within 1..1000"),
+        ("grid 0", ["--grid_size", "0"], "argument --grid_size: expected a positive integer, got '0'"),
         ("grid above T", ["--grid_size", "1001"], "--grid_size 1001 must lie within 1..1000"),
         ("no clean end", ["--pretrained_model_name_or_path", "NOISY"], "no usable clean end"),
     ],

@@ -1,10 +1,11 @@
-"""BOOT's arithmetic, without training (shared/methods/boot.md sections 3, 4 and 9.1-9.2): the time grid and its
+"""BOOT's arithmetic, without training (docs/methods/boot.md): the time grid and its
 deltas, the signal recursion against an x-space DDIM loop, the loss self-test, the student's parametrisation
 at initialisation, the bad-input refusals, and the exported pipeline's call against g(eps, clean) by hand."""
 
 import pytest
 import torch
 
+from onestep.context import TeacherContext
 from onestep.denoiser import Cond, Denoiser
 from onestep.errors import UserError
 from onestep.generator import CLEAN
@@ -30,14 +31,14 @@ def _info(step=0):
     return StepInfo(step, ("student",), torch.Generator().manual_seed(0), torch.device("cpu"))
 
 
-def test_grid_and_deltas_follow_the_spec():
+def test_grid_and_deltas_follow_the_papers_definition():
     assert time_grid(1000, 20) == list(range(49, 1000, 50)) and time_grid(1000, 1) == [999]
     sched = SCHEDULES["sd15"]()
     grid = torch.tensor([CLEAN, *time_grid(1000, 20)])
-    method = BOOT(analytic_teacher(GMM, sched), BOOTConfig(), (2,))
+    method = BOOT(TeacherContext(analytic_teacher(GMM, sched), (2,)), BOOTConfig())
     (a_t, s_t), (a_s, s_s) = method.coefficients(grid[1:]), method.coefficients(grid[:-1])
     delta = signal_step(a_t, s_t, a_s, s_s)
-    # Spec 3.5: for SD1.5 and N = 20 the deltas range 0.15..0.35 and the last interval (to clean) has delta = 1.
+    # For SD1.5 and N = 20 the deltas range 0.15..0.35 and the last interval (to clean) has delta = 1.
     assert delta[0] == 1 and 0.15 < delta[1:].min() and delta[1:].max() < 0.35
     # The clean end is alpha = 1, sigma = 0, not abar[0] = 0.99915.
     assert method.coefficients(torch.tensor([CLEAN])) == (
@@ -45,7 +46,7 @@ def test_grid_and_deltas_follow_the_spec():
         torch.zeros(1, dtype=torch.float64),
     )
     # A flow's noise end has alpha = 0: delta(T, s) = 1.
-    flow = BOOT(analytic_teacher(GMM, RectifiedFlowSchedule()), BOOTConfig(), (2,))
+    flow = BOOT(TeacherContext(analytic_teacher(GMM, RectifiedFlowSchedule()), (2,)), BOOTConfig())
     (a, s), (a2, s2) = flow.coefficients(torch.tensor([999])), flow.coefficients(torch.tensor([949]))
     assert float(a) == 0 and float(signal_step(a, s, a2, s2)) == 1
 
@@ -53,7 +54,7 @@ def test_grid_and_deltas_follow_the_spec():
 @pytest.mark.parametrize("schedule", ["sd15", "flow"])
 @pytest.mark.parametrize("boundary", ["paper", "exact"])
 def test_signal_recursion_equals_x_space_ddim(schedule, boundary):
-    """Spec 9.1: the y-recursion and an x-space DDIM loop agree to ~1e-12 (float64, analytic teacher)."""
+    """The y-recursion and an x-space DDIM loop agree to ~1e-12 (float64, analytic teacher)."""
     eps = torch.randn(400, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     sched = SCHEDULES[schedule]()
     y, x = reference_trajectory(GMM, sched, eps, 20, boundary), ddim_trajectory(GMM, sched, eps, 20, boundary)
@@ -67,7 +68,7 @@ def test_b_exact_reference_is_the_stock_ddim_sampler_and_b_paper_differs_slightl
     exact, paper = reference_trajectory(GMM, sched, eps, 20, "exact")[0], reference_trajectory(GMM, sched, eps, 20)[0]
     assert (exact - stock).abs().max() < 1e-4
     gap = (paper - exact).norm(dim=1).mean()
-    assert 1e-3 < gap < 0.2  # spec 3.3: a few percent of the data scale for SD1.5's alpha_999 = 0.068
+    assert 1e-3 < gap < 0.2  # B-paper's x_T is not eps: a few percent of the data scale at alpha_999 = 0.068
 
 
 class _GarbageAtTop(ReferenceStudent):
@@ -82,13 +83,15 @@ class _GarbageAtTop(ReferenceStudent):
     "schedule,boundary", [("sd15", "paper"), ("sd15", "exact"), ("flow", "paper"), ("edm", "paper"), ("edm", "exact")]
 )
 def test_loss_self_test_reference_trajectory_gives_zero_loss(schedule, boundary):
-    """Spec 9.2: the reference trajectory in place of g makes L_BS and L_BC vanish; one level off does not.
+    """The loss self-test: the reference trajectory in place of g makes L_BS and L_BC vanish; one level off does not.
     Under B-exact the student at T is replaced by garbage: the trajectory must start from x_T = noise regardless."""
     sched = KarrasSchedule() if schedule == "edm" else SCHEDULES[schedule]()
     student = _GarbageAtTop if boundary == "exact" else ReferenceStudent
     losses = {}
     for shift in (0, 1):
-        method = BOOT(analytic_teacher(GMM, sched), BOOTConfig(train_batch_size=256, boundary=boundary), (2,))
+        method = BOOT(
+            TeacherContext(analytic_teacher(GMM, sched), (2,)), BOOTConfig(train_batch_size=256, boundary=boundary)
+        )
         method.attach({"student": student(GMM, sched, 20, boundary, shift)}, lambda m: m)
         torch.manual_seed(0)
         _, logs = method.loss("student", method.start_iteration(None, _info()))
@@ -112,13 +115,13 @@ def test_bootstrap_loss_is_a_derivative_match():
     [("vp", "epsilon"), ("vp", "v_prediction"), ("vp", "sample"), ("flow", "flow"), ("edm", "edm")],
 )
 def test_student_starts_at_the_teachers_boundary_exactly(schedule, kind):
-    """Spec 3.4: with the teacher's weights, g(eps, T) = f(eps, T) for every parametrisation, and g at other
+    """With the teacher's weights, g(eps, T) = f(eps, T) for every parametrisation, and g at other
     times differs only through the timestep embedding."""
     sched = {"vp": DiscreteVPSchedule.from_betas(0.00085, 0.012, "scaled_linear"), "flow": RectifiedFlowSchedule(),
              "edm": KarrasSchedule()}[schedule]  # fmt: skip
     torch.manual_seed(0)
     teacher = Denoiser(tiny_unet(), sched, kind).eval()
-    method = BOOT(teacher, BOOTConfig(), (1, 8, 8))
+    method = BOOT(TeacherContext(teacher, (1, 8, 8)), BOOTConfig())
     eps = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
         g_T = method.student(eps, torch.full((2,), 999))
@@ -132,8 +135,7 @@ def test_one_iteration_trains_only_the_student_through_g_at_s():
     torch.manual_seed(0)
     teacher = Denoiser(tiny_unet(num_class_embeds=4), sched, "epsilon").eval()
     sampler = lambda n, device: Cond(class_labels=torch.randint(0, 3, (n,)))  # noqa: E731
-    method = BOOT(teacher, BOOTConfig(train_batch_size=4, guidance_scale=2.0), (1, 8, 8), sampler,
-                  uncond=lambda c: Cond(class_labels=torch.full_like(c.class_labels, 3)))  # fmt: skip
+    method = BOOT(TeacherContext(teacher, (1, 8, 8), cond_sampler=sampler, uncond=lambda c: Cond(class_labels=torch.full_like(c.class_labels, 3))), BOOTConfig(train_batch_size=4, guidance_scale=2.0))  # fmt: skip
     method.attach(method.models(), lambda m: m)
     torch.manual_seed(1)
     state = method.start_iteration(None, _info())
@@ -146,10 +148,14 @@ def test_one_iteration_trains_only_the_student_through_g_at_s():
 
 
 def test_curriculum_opens_intervals_from_the_top():
-    method = BOOT(analytic_teacher(GMM, SCHEDULES["sd15"]()), BOOTConfig(curriculum=True), (2,), max_train_steps=100)
+    method = BOOT(
+        TeacherContext(analytic_teacher(GMM, SCHEDULES["sd15"]()), (2,)),
+        BOOTConfig(curriculum=True),
+        max_train_steps=100,
+    )
     lows = [method.lowest_interval(step) for step in (0, 9, 19, 50)]
     assert lows == [20, 11, 1, 1]
-    assert BOOT(method.teacher, BOOTConfig(), (2,), max_train_steps=100).lowest_interval(0) == 1
+    assert BOOT(TeacherContext(method.teacher, (2,)), BOOTConfig(), max_train_steps=100).lowest_interval(0) == 1
 
 
 @pytest.mark.parametrize(
@@ -174,7 +180,7 @@ def test_bad_input_is_refused_in_one_sentence(config, teacher, message):
     }
     teacher = Denoiser(tiny_unet(), schedules[teacher], "epsilon")
     with pytest.raises(UserError, match=message) as err:
-        BOOT(teacher, config, (1, 8, 8))
+        BOOT(TeacherContext(teacher, (1, 8, 8)), config)
     assert "\n" not in str(err.value)
 
 
@@ -207,7 +213,7 @@ def test_exported_pipeline_call_equals_g_at_the_clean_end_by_hand(kind, tmp_path
              "edm": KarrasSchedule()}[kind]  # fmt: skip
     teacher = Denoiser(tiny_unet(num_class_embeds=4), sched, kind).eval()
     config = BOOTConfig(param_timestep=399 if kind == "epsilon" else None)
-    method = BOOT(teacher, config, (1, 8, 8), export_info={"num_classes": 3})
+    method = BOOT(TeacherContext(teacher, (1, 8, 8), num_classes=3), config)
     with torch.no_grad():
         for p in method.student.parameters():
             p.add_(0.01 * torch.randn_like(p))  # a trained student differs from the teacher

@@ -14,13 +14,14 @@ from onestep.presets.dmd2 import DEFAULT_PRESET, PRESETS
 
 def _flags(**set_flags):
     """What argparse gives train/dmd2.py: every shared and DMD2 flag, None where not given."""
-    from train.dmd2 import build_parser
+    from onestep.presets.dmd2 import ENTRY
+    from onestep.stages import build_parser
 
-    return {**vars(build_parser().parse_args([])), **set_flags}
+    return {**vars(build_parser(ENTRY).parse_args([])), **set_flags}
 
 
 def test_every_flag_is_a_config_field_and_every_field_a_flag():
-    flags = set(_flags()) - {"preset", "config"}
+    flags = set(_flags()) - {"preset", "config", "stage"}
     fields = set(PRESETS[DEFAULT_PRESET].config.field_groups())
     # adam_betas, dm_weight, fake_score*, and the loop's internals have no flag (yet): say which.
     internal = {
@@ -53,15 +54,16 @@ def test_flags_override_the_preset_and_unset_flags_keep_it():
         resolve(_flags(preset="nope"), PRESETS, DEFAULT_PRESET, DMD2Config)
 
 
-def test_variants_are_built_from_their_base():
-    a, b = PRESETS["sd15"].config, PRESETS["sd15-stage2"].config
+def test_variants_are_built_from_their_base_and_published_recipes_are_stages():
+    a, b = PRESETS["sdxl-4step"].config, PRESETS["sdxl-lora"].config
     changed = differences(a.to_dict(), b.to_dict())
-    assert sorted(c.split(":")[0] for c in changed) == [
-        "method.gan",
-        "method.learning_rate",
-        "trainer.max_train_steps",
-    ]
-    assert PRESETS["sdxl-lora"].config.memory.lora_rank == 64 and PRESETS["sdxl-4step"].config.memory.lora_rank == 0
+    assert sorted(c.split(":")[0] for c in changed) == ["memory.lora_rank", "method.learning_rate"]
+    # SD1.5 as published: distribution matching, then the GAN stage from its weights at a lower learning rate.
+    dm, gan = PRESETS["sd15"].stages
+    assert (dm.name, dm.method, dm.trainer) == ("dm", {"gan": False}, {"max_train_steps": 40_000})
+    assert gan.init_from == "dm" and gan.method == {"gan": True, "learning_rate": 5e-7}
+    regression, distill = PRESETS["sdxl-1step"].stages
+    assert regression.build == "regression" and distill.init_from == "regression"
 
 
 def test_config_file_round_trip_and_rerun_with_overrides(tmp_path):

@@ -1,4 +1,4 @@
-"""DisBack's path and walk (shared/methods/disback.md sections 4-5) on the Gaussian-mixture MLP, through the real
+"""DisBack's path and walk (docs/methods/disback.md) on the Gaussian-mixture MLP, through the real
 Trainer: snapshots on disk, each switch changes the target, the walk ends at the teacher, the position on the
 path resumes exactly across a switch, the converged rule, the guidance policies and the VSD weighting."""
 
@@ -10,6 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from onestep.context import TeacherContext
 from onestep.denoiser import Cond, Denoiser
 from onestep.errors import UserError
 from onestep.methods.disback import (
@@ -70,9 +71,9 @@ def _snapshot_outputs(net, path_dir, n):
 
 def test_each_switch_changes_the_target_and_the_walk_ends_at_the_teacher(toy):
     gmm, net, config, path_dir, _ = toy
-    method = DisBack(net, config, (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), config, path_dir)
     expected = _snapshot_outputs(net, path_dir, N)  # S'_0 .. S'_N
-    # Stage 2 starts from S'_N in the critic and S'_{N-1} in the real-score slot (spec 5.2).
+    # Stage 2 starts from S'_N in the critic and S'_{N-1} in the real-score slot.
     assert torch.equal(_probe(method.critic.denoiser), expected[N])
     seen = [_probe(method.real_score)]
     for iteration in (3, 6):
@@ -89,7 +90,7 @@ def test_a_switch_that_changes_nothing_is_an_error(toy, tmp_path):
     gmm, net, config, path_dir, _ = toy
     broken = str(tmp_path / "path")
     shutil.copytree(path_dir, broken)
-    method = DisBack(net, config, (2,), broken)
+    method = DisBack(TeacherContext(net, (2,)), config, broken)
     shutil.rmtree(snapshot_dir(broken, 1))  # replaced after the start-of-stage check: S'_1 == S'_2
     shutil.copytree(snapshot_dir(broken, 2), snapshot_dir(broken, 1))
     with pytest.raises(RuntimeError, match="left the real score unchanged"):
@@ -104,10 +105,10 @@ def test_a_path_with_identical_consecutive_snapshots_is_refused_at_the_start(toy
     shutil.rmtree(snapshot_dir(broken, 1))
     shutil.copytree(snapshot_dir(broken, 2), snapshot_dir(broken, 1))
     with pytest.raises(UserError, match="S'_2 of the path in .* is identical to S'_1, so the walk"):
-        DisBack(net, config, (2,), broken)
+        DisBack(TeacherContext(net, (2,)), config, broken)
     save_snapshot(net.net, broken, 1)  # S'_1 == the teacher
     with pytest.raises(UserError, match="S'_1 of the path in .* is identical to the teacher"):
-        DisBack(net, config, (2,), broken)
+        DisBack(TeacherContext(net, (2,)), config, broken)
     with pytest.raises(UserError, match="--path_learning_rate must be positive"):
         replace(config, path_learning_rate=0.0).resolved(20)
 
@@ -134,7 +135,7 @@ def test_sharded_unet_snapshots_are_read_by_stage_two(tmp_path):
     with open(os.path.join(path_dir, "path.json"), "w") as f:
         json.dump(info, f)
     config = base_config(train_batch_size=2, num_snapshots=2, path_steps=2).resolved(4)
-    method = DisBack(teacher, config, (1, 8, 8), path_dir)
+    method = DisBack(TeacherContext(teacher, (1, 8, 8)), config, path_dir)
     equal = lambda net, state: all(torch.equal(v, state[k]) for k, v in net.state_dict().items())  # noqa: E731
     assert equal(method.critic.denoiser.net, snapshots[2]) and equal(method.real_score.net, snapshots[1])
     unet_dir = os.path.join(snapshot_dir(path_dir, 2), "unet")
@@ -142,7 +143,7 @@ def test_sharded_unet_snapshots_are_read_by_stage_two(tmp_path):
     assert len(shards) > 1
     os.remove(os.path.join(unet_dir, shards[0]))
     with pytest.raises(UserError, match="lacks snapshot-002"):
-        DisBack(teacher, config, (1, 8, 8), path_dir)
+        DisBack(TeacherContext(teacher, (1, 8, 8)), config, path_dir)
 
 
 def test_derived_defaults_and_n_taken_from_the_path(toy):
@@ -161,7 +162,7 @@ def test_derived_defaults_and_n_taken_from_the_path(toy):
     assert (run.num_snapshots, run.switch_every, run.switch_min_steps, run.switch_max_steps) == (N, 10, 5, 20)
     assert resolve_for_run(replace(base_config(), stage="path"), 120, "out/run").path_dir == "out/run-path"
     with pytest.raises(UserError, match=f"has {N} snapshots, not --num_snapshots 10"):
-        DisBack(net, replace(config, num_snapshots=10), (2,), path_dir)
+        DisBack(TeacherContext(net, (2,)), replace(config, num_snapshots=10), path_dir)
 
 
 def test_converged_rule_records_the_mean_over_processes_and_skips_non_finite_values(toy, monkeypatch):
@@ -170,7 +171,7 @@ def test_converged_rule_records_the_mean_over_processes_and_skips_non_finite_val
     gmm, net, config, path_dir, _ = toy
     import torch.distributed as dist
 
-    method = DisBack(net, replace(config, switch_rule="converged"), (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), replace(config, switch_rule="converged"), path_dir)
     other_rank = [3.0]
     monkeypatch.setattr(dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dist, "get_world_size", lambda: 2)
@@ -189,7 +190,7 @@ def test_a_path_with_a_missing_snapshot_or_unfinished_is_refused_in_one_sentence
     shutil.copytree(path_dir, broken)
     shutil.rmtree(snapshot_dir(broken, 2))
     with pytest.raises(UserError, match="lacks snapshot-002"):
-        DisBack(net, config, (2,), broken)
+        DisBack(TeacherContext(net, (2,)), config, broken)
     with pytest.raises(UserError, match="holds no degradation path"):
         read_path(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="recorded for a generator at timesteps"):
@@ -197,7 +198,7 @@ def test_a_path_with_a_missing_snapshot_or_unfinished_is_refused_in_one_sentence
 
 
 def _train(net, config, path_dir, gmm, out, steps, resume=False):
-    method = DisBack(net, config, (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), config, path_dir)
     trainer = Trainer(
         TrainerConfig(
             output_dir=str(out),
@@ -226,7 +227,7 @@ def test_resume_across_a_target_switch_is_exact(toy, tmp_path):
 def test_converged_rule_waits_for_the_gradient_to_fall_within_the_phase_bounds(toy):
     gmm, net, config, path_dir, _ = toy
     c = replace(config, switch_rule="converged", switch_window=2, switch_min_steps=4, switch_max_steps=50)
-    method = DisBack(net, c, (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), c, path_dir)
     method.phase_grads = [1.0, 1.0, 0.9, 0.8]
     assert not method._switch_due(10)  # 0.85 > 0.5 x 1.0
     method.phase_grads += [0.4, 0.4]
@@ -248,13 +249,13 @@ def test_guidance_policy_and_condition_dropout_on_a_class_conditional_teacher(tm
     from onestep.testing.toy import fit_on_gmm
 
     path_dir = str(tmp_path / "path")
-    stage1 = DegradationPath(net, config, (2,), path_dir, cond_sampler=labels, uncond=null)
+    stage1 = DegradationPath(TeacherContext(net, (2,), cond_sampler=labels, uncond=null), config, path_dir)
     assert stage1.uncond_prob == 0.1
     fit_on_gmm(stage1, gmm, 2, 32, export=True)
-    kw = dict(cond_sampler=labels, uncond=null)
-    method = DisBack(net, config, (2,), path_dir, **kw)
+    guided = TeacherContext(net, (2,), cond_sampler=labels, uncond=null)
+    method = DisBack(guided, config, path_dir)
     assert method.target_guidance == "cfg_all" and method._real_guidance_scale() == 2.0
-    only = DisBack(net, replace(config, target_guidance="cfg_teacher_only"), (2,), path_dir, **kw)
+    only = DisBack(guided, replace(config, target_guidance="cfg_teacher_only"), path_dir)
     assert only._real_guidance_scale() == 1.0
     only.switch(1)
     assert only.target_index == 0 and only._real_guidance_scale() == 2.0
@@ -263,17 +264,23 @@ def test_guidance_policy_and_condition_dropout_on_a_class_conditional_teacher(tm
     assert mixed.class_labels.tolist() == [2, 1, 2]
     # A path recorded without dropout cannot be guided everywhere unless one asks for the released code's way.
     plain = str(tmp_path / "plain")
-    fit_on_gmm(DegradationPath(net, replace(config, path_uncond_prob=0.0), (2,), plain, **kw), gmm, 2, 32, export=True)
+    fit_on_gmm(
+        DegradationPath(guided, replace(config, path_uncond_prob=0.0), plain),
+        gmm,
+        2,
+        32,
+        export=True,
+    )
     with pytest.raises(UserError, match="cfg_all needs a path recorded with condition dropout"):
-        DisBack(net, replace(config, target_guidance="cfg_all"), (2,), plain, **kw)
-    assert DisBack(net, config, (2,), plain, **kw).target_guidance == "cfg_teacher_only"
-    raw = DisBack(net, replace(config, target_guidance="cfg_all_raw"), (2,), plain, **kw)
+        DisBack(guided, replace(config, target_guidance="cfg_all"), plain)
+    assert DisBack(guided, config, plain).target_guidance == "cfg_teacher_only"
+    raw = DisBack(guided, replace(config, target_guidance="cfg_all_raw"), plain)
     assert raw._real_guidance_scale() == 2.0
 
 
 def test_vsd_weighting_is_alpha_sigma_times_the_score_difference(toy):
     gmm, net, config, path_dir, _ = toy
-    method = DisBack(net, replace(config, dm_weighting="vsd"), (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), replace(config, dm_weighting="vsd"), path_dir)
     x, real, fake, t = torch.randn(4, 2), torch.randn(4, 2), torch.randn(4, 2), torch.tensor([0, 300, 600, 999])
     a, s = net.schedule.coefficients(t)
     expected = (a * s).float().view(-1, 1) * (fake - real)
@@ -302,17 +309,17 @@ def test_multi_step_student_and_a_g0_that_differs_from_the_paths(toy, tmp_path):
     config = config.resolved(4)
     path_dir = str(tmp_path / "path")
     record_path(net, config, path_dir, gmm)
-    method = DisBack(net, config, (2,), path_dir)
+    method = DisBack(TeacherContext(net, (2,)), config, path_dir)
     before = [p.detach().clone() for p in method.generator.parameters()]
     fit_on_gmm(method, gmm, 4, 32)
     assert method.switches == [[config.switch_every, 0]]
     assert any(not torch.equal(a, b) for a, b in zip(before, method.generator.parameters()))
     with pytest.raises(UserError, match="stage 2 must start from the generator stage 1 sampled"):
-        DisBack(net, config, (2,), path_dir, generator_init=net)
+        DisBack(TeacherContext(net, (2,)), config, path_dir, generator_init=net)
 
 
 def test_the_first_target_is_close_to_the_warm_critic(toy):
-    """Spec 9's unit check, which holds on the mixture (eval/recipes/disback_gmm.py: 8x and 15x): at the start of
+    """A unit check that holds on the mixture (eval/recipes/disback_gmm.py: 9x and 17x): at the start of
     stage 2 the DM gradient against S'_{N-1} is much smaller than against the teacher with the same critic S'_N
     (arm B, which is where plain DMD2's gradient goes once its critic has learnt G0; arm A's starts at 0)."""
     gmm, net, config, path_dir, _ = toy

@@ -49,8 +49,8 @@ def test_sdxl_lora_student_walks_the_path_and_exports_the_stock_pipeline(tmp_pat
         ]
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    path = json.loads((tmp_path / "run-path" / "path.json").read_text())
-    assert path["uncond_prob"] == 0.1  # CFG 8 on the targets: S' learnt the null prompt too (spec 4.1)
+    path = json.loads((out / "path" / "path.json").read_text())
+    assert path["uncond_prob"] == 0.1  # CFG 8 on the targets: S' learnt the null prompt too
     assert "target guidance | cfg_all" in (out / "README.md").read_text()
     assert (out / "lora" / "pytorch_lora_weights.safetensors").exists()
     pipe = DiffusionPipeline.from_pretrained(str(out))

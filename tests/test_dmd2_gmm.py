@@ -1,6 +1,6 @@
-"""DMD2's small-scale verification (shared/methods/dmd2.md section 9) through the real Trainer.
+"""DMD2's small-scale verification (docs/methods/dmd2.md) through the real Trainer.
 
-Calibrated deviation from the spec's recipe, measured with eval/recipes (see README): at t_c = 999 the
+Calibrated deviation from DMD2's SD1.5 setting, measured with eval/recipes (see README): at t_c = 999 the
 one-step generator divides its network output by alpha_999 = 0.068 (x14.6), and a 3x128 MLP does not
 get precise enough to make sharp modes within 20k iterations (ED 0.19 after 20k); at t_c = 399 (the
 SDXL one-step setting) it converges in about 3k iterations. The test uses t_c = 399.

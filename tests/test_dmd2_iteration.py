@@ -1,4 +1,4 @@
-"""One DMD2 iteration, checked for where each loss's gradient goes (DMD2 spec 4 and 5):
+"""One DMD2 iteration, checked for where each loss's gradient goes:
 the generator's DM and GAN terms reach only the generator; the critic's denoising loss only the critic's
 trunk; the discriminator loss the critic's trunk and head, never the generator; requires_grad flags are
 restored; and the frozen teacher never changes."""
@@ -6,6 +6,7 @@ restored; and the frozen teacher never changes."""
 import pytest
 import torch
 
+from onestep.context import ExportTarget, TeacherContext
 from onestep.data import Batch
 from onestep.denoiser import Cond, Denoiser
 from onestep.methods.base import StepInfo
@@ -27,7 +28,7 @@ def _method(width=64, size=8, **overrides):
     teacher = Denoiser(_unet(width, size), spec.schedule, spec.prediction_type).eval().requires_grad_(False)
     config = DMD2Config(train_batch_size=B, conditioning_timesteps=[399], gan=True, **overrides)
     sampler = lambda n, device: Cond(class_labels=torch.randint(0, 3, (n,), device=device))  # noqa: E731
-    method = DMD2(teacher, config, sample_shape=(1, size, size), cond_sampler=sampler)
+    method = DMD2(TeacherContext(teacher, (1, size, size), cond_sampler=sampler), config)
     with torch.no_grad():  # at initialisation F equals the teacher and the DM gradient is exactly 0: move F a little
         for p in method.critic.denoiser.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -116,13 +117,14 @@ def test_the_export_samples_at_the_resolution_the_student_was_trained_at(tmp_pat
     spec = schedule_from_scheduler_config(sd_scheduler_config())
     teacher = Denoiser(_unet(), spec.schedule, spec.prediction_type).eval().requires_grad_(False)
     config = DMD2Config(train_batch_size=2, conditioning_timesteps=[399], gan=False)
-    method = DMD2(
+    context = TeacherContext(
         teacher,
-        config,
-        sample_shape=(1, 16, 16),
-        export_info={"scheduler_config": sd_scheduler_config(), "num_classes": 3},
+        (1, 16, 16),
         cond_sampler=lambda n, device: Cond(class_labels=torch.zeros(n, dtype=torch.long)),
+        num_classes=3,
+        export=ExportTarget("one_step", sd_scheduler_config(), num_classes=3),
     )
+    method = DMD2(context, config)
     method.export(method.models(), str(tmp_path), {"training_steps": 1})
     pipe = OneStepPipeline.from_pretrained(str(tmp_path))
     assert pipe.unet.config.sample_size == 16
@@ -135,15 +137,16 @@ def test_the_export_samples_at_the_resolution_the_student_was_trained_at(tmp_pat
 
 
 def test_empty_conditioning_timesteps_are_refused_by_the_parser(capsys):
-    from train.dmd2 import build_parser
+    from onestep.presets.dmd2 import ENTRY
+    from onestep.stages import build_parser
 
     with pytest.raises(SystemExit) as stop:
-        build_parser().parse_args(["--conditioning_timesteps", ""])
+        build_parser(ENTRY).parse_args(["--conditioning_timesteps", ""])
     assert stop.value.code == 2 and "expected comma-separated integers" in capsys.readouterr().err
 
 
 def test_official_gan_options():
-    """The options of the official code that the spec lists: D's maximum noise level, GAN without the DM
+    """Options from DMD2's official code: D's maximum noise level, GAN without the DM
     loss, separate learning rates, and the module the head reads."""
     from onestep.errors import UserError
 
@@ -170,8 +173,8 @@ def test_official_gan_options():
     with pytest.raises(UserError, match="no submodule 'nowhere'"):
         _method(gan_feature_module="nowhere")
     with pytest.raises(UserError, match="--gan_alone .* needs --gan"):
-        DMD2(method.teacher, DMD2Config(gan=False, gan_alone=True), sample_shape=(1, 8, 8))
+        DMD2(TeacherContext(method.teacher, (1, 8, 8)), DMD2Config(gan=False, gan_alone=True))
     with pytest.raises(UserError, match="--guidance_scale 0.5 must be at least 1"):
-        DMD2(method.teacher, DMD2Config(guidance_scale=0.5), sample_shape=(1, 8, 8))
+        DMD2(TeacherContext(method.teacher, (1, 8, 8)), DMD2Config(guidance_scale=0.5))
     with pytest.raises(UserError, match="--gan_max_timestep 1000"):
-        DMD2(method.teacher, DMD2Config(gan_max_timestep=1000), sample_shape=(1, 8, 8))
+        DMD2(TeacherContext(method.teacher, (1, 8, 8)), DMD2Config(gan_max_timestep=1000))

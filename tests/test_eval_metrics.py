@@ -84,10 +84,11 @@ def test_shipped_digits_classifier_reaches_its_recorded_test_accuracy():
 
 
 def test_in_training_evaluator_takes_typed_options(tmp_path, monkeypatch):
-    """build_evaluator(InTrainingEvalOptions, teacher_id, seed, device): digits features and reference by
+    """build_evaluator(the run's EvalConfig, teacher_id, seed, device): digits features and reference by
     default for the digits teacher, the same noise at every evaluation; no reference otherwise is an error."""
+    from onestep.config import EvalConfig
     from onestep.data import load_digits_images
-    from onestep.eval.intraining import InTrainingEvalOptions, build_evaluator
+    from onestep.eval.intraining import build_evaluator
 
     x, y = load_digits_images(16)  # (N, 1, 16, 16) in [-1, 1]
     by_class = [np.flatnonzero(y.numpy() == c) for c in range(10)]
@@ -98,7 +99,7 @@ def test_in_training_evaluator_takes_typed_options(tmp_path, monkeypatch):
         rng = np.random.RandomState(seed % 2**32)
         return x[[rng.choice(by_class[i % 10]) for i in range(n)]]
 
-    evaluator = build_evaluator(InTrainingEvalOptions(samples=150), "digits", seed=3, device="cpu")
+    evaluator = build_evaluator(EvalConfig(eval_samples=150), "digits", seed=3, device="cpu")
     first, second = evaluator(sample), evaluator(sample)
     assert set(first) == {"fid_digits_150", "class_accuracy"} and first == second
     assert seeds[:2] == seeds[2:] and len(seeds) == 4  # 150 samples in batches of 100, the same seeds each time
@@ -106,14 +107,14 @@ def test_in_training_evaluator_takes_typed_options(tmp_path, monkeypatch):
     noise = evaluator(lambda n, seed: torch.rand(n, 1, 16, 16) * 2 - 1)
     assert noise["fid_digits_150"] > 10 * first["fid_digits_150"]
     assert (
-        build_evaluator(InTrainingEvalOptions(samples=150), "digits", seed=4, device="cpu")(sample) != first
+        build_evaluator(EvalConfig(eval_samples=150), "digits", seed=4, device="cpu")(sample) != first
     )  # other noise
     with pytest.raises(UserError, match="--eval_reference"):
-        build_evaluator(InTrainingEvalOptions(), "some/teacher", seed=0, device="cpu")
+        build_evaluator(EvalConfig(), "some/teacher", seed=0, device="cpu")
     monkeypatch.setenv("ONESTEP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match="Inception weights"):  # features default to inception for other teachers
-        build_evaluator(InTrainingEvalOptions(reference="digits"), "some/teacher", seed=0, device="cpu")
+        build_evaluator(EvalConfig(eval_reference="digits"), "some/teacher", seed=0, device="cpu")
 
 
 def test_dimension_mismatch_and_missing_features_are_user_errors():

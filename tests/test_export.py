@@ -57,3 +57,15 @@ def test_export_is_self_contained_for_diffusers_alone(tmp_path):
     # Re-exporting over an existing folder replaces it cleanly (no temporary folders left behind).
     _student(tmp_path, [999])
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".export-")]
+
+
+def test_a_card_names_the_teacher_hub_id_as_base_model_and_a_local_teacher_not_at_all(tmp_path):
+    import yaml
+
+    from onestep.export import Card, hub_id
+
+    assert hub_id("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert hub_id(str(tmp_path)) is None and hub_id("digits") is None and hub_id("./a/b") is None
+    card = Card("Student", {"teacher": "x"}, method="dmd2", base_model=hub_id("owner/model"), steps=4)
+    header = yaml.safe_load(card.text().split("---\n")[1])
+    assert header["base_model"] == "owner/model" and header["tags"] == ["onestep", "dmd2", "few-step"]

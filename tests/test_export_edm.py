@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from onestep.context import ExportTarget, TeacherContext
 from onestep.denoiser import Cond
 from onestep.errors import UserError
 from onestep.export import save_teacher
@@ -45,13 +46,14 @@ def exported(tmp_path_factory):
     teacher = load_teacher(str(root / "teacher"))
     out = {}
     for name, steps in STEPS.items():
-        method = DMD2(
+        context = TeacherContext(
             teacher.denoiser,
-            DMD2Config(conditioning_timesteps=steps, gan=False),
-            sample_shape=(3, SIZE, SIZE),
+            (3, SIZE, SIZE),
             cond_sampler=lambda n, device: Cond(class_labels=torch.zeros(n, dtype=torch.long, device=device)),
-            export_info={"scheduler_config": teacher.scheduler_config, "num_classes": NUM_CLASSES},
+            num_classes=NUM_CLASSES,
+            export=ExportTarget("one_step", teacher.scheduler_config, num_classes=NUM_CLASSES),
         )
+        method = DMD2(context, DMD2Config(conditioning_timesteps=steps, gan=False))
         gen = method.generator.eval()
         with torch.no_grad():  # a student that differs from the teacher, so the export must carry its weights
             for p in gen.parameters():

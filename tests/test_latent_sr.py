@@ -67,7 +67,7 @@ def save_tiny_upscaler(path):
     as class labels), scheduler/ (DDIM, v-prediction), low_res_scheduler/ (DDPM)."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
 
-    from onestep.testing.tiny_sd import _text_encoder, _tokenizer
+    from onestep.testing.tiny_sd import clip_tokenizer, tiny_text_encoder
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -85,8 +85,8 @@ def save_tiny_upscaler(path):
     )
     pipe = StableDiffusionUpscalePipeline(
         vae=_kl(),
-        text_encoder=_text_encoder(12),
-        tokenizer=_tokenizer(os.path.join(path, ".tok")),
+        text_encoder=tiny_text_encoder(12),
+        tokenizer=clip_tokenizer(os.path.join(path, ".tok")),
         unet=unet,
         low_res_scheduler=DDPMScheduler(beta_schedule="linear"),
         scheduler=DDIMScheduler(
@@ -187,9 +187,9 @@ def test_pipeline_file_is_self_contained():
     is not installed)."""
     import sys
 
-    from onestep.export import _pipelines_source
+    from onestep.export import pipeline_source
 
-    tree = ast.parse(open(_pipelines_source("latent_super_resolution.py")).read())
+    tree = ast.parse(open(pipeline_source("latent_super_resolution.py")).read())
     modules = {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     modules |= {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert modules - set(sys.stdlib_module_names) == {"numpy", "torch", "diffusers", "PIL"}
@@ -197,13 +197,12 @@ def test_pipeline_file_is_self_contained():
 
 def _setup(teacher, out, data, *extra, tiny=TINY):
     """train/tadsr.py's set-up (flags -> config -> prepare), without training."""
-    from onestep.methods.tadsr import TADSRConfig
-    from onestep.presets.tadsr import DEFAULT_PRESET, PRESETS
-    from onestep.run_setup import parse_run, prepare
-    from train.tadsr import build_parser
+    from onestep.presets.tadsr import ENTRY
+    from onestep.run_setup import prepare
+    from onestep.stages import parse
 
     argv = ["--pretrained_model_name_or_path", teacher, "--output_dir", str(out), "--train_data_dir", data]
-    config, preset = parse_run(build_parser(), argv + tiny + LOOP + list(extra), PRESETS, DEFAULT_PRESET, TADSRConfig)
+    config, preset, _, _ = parse(ENTRY, argv + tiny + LOOP + list(extra))
     return prepare(config, preset, "TAD-SR", needs_real_data=True, kinds=("sr", "latent_sr"))
 
 
@@ -225,19 +224,20 @@ def test_batches_follow_the_latent_conventions_and_grids_are_decoded(runs, name,
 
     extra = ("--noise_level", "30", "--prompt_file", str(runs["root"] / "prompts.txt")) if name == "upscaler" else ()
     setup = _setup(runs[f"{name}_teacher"], tmp_path / "out", runs["data"], *extra)
-    assert setup.kind == "latent_sr" and setup.sample_shape == ((3, 8, 8) if name == "ldm" else (4, 8, 8))
+    assert setup.context.kind == "latent_sr"
+    assert setup.context.sample_shape == ((3, 8, 8) if name == "ldm" else (4, 8, 8))
     assert setup.config.method.teacher_steps == 2  # the user's --teacher_steps wins over the latent default
     cpu = torch.device("cpu")
     b, crops = setup.data.batch(0, 0, 0, cpu), setup.data.crops.batch(0, 0, 0, cpu)
     # The trainer builds batches inside its mixed-precision autocast: encoding, prompts and decoding stay fp32.
     with torch.autocast("cpu", dtype=torch.bfloat16):
         b16 = setup.data.batch(0, 0, 0, cpu)
-        decoded16 = setup.decode(b.images)
+        decoded16 = setup.context.decode(b.images)
     torch.testing.assert_close(b16.images, b.images, atol=0, rtol=0)
     for field in ("image", "shift", "encoder_hidden_states"):
         if getattr(b.cond, field) is not None:
             torch.testing.assert_close(getattr(b16.cond, field), getattr(b.cond, field), atol=0, rtol=0)
-    torch.testing.assert_close(decoded16, setup.decode(b.images), atol=0, rtol=0)
+    torch.testing.assert_close(decoded16, setup.context.decode(b.images), atol=0, rtol=0)
     teacher = DiffusionPipeline.from_pretrained(runs[f"{name}_teacher"])
     with torch.no_grad():
         torch.testing.assert_close(b.images, _encode(teacher, crops.images))
@@ -257,7 +257,7 @@ def test_batches_follow_the_latent_conventions_and_grids_are_decoded(runs, name,
             prompts = teacher.text_encoder(ids.input_ids)[0]
         for row in b.cond.encoder_hidden_states:
             assert min(float((row - p).abs().max()) for p in prompts) < 1e-5
-    method = TADSR(setup.teacher.denoiser, setup.config.method, setup.sample_shape, preview=b, decode=setup.decode)
+    method = TADSR(setup.context, setup.config.method, preview=b)
     grid = method.sample_grid({"generator": method.generator}, 8, 0, cpu)
     assert grid.shape == (8, 3, 32, 32) and grid.abs().max() <= 1
 
@@ -439,7 +439,7 @@ def test_latent_teachers_default_to_50_teacher_steps_and_drop_an_empty_prompt_en
     setup = _setup(runs["upscaler_teacher"], tmp_path / "out", runs["data"], tiny=tiny)
     assert setup.config.method.teacher_steps == 50
     assert "runs 50 of its 1000 steps" in capsys.readouterr().out
-    assert setup.prompt_encoder is None and len(loaded) == 1
+    assert setup.context.prompt_encoder is None and len(loaded) == 1
     gc.collect()
     assert loaded[0]() is None  # nothing holds the text encoder any more
     teacher = DiffusionPipeline.from_pretrained(runs["upscaler_teacher"])
@@ -565,10 +565,9 @@ def test_bad_latent_sr_input_gives_one_sentence(runs, tmp_path):
 
 def test_paired_low_resolution_images_reach_the_teacher_as_given(runs, tmp_path):
     """--hr_dir/--lr_dir: the LDM-SR teacher reads the given LR crop, not a degradation of the HR one."""
-    from onestep.methods.tadsr import TADSRConfig
-    from onestep.presets.tadsr import DEFAULT_PRESET, PRESETS
-    from onestep.run_setup import parse_run, prepare
-    from train.tadsr import build_parser
+    from onestep.presets.tadsr import ENTRY
+    from onestep.run_setup import prepare
+    from onestep.stages import parse
 
     (tmp_path / "hr").mkdir(), (tmp_path / "lr").mkdir()
     hr = np.random.RandomState(5).randint(0, 256, (32, 40, 3), dtype=np.uint8)
@@ -576,7 +575,7 @@ def test_paired_low_resolution_images_reach_the_teacher_as_given(runs, tmp_path)
     Image.fromarray(hr[::4, ::4]).save(tmp_path / "lr" / "x.png")  # not what the bicubic degradation gives
     argv = ["--pretrained_model_name_or_path", runs["ldm_teacher"], "--output_dir", str(tmp_path / "out")]
     argv += ["--hr_dir", str(tmp_path / "hr"), "--lr_dir", str(tmp_path / "lr")]
-    config, preset = parse_run(build_parser(), argv + TINY + LOOP, PRESETS, DEFAULT_PRESET, TADSRConfig)
+    config, preset, _, _ = parse(ENTRY, argv + TINY + LOOP)
     setup = prepare(config, preset, "TAD-SR", needs_real_data=True, kinds=("sr", "latent_sr"))
     b, crops = setup.data.batch(0, 0, 0, torch.device("cpu")), setup.data.crops.batch(0, 0, 0, torch.device("cpu"))
     torch.testing.assert_close(b.cond.image, crops.images[..., ::4, ::4])

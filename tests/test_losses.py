@@ -33,7 +33,7 @@ def test_dm_loss_gradient_is_g_over_numel():
 
 
 def test_dm_gradient_is_exactly_zero_when_critic_equals_teacher():
-    # DMD2 spec 9 (b): with w = 1 and F = T at initialisation the gradient vanishes exactly.
+    # With w = 1 and F = T at initialisation the gradient vanishes exactly.
     sched = sd_schedule()
     teacher = Denoiser(MLPDenoiserNet(), sched, "epsilon")
     critic = copy.deepcopy(teacher)

@@ -1,4 +1,4 @@
-"""MSD's claim on the class-conditional Gaussian mixture (shared/methods/msd.md section 9), at a budget that fits the
+"""MSD's claim on the class-conditional Gaussian mixture (docs/methods/msd.md), at a budget that fits the
 suite: with the same per-student batch and iterations, 4 students on contiguous class ranges end closer to the
 mixture than one student for all 16 classes (eval/recipes/msd_gmm.py measures it at 3,000 iterations and more K)."""
 

@@ -1,4 +1,4 @@
-"""MSD's router (shared/methods/msd.md 4.1 and 9): the partition rules, balance, determinism, the saved file, and
+"""MSD's router (docs/methods/msd.md): the partition rules, balance, determinism, the saved file, and
 one-sentence refusals of a router or K that does not fit the teacher."""
 
 import pytest
@@ -144,7 +144,7 @@ def test_each_student_gets_only_its_own_classes_and_real_images():
     """Parts of the digits split (K = 2: classes 0-4 and 5-9): the conditions each student trains on and the real
     images its GAN (and TSM, with --tsm_conditions part) sees are its part's, all of them and nothing else."""
     from onestep.data import DatasetBatches, TensorBatches
-    from onestep.methods.msd_run import ConditionSpace, Parts
+    from onestep.msd_parts import ConditionSpace, Parts
 
     router = R.fit_class_range(2, 10)
     parts = Parts(router, ConditionSpace("class", "digits", num_classes=10), embedder=None)
@@ -166,7 +166,7 @@ def test_each_student_gets_only_its_own_classes_and_real_images():
     for k, own in ((0, set(range(5))), (1, set(range(5, 10)))):
         assert parts.members[k] == sorted(own)
         torch.manual_seed(k)
-        drawn = parts.cond_sampler(k, setup=None)(4000, torch.device("cpu")).class_labels
+        drawn = parts.cond_sampler(k, context=None)(4000, torch.device("cpu")).class_labels
         assert set(drawn.tolist()) == own  # every class of the part is drawn, no other one
         counts = torch.bincount(drawn, minlength=10)[sorted(own)].double()
         assert (counts / 800 - 1).abs().max() < 0.15  # uniformly
@@ -190,7 +190,7 @@ def test_only_the_main_process_fits_a_text_router_and_one_student_runs_need_a_fi
     process then reads the main one's file); --student_index without a saved router or --router_file is refused."""
     from dataclasses import replace
 
-    from onestep.methods.msd_run import ConditionSpace, resolve_router
+    from onestep.msd_parts import ConditionSpace, resolve_router
     from onestep.presets.msd import PRESETS
 
     base = PRESETS["sd15"].config

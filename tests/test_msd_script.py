@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from onestep.cli import run_main
-from tests.helpers import PY, ROOT, run
+from tests.helpers import PY, ROOT, check_model_card, run
 
 # Two students (classes 0-4, 5-9), 2 DM + 2 DM-and-GAN iterations each, a checkpoint every iteration; stage 2 at
 # its own learning rate.
@@ -96,7 +96,7 @@ def test_the_pipeline_loads_in_a_fresh_process_and_routes_each_item_with_its_own
     index = json.loads((reference / "model_index.json").read_text())
     assert index["router"] == {"kind": "class_range", "num_students": 2, "num_classes": 10}
     assert index["router"] == json.loads((reference / "router.json").read_text())
-    card = (reference / "README.md").read_text()
+    _, card = check_model_card(reference, "msd", rows=("teacher", "parts", "metrics"))
     assert "classes 0-4" in card and "classes 5-9" in card and "dm 2, adm 2" in card
 
 
@@ -150,11 +150,12 @@ def test_stage_two_trains_at_its_own_learning_rate(reference):
     assert f"{stage1} (stage 2: 2e-05)" in (reference / "README.md").read_text()
     sd15 = PRESETS["sd15"].config.method
     assert (sd15.learning_rate, sd15.adm_learning_rate) == (1e-5, 5e-7)
-    assert sd15.adm_learning_rate == DMD2_PRESETS["sd15-stage2"].config.method.learning_rate
+    assert sd15.adm_learning_rate == DMD2_PRESETS["sd15"].stages[-1].method["learning_rate"]  # DMD2's GAN stage
 
 
 def test_the_imagenet_preset_uses_the_regression_stabiliser_instead_of_ttur():
-    """msd.md 4.3: ttur (DMD2) or regression (DMD1, what the ImageNet DM stage used): alternatives, so no TTUR."""
+    """The DM stage's stabiliser is ttur (DMD2) or regression (DMD1, what the ImageNet DM stage used):
+    alternatives, so no TTUR."""
     from onestep.presets.msd import PRESETS
 
     method = PRESETS["imagenet64-edm"].config.method

@@ -1,10 +1,11 @@
-"""OFTSR's unit identities (oftsr.md section 9.6) on the conditional mixture with the exact teacher: with the exact
+"""OFTSR's unit identities on the conditional mixture with the exact teacher: with the exact
 average-velocity map in place of the student, L_distill is ~0 (up to the RK2 step's error) and L_BC = 0; the
 one-step estimate at t = 0 is the posterior mean."""
 
 import pytest
 import torch
 
+from onestep.context import TeacherContext
 from onestep.denoiser import Cond, Denoiser
 from onestep.methods.oftsr import OFTSR, FlowVelocity, OFTSRConfig, start_state
 from onestep.schedules import ConditionalFlowSchedule
@@ -17,7 +18,7 @@ def _setup(**overrides):
     cgmm = ConditionalGMM.default()
     sched = ConditionalFlowSchedule(SIGMA_P)
     teacher = Denoiser(AnalyticFlowNet(cgmm, SIGMA_P), sched, "flow")
-    method = OFTSR(teacher, OFTSRConfig(**overrides), (8,))
+    method = OFTSR(TeacherContext(teacher, (8,)), OFTSRConfig(**overrides))
     g = torch.Generator().manual_seed(0)
     x1, u = cgmm.sample(64, g)
     return cgmm, method, x1.float(), u.float()
@@ -78,8 +79,8 @@ class _RecordingStudent(torch.nn.Module):
         return self.out
 
 
-def test_stop_gradients_sit_where_the_spec_puts_them():
-    """Spec 4.2: L_distill trains only v(s) (its target SG[v_t + (h/s)(v_bar - v_t)] and x_t carry no gradient),
+def test_stop_gradients_sit_where_the_method_puts_them():
+    """L_distill trains only v(s) (its target SG[v_t + (h/s)(v_bar - v_t)] and x_t carry no gradient),
     L_align only v(t), L_BC only v(t_bc)."""
     grads = {}
     for name, weights in {"distill": (0.0, 0.0), "align": (1.0, 0.0), "bc": (0.0, 1.0)}.items():

@@ -1,8 +1,10 @@
-"""The regression warm start on teacher ODE pairs (DMD2 spec 5): pairs, loss, stage hand-over to DMD2."""
+"""The regression warm start on teacher ODE pairs (DMD2's SDXL one-step recipe): pairs, loss, stage hand-over to
+DMD2."""
 
 import pytest
 import torch
 
+from onestep.context import TeacherContext
 from onestep.denoiser import Cond, Denoiser
 from onestep.ode_pairs import make_ode_pairs, pair_conditions, pair_noise
 from onestep.sampling import ddim_sample
@@ -69,7 +71,7 @@ def test_regression_fits_the_pairs_and_lpips_inputs_are_images(teacher):
     z = torch.randn(8, 1, 8, 8)
     pairs = OdePairs(z, 0.5 * torch.tanh(z), seed=0)  # a fixed map G must learn from its own noise input
     config = DMD2Config(conditioning_timesteps=[399], train_batch_size=8, learning_rate=1e-3, gan=False)
-    method = ODERegression(teacher, config, pairs, (1, 8, 8), cond_sampler=labels)
+    method = ODERegression(TeacherContext(teacher, (1, 8, 8), cond_sampler=labels), config, pairs)
     method.attach(method.models(), lambda m: m)
     opt = method.optimizers()["generator"]
     info = StepInfo(0, ("generator",), torch.Generator(), torch.device("cpu"))

@@ -49,13 +49,14 @@ def test_super_resolution_teacher_gets_hr_images_with_their_upsampled_lr(tmp_pat
     setup = prepare(
         _config(tmp_path, sr_teacher, str(folder)), "test", "an SR method", needs_real_data=True, kinds=("sr",)
     )
-    assert setup.kind == "sr" and setup.sample_shape == (1, 8, 8) and setup.cond_sampler is None
+    context = setup.context
+    assert context.kind == "sr" and context.sample_shape == (1, 8, 8) and context.cond_sampler is None
     batch = setup.data.batch(0, 0, 0, torch.device("cpu"))
     assert batch.images.shape == (3, 1, 8, 8) and batch.cond.image.shape == (3, 1, 8, 8)
     assert torch.equal(batch.cond.image, upsample(degrade(batch.images, 4), 4))
     assert degrade(batch.images, 4).shape == (3, 1, 2, 2)
     # The teacher reads [x_t, u]: one forward through the Denoiser with the batch's condition.
-    out = setup.teacher.denoiser(batch.images, torch.tensor([10, 500, 900]), batch.cond)
+    out = context.denoiser(batch.images, torch.tensor([10, 500, 900]), batch.cond)
     assert out.shape == (3, 1, 8, 8)
 
 

@@ -36,7 +36,7 @@ def test_vp_matches_diffusers_scheduler():
     assert torch.allclose(spec.schedule.alphas_cumprod.float(), ref.alphas_cumprod, atol=1e-6)
     x0, eps, t = torch.randn(8, 1, 4, 4), torch.randn(8, 1, 4, 4), torch.randint(0, 1000, (8,))
     assert torch.allclose(spec.schedule.add_noise(x0, eps, t), ref.add_noise(x0, eps, t), atol=1e-5)
-    # SD's alpha at t=999 is ~0.068 (DMD2 spec 3), not DDPM-linear's 0.006.
+    # SD's alpha at t=999 is ~0.068, not DDPM-linear's 0.006.
     assert abs(float(spec.schedule.alphas[999]) - 0.068) < 0.001
 
 
@@ -68,7 +68,7 @@ def test_unknown_prediction_type_is_rejected():
 # -- the affine family x_t = a x0 + b u + c eps, and diffusers' own schedulers ------------------------------
 
 
-def test_resshift_schedule_matches_the_specs_closed_form():
+def test_resshift_schedule_matches_its_closed_form():
     from onestep.schedules import ResShiftSchedule
 
     s = ResShiftSchedule(num_timesteps=15, kappa=2.0, min_noise=0.04, eta_end=0.99, power=0.3)
@@ -89,7 +89,7 @@ def test_resshift_schedule_matches_the_specs_closed_form():
         0.909,
         0.990,
     ]
-    assert torch.allclose(s.etas.sqrt(), torch.tensor(published, dtype=torch.float64), atol=1e-3)  # tadsr.md section 3
+    assert torch.allclose(s.etas.sqrt(), torch.tensor(published, dtype=torch.float64), atol=1e-3)  # ResShift's values
     assert torch.allclose(s.alphas, 1 - s.etas) and torch.allclose(s.shifts, s.etas)
     assert torch.allclose(s.sigmas, 2.0 * s.etas.sqrt())
     # Start state: x0 replaced by u gives ResShift's prior u + kappa sqrt(eta_T) eps.
@@ -99,7 +99,7 @@ def test_resshift_schedule_matches_the_specs_closed_form():
         torch.full((3,), 14),
     )
     assert torch.allclose(s.add_noise(u, eps, T, u), u + 2.0 * s.etas[14].sqrt() * eps)
-    # The DDIM step of the spec, written out.
+    # The deterministic DDIM step of the affine family, written out.
     x0, x_t, t, prev = torch.randn_like(u), torch.randn_like(u), torch.full((3,), 9), torch.full((3,), 4)
     a, b, c = 1 - s.etas, s.etas, 2.0 * s.etas.sqrt()
     expected = a[4] * x0 + b[4] * u + c[4] / c[9] * (x_t - a[9] * x0 - b[9] * u)
@@ -119,7 +119,7 @@ def test_conditional_flow_matches_oftsr_notation():
     time = 1 - (idx.double() + 1) / 1000  # OFTSR's t: 1 at the data, 0 at the start state
     tt = time.reshape(-1, 1, 1, 1)
     x_t = s.add_noise(x1, eps, idx, u)
-    assert torch.allclose(x_t, tt * x1 + (1 - tt) * (1 - sp**2) ** 0.5 * u + (1 - tt) * sp * eps)  # oftsr.md section 3
+    assert torch.allclose(x_t, tt * x1 + (1 - tt) * (1 - sp**2) ** 0.5 * u + (1 - tt) * sp * eps)  # OFTSR's path
     assert torch.allclose(s.model_time(idx).double(), time * 999, atol=1e-4)
     # OFTSR's velocity points from the start to the data: x1_hat = x_t + (1 - t) v_oftsr; ours is its negative.
     v_oftsr = x1 - ((1 - sp**2) ** 0.5 * u + sp * eps)

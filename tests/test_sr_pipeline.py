@@ -1,5 +1,5 @@
-"""The SR scripts end to end at a tiny size (train/sr_teacher.py -> train/tadsr.py, train/oftsr.py --stage teacher ->
-train/oftsr.py), their exports as SuperResolutionPipeline folders: loaded in a fresh process with diffusers alone,
+"""The SR scripts end to end at a tiny size (train/sr_teacher.py -> train/tadsr.py, and train/oftsr.py --preset
+full-cpu: the flow teacher, then its student, from one command), their exports as SuperResolutionPipeline folders: loaded in a fresh process with diffusers alone,
 the same images for the same seed, tiles that blend seamlessly, and bad input refused in one sentence."""
 
 import json
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import PY, run
+from onestep.context import TeacherContext
+from tests.helpers import PY, check_model_card, run
 
 TINY = ["--resolution", "16", "--block_out_channels", "8,16", "--train_batch_size", "2", "--max_train_steps", "2"]
 LOOP = ["--validation_steps", "1000", "--checkpointing_steps", "1000", "--dataloader_num_workers", "0"]
@@ -24,15 +25,15 @@ def runs(tmp_path_factory):
     rng = np.random.RandomState(0)
     for i in range(3):
         Image.fromarray(rng.randint(0, 256, (24, 28, 3), dtype=np.uint8)).save(data / f"{i}.png")
-    out = {k: str(root / k) for k in ("resshift", "tadsr", "flow", "oftsr")}
+    out = {k: str(root / k) for k in ("resshift", "tadsr", "oftsr")}
+    out["flow"] = os.path.join(out["oftsr"], "teacher")  # the recipe's teacher stage
+    out["data"] = str(data)
     common = ["--train_data_dir", str(data), *LOOP]
     steps = [
         ["train/sr_teacher.py", *TINY, "--num_timesteps", "5", "--output_dir", out["resshift"]],
         ["train/tadsr.py", "--pretrained_model_name_or_path", out["resshift"], "--output_dir", out["tadsr"]]
         + ["--train_batch_size", "2", "--max_train_steps", "2", "--disc_embed_dim", "16"],
-        ["train/oftsr.py", "--stage", "teacher", *TINY, "--output_dir", out["flow"], "--teacher_sample_steps", "3"],
-        ["train/oftsr.py", "--pretrained_model_name_or_path", out["flow"], "--output_dir", out["oftsr"]]
-        + ["--train_batch_size", "2", "--max_train_steps", "2"],
+        ["train/oftsr.py", "--preset", "full-cpu", *TINY, "--output_dir", out["oftsr"], "--teacher_sample_steps", "3"],
     ]
     import importlib
 
@@ -215,7 +216,7 @@ def test_exports_compute_what_the_methods_sample(runs):
     for student_t in (None, 2):
         pipe = SuperResolutionPipeline.from_pretrained(runs["tadsr"])
         teacher = load_teacher(runs["resshift"]).denoiser
-        method = TADSR(teacher, TADSRConfig(gan=False, student_timestep=student_t), (3, 16, 16))
+        method = TADSR(TeacherContext(teacher, (3, 16, 16)), TADSRConfig(gan=False, student_timestep=student_t))
         pipe.register_to_config(timestep=method.student_t)
         student = Denoiser(UNet2DModel.from_pretrained(runs["tadsr"], subfolder="unet"), teacher.schedule, "sample")
         u, eps = _lr_tensor_and_eps(pipe, lr, 3)
@@ -224,7 +225,7 @@ def test_exports_compute_what_the_methods_sample(runs):
         assert torch.allclose(mine, theirs, atol=1e-5)
     pipe = SuperResolutionPipeline.from_pretrained(runs["oftsr"])
     flow = load_teacher(runs["flow"]).denoiser
-    method = OFTSR(flow, OFTSRConfig(), (3, 16, 16))
+    method = OFTSR(TeacherContext(flow, (3, 16, 16)), OFTSRConfig())
     student = FlowVelocity(
         Denoiser(UNet2DModel.from_pretrained(runs["oftsr"], subfolder="unet"), flow.schedule, "flow")
     )
@@ -268,12 +269,23 @@ def test_sr_scripts_refuse_bad_flags_in_one_sentence(runs, tmp_path):
 
     from onestep.errors import UserError
 
+    data = ["--train_data_dir", runs["data"]]
     cases = [
-        (["train/oftsr.py", "--stage", "teacher", "--sigma_p", "1.5"], r"sigma_p must lie in \(0, 1\]"),
+        (["train/oftsr.py", "--preset", "teacher-cpu", "--sigma_p", "1.5"], r"sigma_p must lie in \(0, 1\]"),
         (["train/sr_teacher.py", "--num_timesteps", "1"], "num_timesteps >= 2"),
-        (["train/oftsr.py", "--stage", "teacher", "--pretrained_model_name_or_path", runs["flow"]], "from scratch"),
-        (["train/tadsr.py", "--pretrained_model_name_or_path", runs["resshift"], "--upscale_factor", "2"], "x4"),
-        (["train/tadsr.py", "--pretrained_model_name_or_path", runs["resshift"], "--dataset_name", "x/y"], "SR"),
+        (
+            ["train/oftsr.py", "--preset", "teacher-cpu", "--pretrained_model_name_or_path", runs["flow"]],
+            "from scratch",
+        ),
+        (
+            ["train/tadsr.py", "--pretrained_model_name_or_path", runs["resshift"], "--upscale_factor", "2", *data],
+            "x4",
+        ),
+        (
+            ["train/tadsr.py", "--pretrained_model_name_or_path", runs["resshift"], "--dataset_name", "x/y", *data],
+            "SR",
+        ),
+        (["train/tadsr.py", "--pretrained_model_name_or_path", runs["resshift"]], "pass --train_data_dir"),
     ]
     for i, (argv, message) in enumerate(cases):
         out = tmp_path / str(i)
@@ -281,3 +293,11 @@ def test_sr_scripts_refuse_bad_flags_in_one_sentence(runs, tmp_path):
         with pytest.raises(UserError, match=message):
             module.main([*argv[1:], "--output_dir", str(out)])
         assert not out.exists()
+
+
+def test_model_cards_are_hub_ready(runs):
+    check_model_card(runs["tadsr"], "tad-sr", "image-to-image", rows=("teacher", "student timestep", "metrics"))
+    check_model_card(runs["oftsr"], "oftsr", "image-to-image", rows=("teacher", "default t", "metrics"))
+    for teacher in ("resshift", "flow"):
+        header, _ = check_model_card(runs[teacher], pipeline_tag="image-to-image", rows=("training steps",))
+        assert "teacher" in header["tags"]

@@ -1,10 +1,11 @@
-"""TAD-SR's unit identities (tadsr.md sections 4.2 and 9): the HSD gradient is zero at z_s = z_ref and equals
+"""TAD-SR's unit identities: the HSD gradient is zero at z_s = z_ref and equals
 (a/c)[(z_s - z_ref) - (x0_hat(x_s) - x0_hat(x_r))]; the perturbation noise is Gaussian and the teacher's input is
 scaled exactly once; the hinge losses and the time-aware heads."""
 
 import pytest
 import torch
 
+from onestep.context import TeacherContext
 from onestep.denoiser import Cond, Denoiser
 from onestep.discriminator import TimeAwareDiscriminator
 from onestep.losses import hinge_discriminator_loss, hinge_generator_loss
@@ -17,7 +18,7 @@ def _method(net=None, scale_input=False, **overrides):
     torch.manual_seed(0)
     sched = ResShiftSchedule(15, kappa=2.0, scale_input=scale_input)
     teacher = Denoiser(net or tiny_unet(channels=1, in_channels=2), sched, "sample")
-    return TADSR(teacher, TADSRConfig(**{"gan": False, **overrides}), (1, 8, 8))
+    return TADSR(TeacherContext(teacher, (1, 8, 8)), TADSRConfig(**{"gan": False, **overrides}))
 
 
 def test_hsd_gradient_is_zero_at_the_reference_and_follows_the_identity():
@@ -85,7 +86,7 @@ def test_time_aware_heads_read_the_time_and_the_ablation_does_not():
 
 
 def test_the_discriminator_reads_real_and_fake_perturbed_with_one_gaussian_noise():
-    """Spec 4.3: real = perturb(z_gt, t_d, n), fake = perturb(z_s, t_d, n) with the same Gaussian n and t_d."""
+    """Real = perturb(z_gt, t_d, n), fake = perturb(z_s, t_d, n) with the same Gaussian n and t_d."""
     from onestep.data import Batch
 
     method = _method(gan=True, disc_embed_dim=16)

@@ -123,7 +123,7 @@ def test_sdxl_four_step_export_equals_the_explicit_timesteps_call(teachers, tmp_
 
 
 def test_stock_scheduler_reproduces_trained_timesteps_or_refuses():
-    from onestep.export import stock_scheduler
+    from onestep.text_export import stock_scheduler
     from tests.helpers import sd_scheduler_config
 
     cfg = sd_scheduler_config()
@@ -207,6 +207,16 @@ def test_lora_student_exports_an_adapter_the_teacher_pipeline_loads(teachers, tm
     teacher.load_lora_weights(str(out / "lora"))
     scales = {v for m in teacher.unet.modules() if hasattr(m, "scaling") for v in m.scaling.values()}
     assert scales == {0.5}  # alpha / rank survives the export (diffusers would assume 1 without the metadata)
+    # Every trained layer arrives, the attention projections included, with the trained values.
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = {
+        k.removeprefix("unet."): v for k, v in load_file(out / "lora" / "pytorch_lora_weights.safetensors").items()
+    }
+    loaded = get_peft_model_state_dict(teacher.unet, adapter_name=next(iter(teacher.unet.peft_config)))
+    assert any(".attn1.to_q." in k for k in saved) and set(loaded) == set(saved)
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
     kw = dict(num_inference_steps=1, guidance_scale=0, latents=z, output_type="latent")
     a, b = student("a cat", **kw).images, teacher("a cat", **kw).images
@@ -256,7 +266,9 @@ def _captioned_folder(root, with_all_captions=True):
     return str(root)
 
 
-def test_gan_on_captioned_images_with_a_latent_cache(teachers, tmp_path):
+def test_the_sd15_recipe_runs_both_stages_from_one_command_with_a_latent_cache(teachers, tmp_path):
+    """--preset sd15: distribution matching (no GAN), then the GAN stage from its weights (the head is new), one
+    export; the GAN reads real latents encoded once into the cache."""
     data = _captioned_folder(tmp_path / "data")
     cache = tmp_path / "cache"
     args = [
@@ -274,7 +286,6 @@ def test_gan_on_captioned_images_with_a_latent_cache(teachers, tmp_path):
         "1000",
         "--max_train_steps",
         "2",
-        "--gan",
         "--train_data_dir",
         data,
         "--cache_latents",
@@ -289,8 +300,13 @@ def test_gan_on_captioned_images_with_a_latent_cache(teachers, tmp_path):
 
     assert load_file(shards[0])["latents"].shape == (5, 4, 8, 8)  # 16x16 centre crops through the VAE (factor 2)
     stamp = shards[0].stat().st_mtime_ns
-    losses = (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
-    assert "loss_d" in losses and "loss_g_gan" in losses  # the GAN ran on the cached real latents
+    run_dir = tmp_path / "a"
+    assert (run_dir / "model_index.json").is_file() and not (run_dir / "dm" / "model_index.json").exists()
+    assert all((run_dir / stage / "stage.json").is_file() for stage in ("dm", "gan"))
+    first = (run_dir / "dm" / "logs" / "losses.csv").read_text().splitlines()[0].split(",")
+    losses = (run_dir / "gan" / "logs" / "losses.csv").read_text().splitlines()[0].split(",")
+    assert "loss_d" not in first and "loss_d" in losses and "loss_g_gan" in losses  # the GAN ran in stage 2 only
+    assert "Started the models from" in r.stdout + r.stderr and "critic.head" not in r.stderr
     # A later run over the same data reads the shards back instead of encoding again.
     import json as _json
 
@@ -374,7 +390,7 @@ def test_gan_on_a_hugging_face_dataset_with_a_latent_cache(teachers, tmp_path):
 
     shards = sorted(cache.glob("latents-*.safetensors"))
     assert len(shards) == 1 and load_file(shards[0])["latents"].shape == (6, 4, 8, 8)
-    assert "loss_d" in (tmp_path / "a" / "logs" / "losses.csv").read_text().splitlines()[0]
+    assert "loss_d" in (tmp_path / "a" / "gan" / "logs" / "losses.csv").read_text().splitlines()[0]
     # The dataset's rows, cropped like folder images, are what the cache holds.
     import datasets
 

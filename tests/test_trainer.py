@@ -55,7 +55,7 @@ def test_update_ratio_one_generator_step_per_r_critic_steps(tmp_path):
     crit_steps = [s for s, n in m.calls if n == "critic"]
     assert crit_steps == list(range(23))
     assert gen_steps == [0, 5, 10, 15, 20] and len(gen_steps) == math.ceil(23 / 5)
-    # Within an iteration the generator update runs before the critic's (DMD2 spec 5).
+    # Within an iteration the generator update runs before the critic's, as in DMD2's training loop.
     assert m.calls[:2] == [(0, "generator"), (0, "critic")]
 
 

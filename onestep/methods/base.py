@@ -32,6 +32,20 @@ class _NullTimer:
         return nullcontext()
 
 
+class Collective:
+    """What a method may ask of the other processes, through the trainer (which owns the process group): this
+    one process alone until the trainer attaches its own."""
+
+    is_main = True
+
+    def mean(self, values: list[float]) -> list[float]:
+        """The mean over the processes of each value."""
+        return list(values)
+
+    def barrier(self) -> None:
+        pass
+
+
 class Method:
     """Base class. Subclasses set `updates`, implement `models`, `optimizers`, `start_iteration`, `loss`,
     `sample_grid` and `export`; a method with state of its own (a target index, a router) also
@@ -52,6 +66,7 @@ class Method:
         self.timer = _NullTimer()
         self.prepared: dict[str, nn.Module] = {}
         self.unwrap = lambda m: m
+        self.collective = Collective()  # the trainer's, once training starts
 
     # -- set-up --------------------------------------------------------------------------------
     def models(self) -> dict[str, nn.Module]:
@@ -108,6 +123,10 @@ class Method:
 
     def export(self, models: dict[str, nn.Module], output_dir: str, extra_card: dict) -> None:
         raise NotImplementedError
+
+    def product(self, folder: str) -> str:
+        """What `export` wrote, as the end-of-run summary lists it."""
+        return f"student pipeline  {folder} (model_index.json, unet/, scheduler/, README.md)"
 
     def usage(self, folder: str) -> str:
         """How a user loads and calls what `export` wrote (printed when training ends)."""

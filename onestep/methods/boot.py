@@ -1,8 +1,8 @@
 """BOOT: data-free distillation by bootstrapping (Gu et al. 2023, arXiv 2306.05544).
 
-Follows shared/methods/boot.md. A time-conditioned student g(eps, t) predicts the signal y_t of the teacher's
+Follows docs/methods/boot.md. A time-conditioned student g(eps, t) predicts the signal y_t of the teacher's
 deterministic DDIM trajectory started from the noise eps (x_t = alpha_t y_t + sigma_t eps). Per iteration
-(sections 4-5), with no real images: i ~ U{1..N}, t = tau_i, s = tau_{i-1},
+(no real images are used): i ~ U{1..N}, t = tau_i, s = tau_{i-1},
 
     y_t = SG[g(eps, t)],  target = y_t + delta(t, s) (f(alpha_t y_t + sigma_t eps, t) - y_t),
     L = (1 / delta^2) |g(eps, s) - target|^2 + lambda_BC |g(eps, T) - SG[f(eps, T)]|^2      (B-paper)
@@ -14,51 +14,95 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+from ..context import STOCK_FLOW_PIPELINES, STOCK_TEXT_PIPELINES, TeacherContext
 from ..denoiser import Cond, Denoiser
 from ..errors import UserError
+from ..flags import (
+    OPTIMISATION,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_float,
+    positive_int,
+)
 from ..generator import CLEAN, SignalGenerator
+from ..lora import apply_lora
 from ..losses import bootstrap_loss, bootstrap_target, boundary_loss, signal_step
 from ..schedules import NoiseSchedule
 from .base import Method, Update
 
-CondSampler = Callable[[int, torch.device], Cond | None]
 BOUNDARIES = ("paper", "exact")
 INTERVAL_WEIGHTS = ("uniform", "delta2")
 
 
 @dataclass
 class BOOTConfig:
-    learning_rate: float = 1e-4  # spec 7: 1e-4 for small models, 1e-5 for SD-size UNets (unverified)
+    flag_group = "BOOT (docs/methods/boot.md)"
+    _PAPER = ("boundary", lambda b: b == "paper", "--boundary paper (B-exact has no boundary loss)")
+    flag_requires = {
+        "boundary_weight": _PAPER,
+        "boundary_every": _PAPER,
+        "boundary_batch_size": _PAPER,
+        "curriculum_fraction": ("curriculum", bool, "--curriculum"),
+    }
+
+    learning_rate: float = option(
+        1e-4,
+        "Adam(W) learning rate (1e-4 small models, 1e-5 SD-size UNets; unverified).",
+        parse=non_negative_float,
+        group=OPTIMISATION,
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 0.0  # Adam (spec 7)
-    train_batch_size: int = 32  # noise maps per process per iteration
-    grid_size: int = 20  # N intervals between the noise end and the clean end (unverified)
-    boundary: str = "paper"  # paper: L_BC trains g(eps, T) = f(eps, T); exact: y_T fixed so that x_T = eps
-    boundary_weight: float = 1.0  # lambda_BC (unverified; OFTSR's flow variant uses 0.1)
-    boundary_every: int = 1  # L_BC every k-th iteration (saves a teacher call)
-    boundary_batch_size: int | None = None  # L_BC on the first m noise maps only (None: all)
-    interval_weight: str = "uniform"  # w_i: uniform (1, unverified) or delta2 (w = delta^2: plain MSE on y)
-    param_timestep: int | None = None  # the conversion's fixed timestep of spec 3.4 (None: T, the noise end)
-    guidance_scale: float = 1.0  # teacher CFG w, inside the target and the boundary term (1 = off)
-    curriculum: bool = False  # not in the paper: top intervals first, all of them after curriculum_fraction
-    curriculum_fraction: float = 0.2  # of max_train_steps
+    adam_weight_decay: float = option(0.0, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
+    train_batch_size: int = option(32, "Noise maps per process per iteration.", parse=positive_int, group=OPTIMISATION)
+    grid_size: int = option(
+        20, "N: intervals of the time grid between the noise end and the clean end (1..T).", parse=positive_int
+    )
+    boundary: str = option(
+        "paper",
+        "paper: boundary loss g(eps, T) = f(eps, T); exact: the trajectory starts at x_T = noise.",
+        choices=BOUNDARIES,
+    )
+    boundary_weight: float = option(1.0, "lambda_BC, the boundary loss's weight (B-paper).", parse=non_negative_float)
+    boundary_every: int = option(1, "Compute the boundary loss every k-th iteration.", parse=positive_int)
+    boundary_batch_size: int | None = option(
+        None, "Compute the boundary loss on the first m noise maps (None: all).", parse=positive_int
+    )
+    interval_weight: str = option(
+        "uniform", "w_i: uniform (1) or delta2 (delta^2, a plain MSE on the signal).", choices=INTERVAL_WEIGHTS
+    )
+    param_timestep: int | None = option(
+        None, "Fixed timestep of the student's output conversion (None: T, the noise end).", parse=non_negative_int
+    )
+    guidance_scale: float = option(
+        1.0, "Teacher CFG scale inside the targets (1 = off; needs a null class or empty prompt).", parse=finite_float
+    )
+    curriculum: bool = option(
+        False, "Train the noisiest intervals first, all of them after --curriculum_fraction of the run."
+    )
+    curriculum_fraction: float = option(
+        0.2,
+        "Fraction of --max_train_steps the curriculum takes to open every interval (a resume with another "
+        "--max_train_steps moves it).",
+        parse=positive_float,
+    )
 
 
 def time_grid(num_timesteps: int, grid_size: int) -> list[int]:
-    """tau_1 < ... < tau_N = T-1 (spec 3.5): round(i T / N) - 1, i.e. i T / N - 1 when N divides T. tau_0 is the
+    """tau_1 < ... < tau_N = T-1: round(i T / N) - 1, i.e. i T / N - 1 when N divides T. tau_0 is the
     clean end (index CLEAN, alpha = 1, sigma = 0), never the schedule's index 0."""
     return [int(round(i * num_timesteps / grid_size)) - 1 for i in range(1, grid_size + 1)]
 
 
 def check_schedule(schedule: NoiseSchedule, prediction_type: str, grid: list[int], param_timestep: int) -> None:
-    """Refuse, in one sentence, a teacher schedule BOOT cannot use (spec 3.2-3.4)."""
+    """Refuse, in one sentence, a teacher schedule BOOT cannot use: the signal recursion needs x_t = alpha x0 +
+    sigma eps with a clean end and a grid that gets strictly noisier, and an eps-student needs alpha > 0 where it
+    converts."""
     if schedule.shifted or schedule.kind not in ("vp", "flow", "edm"):
         raise UserError(
             f"The teacher's {schedule.kind} schedule is not of the form x_t = alpha x0 + sigma eps, so it has no clean "
@@ -83,26 +127,39 @@ def check_schedule(schedule: NoiseSchedule, prediction_type: str, grid: list[int
         )
 
 
+BOOT_FLOW_SAMPLING = (
+    " samples in one network evaluation: the transformer is told timestep 0 (the clean end) and its\n"
+    "velocity is converted with the sigma of `param_timestep` (scheduler/scheduler_config.json), x0 = skip * noise +\n"
+    "output_scale * velocity. BOOT has no multi-step sampler. "
+)
+
+
+def check_flow_contract(contract: dict) -> None:
+    """StableDiffusion3Pipeline and FluxPipeline hand the scheduler's timestep to the transformer with the unit
+    noise as it is (no init_noise_sigma, no scale_model_input); a contract that needs either cannot be exported."""
+    if contract["input_scale"] != 1.0 or contract["input_gain"] != 1.0:
+        raise UserError(
+            f"This BOOT student reads its noise scaled by {contract['input_scale']} x {contract['input_gain']}, which "
+            "the stock SD3 / Flux pipelines do not apply; a flow-matching teacher's student reads it unscaled."
+        )
+
+
 class BOOT(Method):
     ema_models = ("student",)
     exported_models = ("student",)
-    needs_data = False  # spec 2: no real images; the trainer never asks the data source for a batch
+    needs_data = False  # BOOT is data-free: the trainer never asks the data source for a batch
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         config: BOOTConfig,
-        sample_shape: tuple[int, ...],
-        cond_sampler: CondSampler | None = None,
-        uncond: Callable[[Cond], Cond] | None = None,
-        export_info: dict | None = None,
         student_init: Denoiser | None = None,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         max_train_steps: int | None = None,
     ):
         """`student_init` (default: the teacher) is the network the student starts from (the toy recipe starts
         from a fitted teacher-net or a random MLP while `teacher` is analytic)."""
         super().__init__()
+        teacher, uncond = context.denoiser, context.uncond
         c, sched = config, teacher.schedule
         T = sched.num_timesteps
         if not 1 <= c.grid_size <= T:
@@ -118,6 +175,11 @@ class BOOT(Method):
             raise UserError(f"--param_timestep {param} must lie within 0..{T - 1}.")
         if c.boundary_every < 1 or (c.boundary_batch_size is not None and c.boundary_batch_size < 1):
             raise UserError("--boundary_every and --boundary_batch_size must be at least 1.")
+        if c.boundary_batch_size is not None and c.boundary_batch_size > c.train_batch_size:
+            raise UserError(
+                f"--boundary_batch_size {c.boundary_batch_size} is larger than --train_batch_size "
+                f"{c.train_batch_size}: the boundary loss reads the first m noise maps of the batch."
+            )
         if not 0 < c.curriculum_fraction <= 1:
             raise UserError(f"--curriculum_fraction {c.curriculum_fraction} must lie in (0, 1].")
         if c.guidance_scale < 1:
@@ -126,11 +188,10 @@ class BOOT(Method):
             raise UserError("Teacher guidance needs the teacher's unconditional input (a null class or empty prompt).")
         grid = time_grid(T, c.grid_size)
         check_schedule(sched, teacher.prediction_type, grid, param)
-        self.config, self.sample_shape = c, tuple(sample_shape)
+        self.context, self.config, self.sample_shape = context, c, tuple(context.sample_shape)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.cond_sampler = cond_sampler or (lambda n, device: None)
-        self.uncond, self.decode = uncond, decode
-        self.export_info = export_info or {}
+        self.cond_sampler = context.cond_sampler or (lambda n, device: None)
+        self.uncond, self.decode = uncond, context.decode
         self.max_train_steps = max_train_steps
         self.grid = torch.tensor([CLEAN, *grid])  # grid[i] = tau_i, grid[0] = the clean end
         self.top = grid[-1]
@@ -140,6 +201,7 @@ class BOOT(Method):
         self._check_grid_labels(grid)
         if c.curriculum and not max_train_steps:
             raise UserError("--curriculum needs --max_train_steps, the run length its schedule is a fraction of.")
+        self.lora = apply_lora(self.student.denoiser.net, context.lora)
 
     def _check_grid_labels(self, grid: list[int]) -> None:
         """A grid so fine that tau_1 is timestep 0 tells the network the clean end's label at two different
@@ -172,13 +234,14 @@ class BOOT(Method):
 
     # -- schedule arithmetic (float64) ---------------------------------------------------------------
     def coefficients(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(alpha, sigma) per index, the clean end (CLEAN) being alpha = 1, sigma = 0 (spec 3.2: not abar[0])."""
+        """(alpha, sigma) per index, the clean end (CLEAN) being alpha = 1, sigma = 0 (not abar[0], which would make
+        the end slightly noisy)."""
         a, s = self.teacher.schedule.coefficients(t.clamp(min=0), t.device)
         clean = t < 0
         return torch.where(clean, torch.ones_like(a), a), torch.where(clean, torch.zeros_like(s), s)
 
     def exact_start(self, eps: torch.Tensor) -> torch.Tensor:
-        """B-exact (spec 3.3): y_T = (prior_std - sigma_T) eps / alpha_T, so that x_T is the pure-noise input
+        """B-exact (`--boundary exact`): y_T = (prior_std - sigma_T) eps / alpha_T, so that x_T is the pure-noise input
         itself; with alpha_T = 0, delta(T, s) = 1 and y_T drops out (0 here)."""
         sched = self.teacher.schedule
         a, s = (float(v) for v in sched.coefficients(torch.tensor([self.top])))
@@ -200,7 +263,8 @@ class BOOT(Method):
     @torch.no_grad()
     def reference_trajectory(self, eps: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """The teacher's own trajectory from eps on the grid, y_ref(tau_i) for i = 0 (clean) .. N, by the
-        y-recursion of spec 3.2 (what a perfect student outputs; B-exact: the stock DDIM sampler from x_T = eps)."""
+        recursion y_s = y_t + delta(t, s) (f(x_t, t) - y_t) (what a perfect student outputs; B-exact: the stock DDIM
+        sampler from x_T = eps)."""
         n, shape = eps.shape[0], (-1, *([1] * (eps.ndim - 1)))
         top = torch.full((n,), self.top, device=eps.device)
         if self.config.boundary == "paper":
@@ -218,7 +282,7 @@ class BOOT(Method):
 
     # -- one iteration -------------------------------------------------------------------------
     def start_iteration(self, batch, info):
-        """Everything without gradient: the student at t, the teacher step (spec 4.1) and the boundary target."""
+        """Everything without gradient: the student at t, the teacher step of the target and the boundary target."""
         c, device, B = self.config, info.device, self.config.train_batch_size
         cond = self.cond_sampler(B, device)
         eps = torch.randn(B, *self.sample_shape, device=device)
@@ -270,46 +334,94 @@ class BOOT(Method):
         return loss_bs + c.boundary_weight * loss_bc, logs
 
     # -- outputs -------------------------------------------------------------------------------
-    def _grid_cond(self, num: int, device) -> Cond | None:
-        num_classes = self.export_info.get("num_classes")
-        if num_classes:
-            return Cond(class_labels=(torch.arange(num) % num_classes).to(device))
-        return self.cond_sampler(num, device)
-
     @torch.no_grad()
     def sample_grid(self, models, num, seed, device):
         z = torch.randn(num, *self.sample_shape, generator=torch.Generator().manual_seed(seed)).to(device)
-        x = models["student"](z, torch.full((num,), CLEAN, device=device), self._grid_cond(num, device))
+        cond = self.context.grid_conditions(num, device)
+        x = models["student"](z, torch.full((num,), CLEAN, device=device), cond)
         return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
         from onestep.pipelines.boot import BootScheduler
 
-        student, info = models["student"], self.export_info
+        from ..export import BOOT_SAMPLING, Card, export_boot_pixel, hub_id
+        from ..flow_export import flow_guidance_note
+        from ..flow_teachers import FLOW_PIPELINES
+        from ..text_export import export_text_to_image
+
+        student, target = models["student"], self.context.export
         contract = student.conversion()
         scheduler = BootScheduler(**contract, num_train_timesteps=self.teacher.schedule.num_timesteps)
-        card = self._card(extra_card, contract)
-        if info.get("pipeline") in ("sd15", "sdxl"):
-            return export_text_to_image(student.denoiser.net, info, scheduler, output_dir, card, self.sample_shape[-1])
-        return export_pixel(
-            student.denoiser.net, scheduler, output_dir, card, info.get("num_classes"), self.sample_shape[-1]
+        card = Card("BOOT one-step student", self._card(extra_card, contract), method="boot", steps=1)
+        card.base_model = hub_id(self.context.source)
+        flow = target is not None and target.pipeline in STOCK_FLOW_PIPELINES
+        if target is not None and (flow or target.pipeline in STOCK_TEXT_PIPELINES):
+            card.title = "BOOT one-step text-to-image student"
+            if flow:
+                check_flow_contract(contract)
+                call = (
+                    f"`{self._flow_call()}`"
+                    + BOOT_FLOW_SAMPLING
+                    + flow_guidance_note(target.pipeline, target.guidance)
+                    + "\n"
+                )
+            else:
+                call = "`pipe(prompt, num_inference_steps=1, guidance_scale=0)`" + BOOT_SAMPLING
+            what = FLOW_PIPELINES[target.pipeline] if flow else "Stable Diffusion pipeline"
+            card.loading = (
+                "## Loading\n\n`pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` gives the "
+                f"stock {what} with BOOT's one-step scheduler (this folder ships\n"
+                "`scheduler/boot.py`, which holds the sampling contract; read it before trusting it).\n\n" + call
+            )
+            export_text_to_image(
+                student.denoiser.net,
+                target,
+                scheduler,
+                output_dir,
+                card,
+                lora=self.lora,
+                sample_size=self.sample_shape[-1],
+                ship=("boot.py", "BootScheduler"),
+            )
+            return
+        export_boot_pixel(
+            student.denoiser.net, scheduler, output_dir, card, self.context.num_classes, self.sample_shape[-1]
         )
+
+    def product(self, folder: str) -> str:
+        target = self.context.export
+        if target is not None and target.pipeline in STOCK_FLOW_PIPELINES:  # a transformer, not a UNet
+            return f"student pipeline  {folder} (model_index.json, transformer/, scheduler/, README.md)"
+        return super().product(folder)
+
+    def _flow_call(self) -> str:
+        from ..flow_export import flow_call
+
+        target = self.context.export
+        return flow_call(target.pipeline, 1, target.resolution, target.guidance)
 
     def usage(self, folder: str) -> str:
         load = f"DiffusionPipeline.from_pretrained({folder!r}, trust_remote_code=True)"
-        if self.export_info.get("pipeline") in ("sd15", "sdxl"):
+        target = self.context.export
+        if target is not None and target.pipeline in STOCK_FLOW_PIPELINES:
+            return f"{load}{self._flow_call().removeprefix('pipe')}.images"
+        if target is not None and target.pipeline in STOCK_TEXT_PIPELINES:
             return f"{load}(prompt, num_inference_steps=1, guidance_scale=0).images"
-        return f"{load}({'class_labels=[3, 7]' if self.export_info.get('num_classes') else 'batch_size=2'}).images"
+        return f"{load}({'class_labels=[3, 7]' if self.context.num_classes else 'batch_size=2'}).images"
 
     def _card(self, extra_card: dict, contract: dict) -> dict:
+        from ..export import metrics_line
+
         c = self.config
         boundary = f"B-paper (L_BC weight {c.boundary_weight})" if c.boundary == "paper" else "B-exact (x_T = noise)"
+        target = self.context.export
+        text = target is not None and target.pipeline in STOCK_TEXT_PIPELINES + STOCK_FLOW_PIPELINES
         return {
             "method": "BOOT (Gu et al. 2023, arXiv 2306.05544): data-free, bootstrapped Signal-ODE",
-            "teacher": self.export_info.get("teacher", "?"),
+            "teacher": self.context.source,
             "preset": extra_card.get("preset", "-"),
             "training_steps": extra_card.get("training_steps"),
-            "data used": "none (noise" + (" and prompts)" if self.export_info.get("pipeline") else ")"),
+            "data used": "none (noise" + (" and prompts)" if text else ")"),
             "time grid": f"N = {c.grid_size} intervals, top timestep {self.top}",
             "boundary": boundary,
             "network told timestep": f"{contract['embed_timestep']} (the clean end)",
@@ -319,85 +431,6 @@ class BOOT(Method):
             "learning rate": c.learning_rate,
             "batch per process": c.train_batch_size,
             "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "metrics": metrics_line(extra_card.get("eval")),
             "full configuration": "training_config.json in the training output folder (rerun with --config)",
         }
-
-
-# -- export: the contract travels in BootScheduler (pipelines/boot.py), copied into the folder ---------------
-PIPELINE_FILE = "boot.py"
-
-
-def _ship_pipeline_file(folder: str, pipeline_class: str | None) -> None:
-    """pipelines/boot.py beside the scheduler (and the pipeline, for our own class), named in model_index.json."""
-    from ..export import ship_pipeline_file
-
-    ship_pipeline_file(folder, PIPELINE_FILE, pipeline_class, "BootScheduler")
-
-
-def _loading_note(call: str) -> str:
-    return (
-        "## Loading\n\n"
-        "`pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` (this folder ships `boot.py`: the\n"
-        "one-step scheduler that holds the sampling contract; read it before trusting it).\n\n"
-        f"`{call}` samples in one network evaluation: the UNet is told `embed_timestep` (the clean end) and its\n"
-        "output is converted with the alpha and sigma of `param_timestep` (both in scheduler/scheduler_config.json).\n"
-        "BOOT has no multi-step sampler and no guidance at inference (guidance was distilled in): with the stock\n"
-        "Stable Diffusion pipelines **pass `guidance_scale=0`**, since their default (7.5, SDXL 5) would apply CFG\n"
-        "to the student and give other images at twice the cost.\n"
-    )
-
-
-def export_pixel(unet, scheduler, output_dir: str, card: dict, num_classes: int | None, sample_size: int) -> None:
-    """A UNet2DModel student as a BootPipeline folder."""
-    from onestep.pipelines.boot import BootPipeline
-
-    from ..export import _move_into, _trained_size, model_card
-
-    _trained_size(unet, sample_size)
-    os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
-        BootPipeline(unet=unet, scheduler=scheduler, num_classes=num_classes).save_pretrained(tmp)
-        _ship_pipeline_file(tmp, "BootPipeline")
-        call = (
-            "pipe(class_labels=[3, 7], generator=torch.Generator().manual_seed(0))"
-            if num_classes
-            else "pipe(batch_size=2)"
-        )
-        note = _loading_note(call) + (
-            "\nWith onestep installed, `onestep.pipelines.boot.BootPipeline.from_pretrained(folder)` needs no remote code.\n"
-        )
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card("BOOT one-step student", {**card, "pipeline": "BootPipeline"}, note))
-        _move_into(tmp, output_dir)
-
-
-def export_text_to_image(unet, info: dict, scheduler, output_dir: str, card: dict, sample_size: int) -> None:
-    """An SD1.5/SDXL student as the stock StableDiffusion(XL)Pipeline with the BootScheduler: the teacher's VAE,
-    text encoders and tokenizers, the student's UNet (a LoRA student: fused, and its adapter in lora/)."""
-    import diffusers
-
-    from ..export import LORA_FOLDER, _move_into, _trained_size, model_card
-
-    sdxl, lora = info["pipeline"] == "sdxl", info.get("lora")
-    cls = diffusers.StableDiffusionXLPipeline if sdxl else diffusers.StableDiffusionPipeline
-    extra = {} if sdxl else {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
-    _trained_size(unet, sample_size)
-    os.makedirs(output_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".export-") as tmp:
-        if lora is not None:
-            from ..lora import lora_state_dict
-
-            adapter = os.path.join(tmp, LORA_FOLDER)
-            cls.save_lora_weights(adapter, unet_lora_layers=lora_state_dict(unet), unet_lora_adapter_metadata=lora)
-            pipe = cls.from_pretrained(info["teacher_path"], scheduler=scheduler, **extra)
-            pipe.load_lora_weights(adapter)
-            pipe.fuse_lora()
-            pipe.unload_lora_weights()
-        else:
-            pipe = cls.from_pretrained(info["teacher_path"], unet=unet, scheduler=scheduler, **extra)
-        pipe.save_pretrained(tmp)
-        _ship_pipeline_file(tmp, None)
-        note = _loading_note("pipe(prompt, num_inference_steps=1, guidance_scale=0)")
-        with open(os.path.join(tmp, "README.md"), "w") as f:
-            f.write(model_card("BOOT one-step text-to-image student", {**card, "pipeline": cls.__name__}, note))
-        _move_into(tmp, output_dir)

@@ -11,6 +11,7 @@ import torch
 
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
+from ..flags import OPTIMISATION, non_negative_float, option, positive_int, probability
 from ..losses import DenoisingLoss
 from ..sampling import ddim_sample
 from .base import Method, Update
@@ -18,15 +19,21 @@ from .base import Method, Update
 
 @dataclass
 class DenoisingConfig:
-    learning_rate: float = 2e-4
-    adam_weight_decay: float = 0.0
-    train_batch_size: int = 64
-    cond_dropout: float = 0.1  # probability of the null class (enables CFG)
+    flag_group = "teacher network"
+
+    learning_rate: float = option(2e-4, "AdamW learning rate.", parse=non_negative_float, group=OPTIMISATION)
+    adam_weight_decay: float = option(0.0, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
+    train_batch_size: int = option(64, "Images per process per iteration.", parse=positive_int, group=OPTIMISATION)
+    cond_dropout: float = option(0.1, "Null-class probability, for classifier-free guidance.", parse=probability)
     # The network and schedule train/teacher.py builds (the bundled digits teacher's):
-    block_out_channels: str = "32,64,64"
-    channels: int | None = None  # None: 1 for the digits, 3 for image folders
-    beta_schedule: str = "scaled_linear"
-    prediction_type: str = "epsilon"
+    block_out_channels: str = option("32,64,64", "The UNet's channel widths, comma-separated.")
+    channels: int | None = option(
+        None, "Image channels (None: 1 for the digits, 3 for an image folder).", parse=positive_int
+    )
+    beta_schedule: str = option(
+        "scaled_linear", "Noise schedule.", choices=("scaled_linear", "linear", "squaredcos_cap_v2")
+    )
+    prediction_type: str = option("epsilon", "What the UNet predicts.", choices=("epsilon", "v_prediction", "sample"))
 
 
 class DiffusionTraining(Method):
@@ -90,7 +97,21 @@ class DiffusionTraining(Method):
         return ddim_sample(models["model"], z, cond, num_steps=50).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
-        from ..export import save_teacher
+        from ..export import metrics_line, save_teacher
 
         info = {"num_classes": self.num_classes, "null_class": self.null_class} if self.num_classes else None
-        save_teacher(models["model"].net, self.scheduler_config, output_dir, extra_card, info)
+        rows = {
+            "preset": extra_card.get("preset", "-"),
+            "prediction": self.scheduler_config.get("prediction_type"),
+            "classes": self.num_classes or "unconditional",
+            "training steps": extra_card.get("training_steps"),
+            "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "metrics": metrics_line(extra_card.get("eval")),
+        }
+        save_teacher(models["model"].net, self.scheduler_config, output_dir, rows, info)
+
+    def product(self, folder: str) -> str:
+        return f"teacher  {folder} (unet/, scheduler/, onestep.json)"
+
+    def usage(self, folder: str) -> str:
+        return f"a teacher for the train scripts: --pretrained_model_name_or_path {folder}"

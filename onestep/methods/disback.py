@@ -1,8 +1,8 @@
 """DisBack: distribution backtracking (Zhang et al., ICLR 2025, arXiv 2408.15991), on DMD2's update.
 
-Follows shared/methods/disback.md. Stage 1 (`DegradationPath`, spec 4.1): a copy S' of the teacher learns
+Documented in docs/methods/disback.md. Stage 1 (`DegradationPath`): a copy S' of the teacher learns
 the teacher's own denoising loss on samples of the frozen initial generator G0, and S'_i is saved after
-i K updates as a diffusers UNet folder (S'_0 is the teacher itself). Stage 2 (`DisBack`, spec 4.2 and 5):
+i K updates as a diffusers UNet folder (S'_0 is the teacher itself). Stage 2 (`DisBack`):
 DMD2's loop with the critic started from S'_N and the real score walking back S'_{N-1}, ..., S'_1, then the
 teacher, one step back every M iterations (or when the DM gradient has converged); the position on the path
 is the method's own state, so it is checkpointed and resumes exactly.
@@ -19,14 +19,17 @@ from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
-from ..denoiser import Cond, Denoiser
+from ..context import TeacherContext
+from ..denoiser import Denoiser
 from ..errors import UserError
+from ..flags import option, positive_float, positive_int, probability
+from ..loading import open_weights, read_weights
 from .base import Update
 from .dmd2 import DMD2, DMD2Config
 
 PATH_FILE = "path.json"
-STAGES = ("path", "distill", "both")
 SWITCH_RULES = ("fixed", "converged")
 TARGET_GUIDANCE = ("cfg_all", "cfg_teacher_only", "cfg_all_raw")
 CRITIC_INITS = ("path", "teacher", "dmd2_critic")
@@ -36,29 +39,69 @@ CRITIC_INITS = ("path", "teacher", "dmd2_critic")
 class DisBackConfig(DMD2Config):
     """DMD2's options (the base loop) plus the path and the walk back along it."""
 
-    stage: str = "both"  # path: stage 1 only; distill: stage 2 from --path_dir; both: one after the other
-    path_dir: str | None = None  # the degradation path's folder (None: <output_dir>-path)
-    num_snapshots: int = 10  # N: S'_1..S'_N are saved (spec 4.1)
-    path_steps: int | None = None  # stage-1 updates, a multiple of N (None: 5% of the stage-2 iterations, spec 7)
-    path_learning_rate: float | None = None  # S' (None: learning_rate)
-    path_uncond_prob: float = 0.1  # null condition on S' with this probability when the real score uses CFG
-    path_gan: bool = False  # also train the GAN head during degradation (the released code; the paper: pure DSM)
-    initial_generator: str | None = None  # G0 from an earlier run's checkpoint-<step> (None: the teacher copy)
-    critic_init: str = "path"  # F starts from S'_N (path), the teacher, or --initial_generator's critic (dmd2_critic)
-    switch_rule: str = "fixed"  # fixed: every switch_every iterations; converged: when the DM gradient has fallen
-    switch_every: int | None = None  # M (None: stage-2 iterations / (4 N): the path ends after a quarter of training)
-    switch_rho: float = 0.5  # converged: switch when mean|x0_fake - x0_target| < rho x its value at the phase start
-    switch_min_steps: int | None = None  # converged: shortest phase in iterations (None: M / 2)
-    switch_max_steps: int | None = None  # converged: longest phase (None: 2 M)
-    switch_window: int = 5  # converged: generator updates averaged for the start and the current value
-    target_guidance: str | None = None  # cfg_all | cfg_teacher_only | cfg_all_raw (None: cfg_all if S' saw the null
-    # condition, else cfg_teacher_only)
-    dm_weighting: str = "dmd2"  # omega of g = omega (x0_fake - x0_target): dmd2 (1 / mean|x - x0_target|) or vsd
+    flag_group = "DisBack (docs/methods/disback.md)"
+    not_flags = ("regression_pairs", "regression_teacher_steps", "regression_loss", "regression_pairs_dir")
+    _CONVERGED = ("switch_rule", lambda rule: rule == "converged", "--switch_rule converged")
+    flag_requires = {
+        **DMD2Config.flag_requires,
+        "switch_rho": _CONVERGED,
+        "switch_min_steps": _CONVERGED,
+        "switch_max_steps": _CONVERGED,
+        "switch_window": _CONVERGED,
+        "path_uncond_prob": ("guidance_scale", lambda w: w > 1, "real-score guidance (--guidance_scale above 1)"),
+    }
+
+    path_dir: str | None = option(
+        None,
+        "The degradation path's folder, for the distill stage alone (None: the run's own path stage).",
+    )
+    num_snapshots: int = option(
+        10,
+        "N: snapshots S'_1..S'_N of the path (S'_0: the teacher; the distill stage: the path's).",
+        parse=positive_int,
+    )
+    path_steps: int | None = option(
+        None, "Path-stage updates, a multiple of N (None: 5% of --max_train_steps).", parse=positive_int
+    )
+    path_learning_rate: float | None = option(
+        None, "Path-stage learning rate (None: --learning_rate).", parse=positive_float
+    )
+    path_uncond_prob: float = option(
+        0.1, "Null-condition dropout on the copy in the path stage when the real score uses CFG.", parse=probability
+    )
+    path_gan: bool = option(False, "Also train the GAN head in the path stage (the released code; the paper: no).")
+    initial_generator: str | None = option(
+        None, "G0 from an earlier run's checkpoint-<step> (None: the teacher copy)."
+    )
+    critic_init: str = option(
+        "path", "Distill-stage critic start: S'_N, the teacher, or G0's critic.", choices=CRITIC_INITS
+    )
+    switch_rule: str = option(
+        "fixed", "Target switch: every M iterations, or when the DM gradient fell.", choices=SWITCH_RULES
+    )
+    switch_every: int | None = option(
+        None, "M: iterations per target (None: --max_train_steps / (4 N)).", parse=positive_int
+    )
+    switch_rho: float = option(
+        0.5,
+        "converged: switch when the DM gradient is below rho x its phase-start value (0 < rho < 1).",
+        parse=positive_float,
+    )
+    switch_min_steps: int | None = option(None, "converged: shortest phase (None: M / 2).", parse=positive_int)
+    switch_max_steps: int | None = option(None, "converged: longest phase (None: 2 M).", parse=positive_int)
+    switch_window: int = option(5, "converged: generator updates averaged per value.", parse=positive_int)
+    target_guidance: str | None = option(
+        None,
+        "CFG on the path's targets (None: cfg_all if the path saw the null condition, else cfg_teacher_only).",
+        choices=TARGET_GUIDANCE,
+    )
+    dm_weighting: str = option(
+        "dmd2", "omega of the generator gradient: DMD2's normaliser or VSD's alpha sigma.", choices=("dmd2", "vsd")
+    )
 
     def resolved(self, stage2_steps: int) -> DisBackConfig:
         """A copy with every derived default filled in (recorded in training_config.json), after checks."""
         for name, value, allowed in (
-            ("stage", self.stage, STAGES),
             ("switch_rule", self.switch_rule, SWITCH_RULES),
             ("critic_init", self.critic_init, CRITIC_INITS),
             ("dm_weighting", self.dm_weighting, ("dmd2", "vsd")),
@@ -75,6 +118,11 @@ class DisBackConfig(DMD2Config):
             )
         if not 0 <= self.path_uncond_prob < 1:
             raise UserError(f"--path_uncond_prob {self.path_uncond_prob} must lie in [0, 1).")
+        if not 0 < self.switch_rho < 1:
+            raise UserError(
+                f"--switch_rho {self.switch_rho} must lie in (0, 1): the converged rule switches when the DM gradient "
+                f"has fallen below rho times its value at the phase start."
+            )
         if self.critic_init == "dmd2_critic" and not self.initial_generator:
             raise UserError("--critic_init dmd2_critic takes the critic of --initial_generator's checkpoint: pass it.")
         n = self.num_snapshots
@@ -138,16 +186,17 @@ def save_snapshot(net: nn.Module, path_dir: str, index: int, max_shard_size: int
     os.replace(tmp, final)
 
 
-def load_snapshot(path_dir: str, index: int, net: nn.Module) -> None:
-    from safetensors.torch import load_file
+AGAIN = "record the path again (--stage path into a new folder)"
 
+
+def load_snapshot(path_dir: str, index: int, net: nn.Module) -> None:
     folder = snapshot_dir(path_dir, index)
     files = _weight_files(folder)
     if files is None:
-        raise UserError(f"{folder} holds no weights; record the path again with --stage path.")
+        raise UserError(f"{folder} holds no weights; {AGAIN}.")
     state = {}
     for path in files:
-        state.update(load_file(path))
+        state.update(read_weights(path, AGAIN))
     try:
         net.load_state_dict(state)
     except RuntimeError:
@@ -160,11 +209,9 @@ class _SnapshotTensors:
     """A snapshot's tensors by name, read one at a time (no whole-UNet load to compare two snapshots)."""
 
     def __init__(self, files: list[str]):
-        from safetensors import safe_open
-
         self.where = {}
         for path in files:
-            handle = safe_open(path, framework="pt")
+            handle = open_weights(path, AGAIN)
             self.where.update({key: handle for key in handle.keys()})
 
     def keys(self):
@@ -203,8 +250,8 @@ def read_path(path_dir: str, conditioning_timesteps: list[int] | None = None) ->
     manifest = os.path.join(path_dir, PATH_FILE)
     if not os.path.isfile(manifest):
         raise UserError(
-            f"{path_dir} holds no degradation path ({PATH_FILE} is missing): record one with --stage path, "
-            f"or pass --path_dir the folder stage 1 wrote."
+            f"--path_dir {path_dir} holds no degradation path ({PATH_FILE} is missing): record one with --stage path, "
+            f"or pass --path_dir the folder a path stage wrote."
         )
     with open(manifest) as f:
         info = json.load(f)
@@ -227,35 +274,21 @@ def read_path(path_dir: str, conditioning_timesteps: list[int] | None = None) ->
     return info
 
 
-def resolve_for_run(config: DisBackConfig, stage2_steps: int, output_dir: str) -> DisBackConfig:
-    """What train/disback.py runs with: --path_dir's default, and N taken from the path when stage 2 reads a
-    finished one (so M and the recorded training_config.json follow the path, not --num_snapshots), then the
-    derived defaults (`resolved`)."""
-    path_dir = config.path_dir or output_dir.rstrip("/\\") + "-path"
+def resolve_for_run(config: DisBackConfig, stage2_steps: int, path_dir: str, reads_path: bool) -> DisBackConfig:
+    """What a DisBack run trains with: its path folder, N taken from the path when the distill stage reads a
+    finished one (`reads_path`, or a resumed run whose path stage has finished: so M and the recorded
+    training_config.json follow the path, not --num_snapshots), then the derived defaults (`resolved`)."""
     config = replace(config, path_dir=path_dir)
     manifest = os.path.join(path_dir, PATH_FILE)
-    if config.stage == "distill":
+    if reads_path:
         n = read_path(path_dir, config.conditioning_timesteps)["num_snapshots"]
         config = replace(config, num_snapshots=n)
-    elif config.stage == "both" and os.path.isfile(manifest):  # resuming after stage 1 finished
+    elif os.path.isfile(manifest):
         with open(manifest) as f:
             info = json.load(f)
         if info.get("complete"):
             config = replace(config, num_snapshots=info["num_snapshots"])
     return config.resolved(stage2_steps)
-
-
-def _is_main() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _say(message: str) -> None:
-    if _is_main():
-        from tqdm.auto import tqdm
-
-        tqdm.write(message)
 
 
 def _g0_name(config: DisBackConfig, generator_init: Denoiser | None) -> str:
@@ -266,7 +299,7 @@ def _g0_name(config: DisBackConfig, generator_init: Denoiser | None) -> str:
 
 
 def _start_generator(method: DMD2, generator_init: Denoiser | None) -> None:
-    """G0 (spec 2): the teacher copy DMD2 made, or another network's weights (the toy's off-centre blob)."""
+    """G0: the teacher copy DMD2 made, or another network's weights (the toy's off-centre blob)."""
     if generator_init is not None:
         method.generator.denoiser.load_state_dict(generator_init.state_dict())
 
@@ -285,7 +318,7 @@ def load_initial_generator(method: DMD2, checkpoint: str, with_critic: bool = Fa
 
 
 class DegradationPath(DMD2):
-    """Spec 4.1 and 5.1: the critic-only DMD2 loop with G frozen at G0 and no GAN (unless path_gan); the
+    """Stage 1: the critic-only DMD2 loop with G frozen at G0 and no GAN (unless path_gan); the
     trained network S' starts as the teacher and is saved every K = path_steps / N updates."""
 
     ema_models = ()
@@ -294,26 +327,23 @@ class DegradationPath(DMD2):
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         config: DisBackConfig,
-        sample_shape,
         path_dir: str,
         generator_init: Denoiser | None = None,
         **dmd2_kwargs,
     ):
         lr = config.path_learning_rate if config.path_learning_rate is not None else config.learning_rate
-        super().__init__(
-            teacher, replace(config, gan=config.path_gan, critic_learning_rate=lr), sample_shape, **dmd2_kwargs
-        )
+        super().__init__(context, replace(config, gan=config.path_gan, critic_learning_rate=lr), **dmd2_kwargs)
         self.path_dir, self.num_snapshots = path_dir, config.num_snapshots
         self.interval = config.path_steps // config.num_snapshots  # K
         self.updates = [Update("critic", "degradation", every=1)]
         _start_generator(self, generator_init)
         self.generator.requires_grad_(False)  # G0 is frozen in stage 1
-        # Condition dropout only where the walk will query the targets' unconditional branch (spec 4.1).
+        # Condition dropout only where the walk will query the targets' unconditional branch.
         uses_cfg = config.guidance_scale > 1 and self.uncond is not None
         self.uncond_prob = config.path_uncond_prob if uses_cfg else 0.0
-        self.losses: list[float] = []  # the stage-1 loss per update, for the plateau report (spec 4.1)
+        self.losses: list[float] = []  # the stage-1 loss per update, for the plateau report
         self.card_info = {"initial_generator": _g0_name(config, generator_init)}
 
     def models(self):
@@ -341,7 +371,7 @@ class DegradationPath(DMD2):
         if self.uncond_prob > 0:
             drop = torch.rand(len(cond), device=s["x"].device) < self.uncond_prob
             cond = cond.where(drop, self.uncond(cond))
-        loss, logs = self._critic_loss(dict(s, cond=cond))  # the DMD2 critic loss with G frozen (spec 4.1)
+        loss, logs = self._critic_loss(dict(s, cond=cond))  # the DMD2 critic loss with G frozen
         self.losses.append(float(logs["loss_fake"]))
         return loss, logs
 
@@ -349,13 +379,13 @@ class DegradationPath(DMD2):
         done = info.step + 1
         if done % self.interval == 0 and done // self.interval <= self.num_snapshots:
             index = done // self.interval
-            if _is_main():
+            if self.collective.is_main:
                 save_snapshot(self.unwrap(self.prepared["critic"]).denoiser.net, self.path_dir, index)
                 self._write_manifest(index)
-            _say(f"DisBack path: saved S'_{index} after {done} updates")
+                tqdm.write(f"DisBack path: saved S'_{index} after {done} updates")
 
     def plateau(self) -> int | None:
-        """Spec 4.1's stopping rule, reported rather than obeyed (the run has a fixed length): the first update
+        """The paper's stage-1 stopping rule, reported rather than obeyed (the run has a fixed length): the first update
         after which the mean loss of the last 10% of the run moved by less than 1% against the 10% before."""
         w = max(1, self.interval * self.num_snapshots // 10)
         for end in range(2 * w, len(self.losses) + 1):
@@ -367,7 +397,7 @@ class DegradationPath(DMD2):
     def _write_manifest(self, written: int, complete: bool = False) -> None:
         c = self.config
         info = {
-            "method": "DisBack stage 1 (degradation path), shared/methods/disback.md section 4.1",
+            "method": "DisBack stage 1 (degradation path)",
             "num_snapshots": self.num_snapshots,
             "interval": self.interval,
             "path_steps": self.interval * self.num_snapshots,
@@ -378,7 +408,7 @@ class DegradationPath(DMD2):
             "uncond_prob": self.uncond_prob,
             "learning_rate": c.critic_learning_rate,
             "gan": c.gan,
-            "teacher": self.export_info.get("teacher", "?"),
+            "teacher": self.context.source,
             **self.card_info,
             "loss_plateau_at_update": self.plateau(),
         }
@@ -401,39 +431,47 @@ class DegradationPath(DMD2):
 
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(num, *self.sample_shape, generator=g).to(device)
-        num_classes = self.export_info.get("num_classes")
-        cond = Cond(class_labels=(torch.arange(num) % num_classes).to(device)) if num_classes else None
-        cond = cond if cond is not None else self.cond_sampler(num, device)
+        cond = self.context.grid_conditions(num, device)
         x = ddim_sample(models["degradation"].denoiser, z, cond, num_steps=20)
         return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
         """The path is its snapshots (written as they were taken); the end marks it complete."""
-        from ..export import model_card
+        from ..export import Card
 
         self._write_manifest(self.num_snapshots, complete=True)
+        rows = {
+            "teacher": self.context.source,
+            "preset": extra_card.get("preset", "-"),
+            "snapshots": f"{self.num_snapshots}, one every {self.interval} updates",
+            "learning rate": self.config.critic_learning_rate,
+            **self.card_info,
+            "next": "the distillation stage reads this folder (--path_dir)",
+        }
+        card = Card("DisBack degradation path (stage 1)", rows, method="disback")
         with open(os.path.join(self.path_dir, "README.md"), "w") as f:
-            f.write(model_card("DisBack degradation path (stage 1)", {**extra_card, **self.card_info}))
+            f.write(card.text())
 
     def usage(self, folder):
-        return f"stage 2: python train/disback.py --stage distill --path_dir {folder}"
+        return f"the distillation stage reads it: python train/disback.py --stage distill --path_dir {folder}"
 
 
 # -- stage 2 -------------------------------------------------------------------------------------------------
 
 
 class DisBack(DMD2):
-    """Spec 4.2 and 5: DMD2's update with the real-score slot on S'_i, i = N-1 ... 1, then the teacher."""
+    method_tag = "disback"
+    """Stage 2: DMD2's update with the real-score slot on S'_i, i = N-1 ... 1, then the teacher."""
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         config: DisBackConfig,
-        sample_shape,
         path_dir: str,
         generator_init: Denoiser | None = None,
         **dmd2_kwargs,
     ):
+        teacher = context.denoiser
         self.path = read_path(path_dir, config.conditioning_timesteps)
         n = self.path["num_snapshots"]
         if config.num_snapshots != n:  # M and the phase bounds were derived from N (train/disback.py takes the path's)
@@ -447,15 +485,15 @@ class DisBack(DMD2):
                 f"from {_g0_name(config, generator_init)}; stage 2 must start from the generator stage 1 sampled."
             )
         same = first_unchanged_snapshot(path_dir, n, teacher.net)
-        if same is not None:  # a switch onto it would change nothing (spec 5.5): refuse before any training
+        if same is not None:  # a switch onto it would change nothing: refuse before any training
             before = "the teacher" if same == 1 else f"S'_{same - 1}"
             raise UserError(
                 f"S'_{same} of the path in {path_dir} is identical to {before}, so the walk would not change its "
                 f"target; record the path again with a positive --path_learning_rate."
             )
-        super().__init__(teacher, config, sample_shape, **dmd2_kwargs)
+        super().__init__(context, config, **dmd2_kwargs)
         self.path_dir, self.num_snapshots = path_dir, n
-        _start_generator(self, generator_init)  # G <- G0 (spec 5.2)
+        _start_generator(self, generator_init)  # G <- G0
         if config.critic_init == "path":  # F <- S'_N
             load_snapshot(path_dir, self.num_snapshots, self.critic.denoiser.net)
         policy = config.target_guidance or ("cfg_all" if self.path["uncond_prob"] > 0 else "cfg_teacher_only")
@@ -488,7 +526,7 @@ class DisBack(DMD2):
             self.target.to(device)
         return self
 
-    # -- the walk (spec 5.3-5.5) ---------------------------------------------------------------------------
+    # -- the walk ---------------------------------------------------------------------------
     def loss(self, name, s):
         loss, logs = super().loss(name, s)
         if "dm_grad_abs" in logs and self.config.switch_rule == "converged":
@@ -499,7 +537,7 @@ class DisBack(DMD2):
     def _record_dm_grad(self, value: float) -> None:
         """The phase's DM-gradient magnitude, averaged over the processes so that every rank holds (and rank 0
         checkpoints) the same history and all switch together; a non-finite value is left out."""
-        value = _mean_over_ranks([value])[0]
+        value = self.collective.mean([value])[0]
         if math.isfinite(value):
             self.phase_grads.append(value)
 
@@ -528,16 +566,17 @@ class DisBack(DMD2):
         return self.real_score(x.to(device), t.to(device), cond.to(device) if cond is not None else None)
 
     def switch(self, iteration: int) -> None:
-        """One step back along the path; the critic, generator, head and optimisers are kept (spec 5.4)."""
+        """One step back along the path; the critic, generator, head and optimisers are kept."""
         before = self._probe_output()
         self.target_index -= 1
         self._point_at(self.target_index)
-        if torch.equal(before, self._probe_output()):  # spec 5.5: the target must actually have changed
+        if torch.equal(before, self._probe_output()):  # the target must actually have changed
             raise RuntimeError(f"DisBack: the switch to target {self.target_index} left the real score unchanged.")
         self.phase_start, self.phase_grads = iteration, []
         self.switches.append([iteration, self.target_index])
         name = f"S'_{self.target_index}" if self.target_index else "the teacher"
-        _say(f"DisBack: iteration {iteration}: target -> {name}")
+        if self.collective.is_main:
+            tqdm.write(f"DisBack: iteration {iteration}: target -> {name}")
 
     def state_dict(self):
         return {
@@ -562,7 +601,7 @@ class DisBack(DMD2):
     def _dm_gradient(self, x, x0_real, x0_fake, t):
         if self.config.dm_weighting == "dmd2":
             return super()._dm_gradient(x, x0_real, x0_fake, t)
-        # VSD / Diff-Instruct form (spec 3, unverified): w(t) = sigma_t^2 on eps, i.e. omega = alpha_t sigma_t.
+        # VSD / Diff-Instruct form (unverified): w(t) = sigma_t^2 on eps, i.e. omega = alpha_t sigma_t.
         a, s = self.teacher.schedule.coefficients(t, x.device)
         omega = (a * s).to(x.dtype).view(-1, *[1] * (x.ndim - 1))
         return omega * (x0_fake - x0_real)
@@ -577,15 +616,3 @@ class DisBack(DMD2):
             "critic start": c.critic_init,
             "target guidance": self.target_guidance,
         }
-
-
-def _mean_over_ranks(values: list[float]) -> list[float]:
-    """The mean over the processes (the values themselves in one process)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()

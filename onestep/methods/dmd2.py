@@ -1,6 +1,6 @@
 """DMD2: Improved Distribution Matching Distillation (Yin et al., NeurIPS 2024, arXiv 2405.14867).
 
-Follows shared/methods/dmd2.md. Per iteration (section 5): x = G(z); every R-th iteration a generator
+Follows docs/methods/dmd2.md. Per iteration: x = G(z); every R-th iteration a generator
 update on L_G = lambda_DM L_DM + lambda_Ggan L_Ggan; every iteration a critic update on
 L_C = L_fake + lambda_Dgan L_D, with the GAN head on the critic's bottleneck.
 """
@@ -8,52 +8,105 @@ L_C = L_fake + lambda_Dgan L_D, with the GAN head on the critic's bottleneck.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from ..context import STOCK_FLOW_PIPELINES, STOCK_TEXT_PIPELINES, TeacherContext
 from ..critic import Critic
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
-from ..discriminator import DMD2Head
+from ..discriminator import gan_head
 from ..errors import UserError
+from ..flags import (
+    OPTIMISATION,
+    finite_float,
+    non_negative_float,
+    non_negative_int,
+    option,
+    positive_int,
+)
 from ..generator import OneStepGenerator
+from ..lora import apply_lora
 from ..losses import DenoisingLoss, dm_gradient, dm_loss, gan_discriminator_loss, gan_generator_loss
+from ..text_export import check_exportable_timesteps
 from .base import Method, Update
-
-CondSampler = Callable[[int, torch.device], Cond | None]
 
 
 @dataclass
 class DMD2Config:
-    learning_rate: float = 1e-4  # same for G and critic (spec 7), unless one of the two below is set
-    generator_learning_rate: float | None = None  # None: learning_rate
-    critic_learning_rate: float | None = None  # None: learning_rate (the critic's GAN head included)
+    flag_group = "DMD2 (docs/methods/dmd2.md)"
+    _GAN = ("gan", bool, "--gan")
+    flag_requires = {
+        "gan_generator_weight": _GAN,
+        "gan_discriminator_weight": _GAN,
+        "gan_feature_module": _GAN,
+        "gan_max_timestep": _GAN,
+        "gan_alone": _GAN,
+    }
+
+    learning_rate: float = option(
+        1e-4, "Adam(W) learning rate of every trained network.", parse=non_negative_float, group=OPTIMISATION
+    )
+    generator_learning_rate: float | None = option(
+        None, "The generator's own learning rate (None: --learning_rate).", parse=non_negative_float
+    )
+    critic_learning_rate: float | None = option(
+        None, "The critic's and its head's (None: --learning_rate).", parse=non_negative_float
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 0.01
-    train_batch_size: int = 32  # generator samples per iteration (and real images for the GAN)
-    ttur_ratio: int = 5  # R: critic updates per generator update
-    guidance_scale: float = 1.0  # real-score CFG w (applied only if w > 1)
-    conditioning_timesteps: list[int] = field(default_factory=lambda: [999])  # 1 entry: one-step
-    dm_t_min: int = 20  # DM-loss t ~ U{t_min..t_max}, inclusive (0.02 T, 0.98 T)
-    dm_t_max: int = 980
+    adam_weight_decay: float = option(0.01, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
+    train_batch_size: int = option(
+        32,
+        "Student samples per process per iteration (and real images for the GAN).",
+        parse=positive_int,
+        group=OPTIMISATION,
+    )
+    ttur_ratio: int = option(5, "Critic updates per generator update (R).", parse=positive_int)
+    guidance_scale: float = option(
+        1.0, "Real-score CFG scale (1 = off; needs a null class or empty prompt).", parse=finite_float
+    )
+    conditioning_timesteps: list[int] = option([999], "Comma-separated, descending: 999 or 999,749,499,249.")
+    dm_t_min: int = option(
+        20, "Lowest timestep of the distribution-matching loss's noise draw.", parse=non_negative_int
+    )
+    dm_t_max: int = option(
+        980, "Highest timestep of the distribution-matching loss's noise draw.", parse=non_negative_int
+    )
     dm_weight: float = 1.0
-    gan: bool = True
-    gan_generator_weight: float = 3e-3
-    gan_discriminator_weight: float = 1e-2
-    gan_feature_module: str | None = None  # critic submodule the head reads (None: the UNet mid block)
-    gan_max_timestep: int | None = None  # D's inputs noised at t ~ U{0..this} (None: T-1; 0: clean-image classifier)
-    gan_alone: bool = False  # the generator trains on the GAN term only, without the DM loss (official option)
+    gan: bool = option(True, "GAN head on the critic (--no-gan: DM only).")
+    gan_generator_weight: float = option(
+        3e-3, "Weight of the generator's GAN loss next to the DM loss.", parse=non_negative_float
+    )
+    gan_discriminator_weight: float = option(
+        1e-2, "Weight of the discriminator loss next to the critic's denoising loss.", parse=non_negative_float
+    )
+    gan_feature_module: str | None = option(
+        None, "Critic submodule the GAN head reads (None: the UNet's mid_block; SD3 / Flux: a joint block's tokens)."
+    )
+    gan_max_timestep: int | None = option(
+        None, "D's inputs are noised at t in 0..this (None: T-1; 0: clean images).", parse=non_negative_int
+    )
+    gan_alone: bool = option(False, "Generator trained on the GAN term only, without the DM loss.")
     fake_score: str = "critic"  # "critic", or "none" (ablation: x0_fake := x, i.e. SDS)
     fake_score_fp32: bool = True  # run the DM-loss critic query without autocast
-    # The regression warm start (spec 5, SDXL one-step), run before DMD2 as its own stage:
-    stage: str = "distill"  # "regression": fit G to teacher ODE pairs (continue with --init_from_checkpoint)
-    regression_pairs: int = 10_000  # fixed noises, each with the teacher's sampler output (CFG = guidance_scale)
-    regression_teacher_steps: int = 50  # the teacher's DDIM steps (trailing spacing) per pair
-    regression_loss: str = "auto"  # "lpips" on decoded images, "mse", or "auto": LPIPS where its weights load
-    regression_pairs_dir: str | None = None  # where the pairs are cached (None: <output_dir>/ode_pairs)
+    # The regression warm start (the published SDXL one-step recipe), a stage of its own before DMD2
+    # (presets sdxl-1step, ...):
+    regression_pairs: int = option(
+        10_000, "Regression stage: number of fixed noise/teacher-output pairs.", parse=positive_int
+    )
+    regression_teacher_steps: int = option(
+        50, "Regression stage: the teacher's DDIM steps per pair.", parse=positive_int
+    )
+    regression_loss: str = option(
+        "auto",
+        "Regression stage: lpips, mse, or auto (LPIPS where its weights load, else MSE).",
+        choices=("auto", "lpips", "mse"),
+    )
+    regression_pairs_dir: str | None = option(
+        None, "Regression stage: where pairs are cached (None: the stage's folder/ode_pairs)."
+    )
 
 
 class DMD2(Method):
@@ -61,24 +114,23 @@ class DMD2(Method):
     exported_models = ("generator",)
     new_in_stage = {"critic": ("head.",)}  # SD1.5 stage 2 adds the GAN head to stage 1's critic
     fresh_in_stage = ("critic",)  # after the regression warm start (no critic) it starts from the teacher
+    exports_stock_pipeline = True  # a text teacher's student becomes a stock StableDiffusion(XL)Pipeline
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         config: DMD2Config,
-        sample_shape: tuple[int, ...],
-        cond_sampler: CondSampler | None = None,
-        uncond: Callable[[Cond], Cond] | None = None,
-        export_info: dict | None = None,
         student_init: Denoiser | None = None,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         real_score: Denoiser | None = None,
+        critic_init: Denoiser | None = None,
     ):
         """`student_init` (default: the teacher) is the network G and F start from; the toy recipe
         uses an analytic teacher for the real score and a fitted teacher-net to initialise them.
-        `real_score` (default: the teacher) is what the generator is matched to; DisBack replaces it
-        along its degradation path, through this argument or the `real_score` attribute."""
+        `critic_init` (default: student_init's) is F's own start when it differs (MSD's smaller students keep a
+        teacher-sized critic). `real_score` (default: the teacher) is what the generator is matched to; DisBack
+        replaces it along its degradation path, through this argument or the `real_score` attribute."""
         super().__init__()
+        teacher, uncond = context.denoiser, context.uncond
         if config.ttur_ratio < 1:
             raise UserError("The TTUR ratio must be at least 1.")
         if config.fake_score not in ("critic", "none"):
@@ -96,32 +148,27 @@ class DMD2(Method):
             raise UserError(
                 "Real-score guidance needs the teacher's unconditional input (a null class or empty prompt)."
             )
-        if (export_info or {}).get("pipeline") in ("sd15", "sdxl"):  # refuse an unexportable step list before training
-            from ..export import stock_scheduler
-
-            stock_scheduler(
-                export_info["scheduler_config"],
-                config.conditioning_timesteps,
-                offset_allowed=export_info["pipeline"] == "sdxl",
-            )
-        self.config, self.sample_shape = config, tuple(sample_shape)
+        if self.exports_stock_pipeline:  # refuse, before training, a step list the stock pipeline cannot sample
+            check_exportable_timesteps(context.export, config.conditioning_timesteps)
+        self.context, self.config, self.sample_shape = context, config, tuple(context.sample_shape)
         self.teacher = teacher.eval().requires_grad_(False)
-        self.cond_sampler = cond_sampler or (lambda n, device: None)
+        self.cond_sampler = context.cond_sampler or (lambda n, device: None)
         self.uncond = uncond
-        self.export_info = export_info or {}
-        self.decode = decode  # latent teachers: latents -> images in [-1, 1] for sample grids
+        self.decode = context.decode  # latent teachers: latents -> images in [-1, 1] for sample grids
         self.needs_data = config.gan
         self.updates = [Update("generator", "generator", every=config.ttur_ratio), Update("critic", "critic", every=1)]
-        self.critic_objective = DenoisingLoss()  # spec 4.2: the teacher's own objective over the full t range
+        self.critic_objective = DenoisingLoss()  # the teacher's own objective over the full t range
 
-        # G and F start as exact copies of the teacher (spec 2); the head is new.
+        # G and F start as exact copies of the teacher; the head is new.
         init = student_init if student_init is not None else teacher
         self.generator = OneStepGenerator(self._trainable_copy(init), config.conditioning_timesteps)
-        self.critic = Critic(self._trainable_copy(init), feature_module=config.gan_feature_module)
+        critic_start = critic_init if critic_init is not None else init
+        self.critic = Critic(self._trainable_copy(critic_start), feature_module=config.gan_feature_module)
         example_cond = self.cond_sampler(1, torch.device("cpu"))
-        if config.gan:  # spec 4.3: D = head(bottleneck of F), trained with F
-            self.critic.head = DMD2Head(self.critic.feature_shape(self.sample_shape, example_cond))
+        if config.gan:  # D = head(bottleneck of F), trained with F
+            self.critic.head = gan_head(self.critic.feature_shape(self.sample_shape, example_cond))
         self.real_score: Denoiser = self.teacher if real_score is None else real_score.eval().requires_grad_(False)
+        self.lora = apply_lora(self.generator.denoiser.net, context.lora)  # the generator only; F stays fully trained
 
     @staticmethod
     def _trainable_copy(teacher: Denoiser) -> Denoiser:
@@ -194,7 +241,7 @@ class DMD2(Method):
         if c.gan_alone:
             loss_g_gan = self._generator_gan_loss(critic, x, cond)
             return c.gan_generator_weight * loss_g_gan, {"loss_g_gan": loss_g_gan.detach()}
-        # Spec 4.1: all of steps 1-5 without gradient.
+        # Noising, both x0-predictions and g without gradient: only dm_loss carries g into G.
         with torch.no_grad():
             x_t, t, _ = self._noised(x.detach(), c.dm_t_min, c.dm_t_max)
             with self.timer.phase("teacher"):
@@ -222,11 +269,12 @@ class DMD2(Method):
         return self.config.guidance_scale
 
     def _dm_gradient(self, x, x0_real, x0_fake, t) -> torch.Tensor:
-        """The per-element generator gradient g = omega * (x0_fake - x0_real); DMD2's omega (spec 4.1)."""
+        """The per-element generator gradient g = omega * (x0_fake - x0_real); DMD2's omega is
+        1 / mean_{C,H,W}|x - x0_real| per sample."""
         return dm_gradient(x, x0_real, x0_fake)
 
     def _generator_gan_loss(self, critic, x, cond):
-        """Spec 4.3: gradient flows through F and the head into G; F and the head are not updated by it."""
+        """The GAN term for G: gradient flows through F and the head into G; F and the head are not updated by it."""
         flags = [(p, p.requires_grad) for p in critic.parameters()]
         critic.requires_grad_(False)
         try:
@@ -240,16 +288,16 @@ class DMD2(Method):
         c, x, cond = self.config, s["x"].detach(), s["cond"]
         critic = self.prepared["critic"]
         T = self.teacher.schedule.num_timesteps
-        # Spec 4.2: t over the full range, fresh noise, no CFG.
+        # The teacher's own objective: t over the full range (not the DM loss's 20..980), fresh noise, no CFG.
         noised = self.critic_objective.noise(self.unwrap(critic).denoiser, x, cond)
         x_t, t = noised.x_t, noised.t
         if not c.gan:
             raw, _ = critic(x_t, t, cond)
             loss = self.critic_objective.error(raw, noised).mean()
             return loss, {"loss_fake": loss.detach()}
-        # Spec 4.3 with real and fake batched through F in one pass. With D's noise over the full range
+        # The D loss, with real and fake batched through F in one pass. With D's noise over the full range
         # (the default), the fake half is the denoising input itself: it is already noised at its own
-        # t ~ U{0..T-1} with fresh noise, exactly the distribution D's fake input is specified to have.
+        # t ~ U{0..T-1} with fresh noise, exactly the distribution D's fake input should have.
         # With --gan_max_timestep below T-1, D's fakes are a third part, noised over 0..max.
         real: Batch = s["real"]
         t_max, B = self._gan_t_max(), x.shape[0]
@@ -275,32 +323,31 @@ class DMD2(Method):
     def sample_grid(self, models, num, seed, device):
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(num, *self.sample_shape, generator=g).to(device)
-        num_classes = self.export_info.get("num_classes")
-        cond = (
-            Cond(class_labels=(torch.arange(num) % num_classes).to(device))
-            if num_classes
-            else self.cond_sampler(num, device)
-        )
+        cond = self.context.grid_conditions(num, device)
         noise = lambda like: torch.randn(like.shape, generator=g).to(like.device)  # noqa: E731
         x = models["generator"].sample(z, cond, noise_fn=noise)
         return (self.decode(x) if self.decode is not None else x).clamp(-1, 1)
 
-    def export(self, models, output_dir, extra_card):
-        from ..export import export_one_step, export_text_to_image
+    method_tag = "dmd2"  # the model card's tag
 
-        info = self.export_info
-        if "scheduler_config" not in info:
-            raise UserError("DMD2 export needs export_info['scheduler_config'] (the teacher's scheduler).")
+    def export(self, models, output_dir, extra_card):
+        from ..export import Card, export_one_step, hub_id
+        from ..text_export import export_dmd2_text_to_image
+
+        target = self.context.export
+        if target is None:
+            raise UserError("DMD2 export needs the teacher context's export target (the teacher's scheduler).")
         gen = models["generator"]
-        if info.get("pipeline") in ("sd15", "sdxl"):  # stock StableDiffusion(XL)Pipeline
-            return export_text_to_image(
+        card = Card("Text-to-image student", self._card(extra_card), method=self.method_tag)
+        card.base_model = hub_id(self.context.source)
+        if target.pipeline in STOCK_TEXT_PIPELINES + STOCK_FLOW_PIPELINES:  # StableDiffusion(XL|3)Pipeline, Flux
+            return export_dmd2_text_to_image(
                 gen.denoiser.net,
-                info["teacher_path"],
-                info["pipeline"] == "sdxl",
+                target,
                 gen.timesteps,
                 output_dir,
-                self._card(extra_card),
-                lora=info.get("lora"),
+                card,
+                lora=self.lora,
                 sample_size=self.sample_shape[-1],
             )
         kind, prediction = self.teacher.schedule.kind, self.teacher.prediction_type
@@ -312,26 +359,41 @@ class DMD2(Method):
             )
         export_one_step(
             gen.denoiser.net,
-            info["scheduler_config"],
+            target.scheduler_config,
             gen.timesteps,
             output_dir,
-            self._card(extra_card),
-            info.get("num_classes"),
+            card.rows,
+            target.num_classes,
             sample_size=self.sample_shape[-1],
+            card_info={"method": card.method, "base_model": card.base_model},
         )
+
+    def product(self, folder: str) -> str:
+        target = self.context.export
+        if target is not None and target.pipeline in STOCK_FLOW_PIPELINES:  # a transformer, not a UNet
+            return f"student pipeline  {folder} (model_index.json, transformer/, scheduler/, README.md)"
+        return super().product(folder)
 
     def usage(self, folder: str) -> str:
         steps = len(self.generator.timesteps)
-        if self.export_info.get("pipeline") in ("sd15", "sdxl"):  # the stock pipeline: no remote code
+        target = self.context.export
+        if target is not None and target.pipeline in STOCK_FLOW_PIPELINES:
+            from ..flow_export import flow_call
+
+            call = flow_call(target.pipeline, steps, target.resolution, target.guidance)
+            return f"DiffusionPipeline.from_pretrained({folder!r}){call.removeprefix('pipe')}.images"
+        if target is not None and target.pipeline in STOCK_TEXT_PIPELINES:  # the stock pipeline: no remote code
             return f"DiffusionPipeline.from_pretrained({folder!r})(prompt, num_inference_steps={steps}, guidance_scale=0).images"
-        labels = "class_labels=[3, 7]" if self.export_info.get("num_classes") else "batch_size=2"
+        labels = "class_labels=[3, 7]" if self.context.num_classes else "batch_size=2"
         return f"{super().usage(folder)}({labels}).images"
 
     def _card(self, extra_card: dict) -> dict:
-        c, info = self.config, self.export_info
+        from ..export import metrics_line
+
+        c = self.config
         return {
             "method": "DMD2 (Yin et al. 2024, arXiv 2405.14867)",
-            "teacher": info.get("teacher", "?"),
+            "teacher": self.context.source,
             "preset": extra_card.get("preset", "-"),
             "training_steps": f"{extra_card.get('training_steps')} critic iterations",
             "generator updates": -(-int(extra_card.get("training_steps", 0)) // c.ttur_ratio),
@@ -341,7 +403,7 @@ class DMD2(Method):
             "learning rate": c.learning_rate,
             "batch per process": c.train_batch_size,
             "weight EMA (exported)": extra_card.get("ema_decay") or "off",
-            "metrics": _metrics_line(extra_card.get("eval")),
+            "metrics": metrics_line(extra_card.get("eval")),
             "full configuration": "training_config.json in the training output folder (rerun with --config)",
         }
 
@@ -352,12 +414,3 @@ def _cat(a: Cond | None, b: Cond | None) -> Cond | None:
     if a is None or b is None:
         raise ValueError("Real and generated batches must both carry conditions or both carry none.")
     return a.cat(b)
-
-
-def _metrics_line(values: dict | None) -> str:
-    if not values:
-        return "not measured in training; measure with onestep-eval fid (README of the onestep checkout)"
-    return (
-        ", ".join(f"{k} {v:.4g}" for k, v in values.items())
-        + " (in-training, EMA weights, fixed noise; see logs/eval.csv)"
-    )

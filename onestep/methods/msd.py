@@ -1,22 +1,23 @@
 """MSD: Multi-student Diffusion Distillation (Song et al., ICML 2025, arXiv 2410.23274).
 
-Follows shared/methods/msd.md. One teacher, K one-step students; student k sees only the conditions the
+Documented in docs/methods/msd.md. One teacher, K one-step students; student k sees only the conditions the
 router sends to it (V_k, section 4.1) and is trained independently, as a DMD2 student, in up to three stages:
   stage 0  TSM  (4.2, students smaller than the teacher): regress the teacher's native output over all t;
   stage 1  DM   (4.3): DMD2's distribution matching with conditions from V_k (+ optional DMD1 regression);
   stage 2  ADM  (4.4): stage 1's weights plus DMD2's GAN head, real data filtered to V_k.
-This file holds what one stage of one student does; onestep/methods/msd_run.py runs the students.
+This file holds what one stage of one student does; onestep/presets/msd.py runs the students.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 
+from ..context import TeacherContext
 from ..denoiser import Cond, Denoiser
 from ..errors import UserError
+from ..flags import non_negative_float, non_negative_int, option, positive_int, probability
 from ..losses import weighted_squared_error
 from ..sampling import ddim_sample
 from .base import Method, Update
@@ -27,28 +28,76 @@ from .dmd2 import DMD2, DMD2Config
 class MSDConfig(DMD2Config):
     """DMD2's settings (every student's) plus MSD's own. Iteration budgets are per student."""
 
-    num_students: int = 2  # K
-    partition: str | None = None  # None: class_range (class labels) or kmeans_balanced (text); kmeans, pca_quadrant
-    router_file: str | None = None  # a router.json fitted elsewhere (None: fit one at the start of the run)
-    router_seed: int = 0  # k-means++ seed (text partitions)
-    router_max_prompts: int = 1_000_000  # fit on a seeded subsample of at most this many prompts
-    router_pooling: str = "masked_mean"  # pooled text embedding: mean over non-padding tokens (unverified), or "mean"
-    router_normalisation: str = "l2"  # then L2-normalised (unverified), or "none"
-    dm_steps: int = 0  # of each student's max_train_steps, the first ones are stage 1 (DM only); the rest stage 2
-    # Stage 2's (adm) learning rate for G and the critic (None: stage 1's rates), as DMD2's SD1.5 stage 2 (5e-7).
-    adm_learning_rate: float | None = None
-    student_config: str | None = None  # a smaller UNet config (JSON) for the students (None: teacher-sized)
-    student_critic: str = "teacher"  # F of a smaller student: a teacher copy (unverified), or "student" (its size)
-    tsm_steps: int = 1000  # stage 0 iterations for a smaller student (0: start it from random weights)
-    tsm_learning_rate: float | None = None  # None: learning_rate
-    tsm_data: str = "real"  # real images (reportedly; unverified) or "teacher" samples (when no data exist)
-    tsm_conditions: str = "all"  # all conditions (unverified) or "part" (the student's own)
-    tsm_null_dropout: float = 0.1  # share of null conditions in TSM when the teacher has one (CFG-trained)
-    tsm_teacher_steps: int = 25  # DDIM steps of the teacher samples of tsm_data="teacher"
-    # "ttur" (DMD2) or "regression" (DMD1: + regression_weight * distance to the teacher ODE pairs of DMD2Config's
-    # regression_pairs / regression_teacher_steps / regression_loss, the full unfiltered set for every student).
-    stabiliser: str = "ttur"
-    regression_weight: float = 0.25  # lambda_reg (DMD1 value, unverified)
+    flag_group = "MSD (docs/methods/msd.md)"
+    _SMALL = ("student_config", bool, "--student_config (a smaller student, which starts from TSM)")
+    flag_requires = {
+        **DMD2Config.flag_requires,
+        "tsm_steps": _SMALL,
+        "tsm_learning_rate": _SMALL,
+        "tsm_data": _SMALL,
+        "tsm_conditions": _SMALL,
+        "tsm_null_dropout": _SMALL,
+        "tsm_teacher_steps": _SMALL,
+        "student_critic": _SMALL,
+        "adm_learning_rate": ("gan", bool, "--gan (the second stage, DM + GAN)"),
+        "regression_weight": ("stabiliser", lambda s: s == "regression", "--stabiliser regression"),
+    }
+
+    num_students: int = option(
+        2, "K, the number of students (at most 8, and at most the number of classes).", parse=positive_int
+    )
+    partition: str | None = option(
+        None,
+        "class_range (class labels), kmeans_balanced (prompts; the default for text), kmeans or pca_quadrant.",
+        choices=("class_range", "kmeans_balanced", "kmeans", "pca_quadrant"),
+    )
+    router_file: str | None = option(None, "A router.json fitted before (another run's) instead of fitting one.")
+    router_seed: int = option(0, "Seed of the k-means++ initialisation of text partitions.")
+    router_max_prompts: int = option(
+        1_000_000, "Text partitions are fitted on a seeded subsample of at most this many.", parse=positive_int
+    )
+    router_pooling: str = option(
+        "masked_mean",
+        "Pooled prompt embedding: masked_mean (non-padding tokens) or mean (all tokens).",
+        choices=("masked_mean", "mean"),
+    )
+    router_normalisation: str = option(
+        "l2", "The pooled embedding L2-normalised (l2) or not (none).", choices=("l2", "none")
+    )
+    dm_steps: int = option(
+        0, "Of each student's --max_train_steps, the first this many are DM only (stage 1).", parse=non_negative_int
+    )
+    adm_learning_rate: float | None = option(
+        None, "Stage 2's (DM + GAN) learning rate of G and critic (None: stage 1's).", parse=non_negative_float
+    )
+    student_config: str | None = option(
+        None, "A smaller UNet config (JSON) for the students; they start from TSM (stage 0)."
+    )
+    student_critic: str = option(
+        "teacher",
+        "The critic F of a smaller student: teacher (a teacher copy) or student (its size).",
+        choices=("teacher", "student"),
+    )
+    tsm_steps: int = option(
+        1000, "TSM iterations of a smaller student (0: start it from random weights).", parse=non_negative_int
+    )
+    tsm_learning_rate: float | None = option(
+        None, "TSM's learning rate (None: --learning_rate).", parse=non_negative_float
+    )
+    tsm_data: str = option("real", "TSM's x0: real images, or teacher samples (DDIM).", choices=("real", "teacher"))
+    tsm_conditions: str = option("all", "TSM's conditions: all, or part (the student's own).", choices=("all", "part"))
+    tsm_null_dropout: float = option(
+        0.1, "Share of null conditions in TSM, for CFG-trained teachers.", parse=probability
+    )
+    tsm_teacher_steps: int = option(25, "DDIM steps of --tsm_data teacher.", parse=positive_int)
+    stabiliser: str = option(
+        "ttur",
+        "ttur (DMD2), or regression (DMD1: + a regression loss on teacher ODE pairs).",
+        choices=("ttur", "regression"),
+    )
+    regression_weight: float = option(
+        0.25, "lambda_reg of --stabiliser regression (DMD1's value, unverified).", parse=non_negative_float
+    )
 
     def dmd2(self) -> DMD2Config:
         """The DMD2 part, which each student's stages run."""
@@ -82,22 +131,20 @@ class TeacherScoreMatching(Method):
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         student: Denoiser,
         config: MSDConfig,
-        sample_shape: tuple[int, ...],
-        cond_sampler: Callable[[int, torch.device], Cond | None],
-        uncond: Callable[[Cond], Cond] | None,
         grid_classes: list[int] | None = None,
-        decode: Callable | None = None,
-        export_info: dict | None = None,
+        student_info: dict | None = None,
     ):
+        """`context`: the teacher, with the conditions TSM draws (all, or the student's part); `student_info`:
+        what student.json records beside the exported network."""
         super().__init__()
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = context.denoiser.eval().requires_grad_(False)
         self.student = student.train().requires_grad_(True)
-        self.config, self.sample_shape = config, tuple(sample_shape)
-        self.cond_sampler, self.uncond = cond_sampler, uncond
-        self.grid_classes, self.decode, self.export_info = grid_classes, decode, export_info or {}
+        self.config, self.sample_shape = config, tuple(context.sample_shape)
+        self.cond_sampler, self.uncond = context.cond_sampler, context.uncond
+        self.grid_classes, self.decode, self.student_info = grid_classes, context.decode, student_info or {}
         self.needs_data = config.tsm_data == "real"
         self.updates = [Update("tsm", "student")]
 
@@ -152,7 +199,7 @@ class TeacherScoreMatching(Method):
         from ..export import export_student_unet
 
         export_student_unet(
-            models["student"].net, output_dir, {**self.export_info, **_steps(extra_card)}, self.sample_shape[-1]
+            models["student"].net, output_dir, {**self.student_info, **_steps(extra_card)}, self.sample_shape[-1]
         )
 
 
@@ -166,7 +213,7 @@ class RegressionTerm:
 
     def loss(self, student: StudentDMD2, batch_size: int, device) -> torch.Tensor:
         from ..ode_pairs import pair_conditions
-        from .regression import ODERegression
+        from .regression import lpips_input
 
         j = torch.randint(len(self.pairs), (batch_size,))  # the trainer seeds this stream per step
         cond = pair_conditions(self.full_cond_sampler, j.tolist(), self.pairs.seed, device)
@@ -178,16 +225,25 @@ class RegressionTerm:
             return (x - y).square().mean()
         self.lpips.to(device)
         # The warm start's LPIPS input (decoded, 3 channels, at least 64 px), read from the student's decode.
-        return self.lpips(*(ODERegression._lpips_input(student, v) for v in (x, y))).mean()
+        return self.lpips(*(lpips_input(v, student.decode) for v in (x, y))).mean()
 
 
 class StudentDMD2(DMD2):
     """One MSD student in stage 1 or 2: DMD2 on the conditions of its part (the cond_sampler and real data it is
     given are already restricted to V_k), optionally with the regression stabiliser; exports its UNet only."""
 
-    def __init__(self, *args, grid_classes: list[int] | None = None, regression: RegressionTerm | None = None, **kw):
+    exports_stock_pipeline = False  # the students are assembled into MSD's own pipeline, which samples any t
+
+    def __init__(
+        self,
+        *args,
+        grid_classes: list[int] | None = None,
+        regression: RegressionTerm | None = None,
+        student_info: dict | None = None,
+        **kw,
+    ):
         super().__init__(*args, **kw)
-        self.grid_classes, self.regression = grid_classes, regression
+        self.grid_classes, self.regression, self.student_info = grid_classes, regression, student_info or {}
 
     def _generator_loss(self, s):
         loss, logs = super()._generator_loss(s)
@@ -207,7 +263,7 @@ class StudentDMD2(DMD2):
     def export(self, models, output_dir, extra_card):
         from ..export import export_student_unet
 
-        info = {**self.export_info, **_steps(extra_card), "conditioning_timesteps": models["generator"].timesteps}
+        info = {**self.student_info, **_steps(extra_card), "conditioning_timesteps": models["generator"].timesteps}
         export_student_unet(models["generator"].denoiser.net, output_dir, info, self.sample_shape[-1])
 
     def usage(self, folder: str) -> str:

@@ -1,20 +1,20 @@
-"""Regression warm start on teacher ODE pairs (DMD2 spec 5: the published SDXL one-step run starts here).
+"""Regression warm start on teacher ODE pairs (DMD2: the published SDXL one-step run starts here).
 
 The generator G(z_j, t_c, c_j) regresses onto the teacher's sampler output y_j for fixed pairs
 (onestep/ode_pairs.py), with LPIPS on decoded images where LPIPS's weights can be loaded, else MSE in
-the model's space; the run says which. DMD2 then continues from this run's checkpoint with
---init_from_checkpoint (its critic, absent here, starts from the teacher).
+the model's space; the run says which. DMD2 then continues from this stage's weights (its critic, absent here,
+starts from the teacher).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
+from ..context import TeacherContext
 from ..errors import UserError
 from ..generator import OneStepGenerator
+from ..lora import apply_lora
 from ..ode_pairs import OdePairs, pair_conditions
 from .base import Method, Update
 from .dmd2 import DMD2, DMD2Config
@@ -34,6 +34,16 @@ def lpips_loss_or_reason(net: str = "vgg") -> tuple[torch.nn.Module | None, str]
         return None, f"LPIPS could not load its {net} weights ({err.__class__.__name__})"
 
 
+def lpips_input(x: torch.Tensor, decode=None) -> torch.Tensor:
+    """Images in [-1, 1], 3 channels, at least 64 px (LPIPS's backbones need a few downsamplings)."""
+    img = decode(x) if decode is not None else x
+    if img.shape[1] == 1:
+        img = img.repeat(1, 3, 1, 1)
+    if img.shape[-1] < 64:
+        img = F.interpolate(img, size=(64, 64), mode="bilinear", align_corners=False)
+    return img.clamp(-1, 1)
+
+
 class ODERegression(DMD2):
     """Only DMD2's generator, trained by regression. It reuses DMD2's sample grid, export and usage (the
     student is the same OneStepGenerator), so it skips DMD2's constructor, which would also build a critic."""
@@ -42,29 +52,26 @@ class ODERegression(DMD2):
 
     def __init__(
         self,
-        teacher,
+        context: TeacherContext,
         config: DMD2Config,
         pairs: OdePairs,
-        sample_shape: tuple[int, ...],
-        cond_sampler=None,
-        export_info: dict | None = None,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
         lpips_module: torch.nn.Module | None = None,
         loss_note: str = "",
     ):
         Method.__init__(self)
         if config.regression_loss not in LOSSES:
             raise UserError(f"--regression_loss must be one of {', '.join(LOSSES)}, got {config.regression_loss!r}.")
-        self.config, self.sample_shape, self.pairs = config, tuple(sample_shape), pairs
+        teacher = context.denoiser
+        self.context, self.config, self.sample_shape, self.pairs = context, config, tuple(context.sample_shape), pairs
         self.teacher = teacher.eval().requires_grad_(False)
         self.real_score = self.teacher
-        self.cond_sampler = cond_sampler or (lambda n, device: None)
-        self.export_info = export_info or {}
-        self.decode = decode
+        self.cond_sampler = context.cond_sampler or (lambda n, device: None)
+        self.decode = context.decode
         self.lpips, self.loss_note = lpips_module, loss_note
         self.needs_data = False
         self.updates = [Update("generator", "generator")]
         self.generator = OneStepGenerator(self._trainable_copy(teacher), config.conditioning_timesteps[:1])
+        self.lora = apply_lora(self.generator.denoiser.net, context.lora)
 
     def models(self):
         return {"generator": self.generator}
@@ -91,7 +98,7 @@ class ODERegression(DMD2):
         z = self.pairs.noise[idx].to(device)
         gen = self.prepared["generator"]
         plain = self.unwrap(gen)
-        x = gen(plain.noise_input(z), plain._t(0, z), cond)
+        x = gen(plain.noise_input(z), plain.timestep_at(0, z), cond)
         return {"x": x, "target": self.pairs.target[idx].to(device)}
 
     def loss(self, name, s):
@@ -99,23 +106,14 @@ class ODERegression(DMD2):
         if self.lpips is None:
             loss = F.mse_loss(x, y)
             return loss, {"loss_mse": loss.detach()}
-        loss = self.lpips(*(self._lpips_input(v) for v in (x, y))).mean()
+        loss = self.lpips(*(lpips_input(v, self.decode) for v in (x, y))).mean()
         return loss, {"loss_lpips": loss.detach()}
-
-    def _lpips_input(self, x: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1], 3 channels, at least 64 px (LPIPS's backbones need a few downsamplings)."""
-        img = self.decode(x) if self.decode is not None else x
-        if img.shape[1] == 1:
-            img = img.repeat(1, 3, 1, 1)
-        if img.shape[-1] < 64:
-            img = F.interpolate(img, size=(64, 64), mode="bilinear", align_corners=False)
-        return img.clamp(-1, 1)
 
     def _card(self, extra_card: dict) -> dict:
         c = self.config
         return {
-            "method": "regression warm start on teacher ODE pairs (DMD2 spec 5; continue with DMD2)",
-            "teacher": self.export_info.get("teacher", "?"),
+            "method": "regression warm start on teacher ODE pairs (DMD2's SDXL one-step recipe; continue with DMD2)",
+            "teacher": self.context.source,
             "preset": extra_card.get("preset", "-"),
             "training_steps": extra_card.get("training_steps"),
             "pairs": f"{len(self.pairs)} x DDIM {c.regression_teacher_steps} steps, CFG {c.guidance_scale}",
@@ -125,19 +123,16 @@ class ODERegression(DMD2):
         }
 
 
-def from_setup(setup) -> ODERegression:
-    """The warm start of a prepared run: pairs made (or read back) on every process, the loss chosen."""
-    import os
-
+def build_regression(setup, pairs_dir: str) -> ODERegression:
+    """The warm start of a prepared stage: pairs made (or read back) on every process into `pairs_dir`, the loss
+    chosen."""
     from ..ode_pairs import make_ode_pairs
 
-    c, acc = setup.config.method, setup.trainer.accelerator
-    if c.regression_pairs < 1 or c.regression_teacher_steps < 1:
-        raise UserError("--regression_pairs and --regression_teacher_steps must be at least 1.")
-    if c.regression_teacher_steps > setup.teacher.denoiser.schedule.num_timesteps:
+    c, acc, context = setup.config.method, setup.trainer.accelerator, setup.context
+    if c.regression_teacher_steps > context.denoiser.schedule.num_timesteps:
         raise UserError(
             f"--regression_teacher_steps {c.regression_teacher_steps} exceeds the teacher's "
-            f"{setup.teacher.denoiser.schedule.num_timesteps} timesteps."
+            f"{context.denoiser.schedule.num_timesteps} timesteps."
         )
     lpips_module, reason = (None, "--regression_loss mse") if c.regression_loss == "mse" else lpips_loss_or_reason()
     if lpips_module is None and c.regression_loss == "lpips":
@@ -145,30 +140,30 @@ def from_setup(setup) -> ODERegression:
     if acc.is_main_process:
         print(f"Regression loss: {'LPIPS (VGG) on decoded images' if lpips_module else f'MSE, because {reason}'}.")
     pairs = make_ode_pairs(
-        setup.teacher.denoiser,
-        setup.cond_sampler or (lambda n, device: None),
-        setup.uncond,
-        setup.sample_shape,
+        context.denoiser,
+        context.cond_sampler or (lambda n, device: None),
+        context.uncond,
+        context.sample_shape,
         c.regression_pairs,
         c.regression_teacher_steps,
         c.guidance_scale,
         setup.config.trainer.seed,
-        c.regression_pairs_dir or os.path.join(setup.config.trainer.output_dir, "ode_pairs"),
-        identity=repr((setup.export_info.get("teacher"), setup.teacher.denoiser.prediction_type)),
+        c.regression_pairs_dir or pairs_dir,
+        identity=_pairs_identity(context),
         device=acc.device,
         rank=acc.process_index,
         world_size=acc.num_processes,
         barrier=acc.wait_for_everyone,
         progress=print if acc.is_main_process else (lambda msg: None),
     )
-    return ODERegression(
-        setup.teacher.denoiser,
-        c,
-        pairs,
-        setup.sample_shape,
-        cond_sampler=setup.cond_sampler,
-        export_info=setup.export_info,
-        decode=setup.decode,
-        lpips_module=lpips_module,
-        loss_note=reason,
-    )
+    return ODERegression(context, c, pairs, lpips_module=lpips_module, loss_note=reason)
+
+
+def _pairs_identity(context: TeacherContext) -> str:
+    """What, beside the shape, seeds and settings, makes the pairs: the teacher, and for SD3 / Flux the shift of its
+    training schedule (Flux's follows the resolution) and the guidance input it reads."""
+    identity = (context.source, context.denoiser.prediction_type)
+    schedule, export = context.denoiser.schedule, context.export
+    if getattr(schedule, "flow_shift", None) is not None:
+        identity += (schedule.flow_shift, export.guidance if export is not None else None)
+    return repr(identity)

@@ -1,13 +1,14 @@
 """TAD-SR: one-step diffusion super-resolution with time-aware distillation (He et al. 2024, arXiv 2408.07476).
 
-Follows shared/methods/tadsr.md. Per iteration (section 5), from the start state x_T = (a_T + b_T) u + c_T eps:
+Documented in docs/methods/tadsr.md. Per iteration, from the start state x_T = (a_T + b_T) u + c_T eps:
     z_s = G(x_T, T*, LR),  z_tch = SG[teacher DDIM over its steps from the same x_T];
     D step:  L_D = hinge on the time-aware heads over the frozen teacher's encoder features of
              perturb(z_gt, t_d, n) (real) and SG[perturb(z_s, t_d, n)] (fake);
     G step:  L_G = lambda_reg |z_s - z_tch|^2 + lambda_HSD mean(SG[g] z_s) + lambda_GAN (-D(fake)),
              g = eps_hat(perturb(SG[z_s], t_h, n)) - eps_hat(perturb(z_ref, t_h, n)) at small t_h (HSD).
-Perturbations use Gaussian noise (the released code's uniform noise is a bug, spec 10), the teacher's input is
-scaled once (by the Denoiser), and the teacher never trains.
+Perturbations use Gaussian noise (the released code's uniform noise is a bug: docs/methods/tadsr.md, 'Deviations
+from the paper and the public code'), the teacher's input is scaled once (by the Denoiser), and the teacher never
+trains.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..context import TeacherContext
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..discriminator import TimeAwareDiscriminator
 from ..errors import UserError
+from ..flags import OPTIMISATION, non_negative_float, non_negative_int, option, positive_float, positive_int
 from ..losses import (
     hinge_discriminator_loss,
     hinge_generator_loss,
@@ -37,29 +40,73 @@ SCORE_LOSSES = ("hsd", "sds", "none")
 
 @dataclass
 class TADSRConfig:
-    learning_rate: float = 5e-5  # spec 7 (real SR): AdamW, also D's
+    flag_group = "TAD-SR (docs/methods/tadsr.md)"
+    _GAN = ("gan", bool, "--gan")
+    _SCORE = ("score_loss", lambda loss: loss != "none", "--score_loss hsd or sds")
+    flag_requires = {
+        "gan_weight": _GAN,
+        "disc_timesteps": _GAN,
+        "time_aware": _GAN,
+        "disc_embed_dim": _GAN,
+        "disc_logit_channels": _GAN,
+        "disc_residual_scale": _GAN,
+        "disc_feature_modules": _GAN,
+        "hsd_weight": _SCORE,
+        "hsd_timesteps": _SCORE,
+        "hsd_uniform": _SCORE,
+        "hsd_reference": ("score_loss", lambda loss: loss == "hsd", "--score_loss hsd"),
+    }
+
+    learning_rate: float = option(
+        5e-5,
+        "AdamW learning rate of the generator and the discriminator.",
+        parse=non_negative_float,
+        group=OPTIMISATION,
+    )
     adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_weight_decay: float = 0.0
-    train_batch_size: int = 8
-    reg_weight: float = 1.0  # lambda_reg / lambda_HSD / lambda_GAN: 1 / 1 / 0.02 (ResShift x4)
-    hsd_weight: float = 1.0
-    gan_weight: float = 0.02
-    reg_target: str = "teacher"  # regression onto the teacher's output, or "gt" (option)
-    score_loss: str = "hsd"  # "hsd"; "sds" (vanilla score distillation: g = eps_hat(x_s) - n); "none"
-    hsd_reference: str = "teacher"  # z_ref: the teacher's output, or "gt" (ablation "SDS+HR")
-    hsd_timesteps: list[int] | None = None  # None: {0, 1, 2} for ResShift, else the lowest 20% (unverified)
-    hsd_uniform: bool = False  # HSD t over all steps but the last
-    gan: bool = True
-    disc_timesteps: list[int] | None = None  # None: 0..T-2 (ResShift {0..13})
-    time_aware: bool = True  # FiLM(t) heads; --no-time_aware: time-agnostic heads (the ablation)
-    disc_embed_dim: int = 160  # E of the heads' time embedding (ResShift 160, SeeSR 320)
-    disc_logit_channels: int = 64  # c_dim: logits per token
-    disc_residual_scale: float = 2**-0.5  # StyleGAN-T residual (x + f(x))/sqrt(2) (unverified); 1 = plain sum
-    disc_feature_modules: str | None = None  # teacher submodules read (None: each level's last map + mid block)
-    start: str = "lr"  # x_T = (a_T + b_T) u + c_T eps; "noise": c_T eps
-    student_timestep: int | None = None  # T*, the student's time input (None: T-1)
-    teacher_steps: int | None = None  # the teacher sampler's steps (None: all T, trailing spacing)
-    noise_level: int = 20  # x4 upscaler teachers: the LR image's noise level (the pipeline's default)
+    adam_weight_decay: float = option(0.0, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
+    train_batch_size: int = option(8, "HR crops per process per iteration.", parse=positive_int, group=OPTIMISATION)
+    reg_weight: float = option(
+        1.0, "lambda_reg: regression onto the teacher's multi-step output.", parse=non_negative_float
+    )
+    hsd_weight: float = option(1.0, "lambda_HSD: high-frequency score distillation.", parse=non_negative_float)
+    gan_weight: float = option(0.02, "lambda_GAN: the time-aware GAN's generator term.", parse=non_negative_float)
+    reg_target: str = option(
+        "teacher", "teacher (its multi-step output from the same x_T) or gt (the HR image).", choices=("teacher", "gt")
+    )
+    score_loss: str = option(
+        "hsd", "hsd, sds (vanilla score distillation, the ablation) or none.", choices=SCORE_LOSSES
+    )
+    hsd_reference: str = option(
+        "teacher", "z_ref of HSD: teacher (default) or gt (the ablation 'SDS+HR').", choices=("teacher", "gt")
+    )
+    hsd_timesteps: list[int] | None = option(
+        None, "HSD's small-noise set, comma-separated (None: 0,1,2 for ResShift, else the lowest 20% of steps)."
+    )
+    hsd_uniform: bool = option(False, "HSD over all steps but the last instead.")
+    gan: bool = option(True, "The time-aware discriminator (--no-gan: regression and HSD only).")
+    disc_timesteps: list[int] | None = option(None, "D's noise levels, comma-separated (None: 0..T-2).")
+    time_aware: bool = option(True, "FiLM(t) in the discriminator heads (--no-time_aware: time-agnostic heads).")
+    disc_embed_dim: int = option(
+        160, "Width E of the heads' time embedding (ResShift 160, SeeSR 320).", parse=positive_int
+    )
+    disc_logit_channels: int = option(64, "Logits per token of each head (c_dim).", parse=positive_int)
+    disc_residual_scale: float = option(
+        2**-0.5, "The heads' residual (x + f(x)) * this (1/sqrt 2, unverified; 1 = plain sum).", parse=positive_float
+    )
+    disc_feature_modules: str | None = option(
+        None, "Teacher submodules D reads, comma-separated (None: each level's last map + mid)."
+    )
+    start: str = option("lr", "x_T: lr ((a_T + b_T) u + c_T eps) or noise (c_T eps).", choices=("lr", "noise"))
+    student_timestep: int | None = option(
+        None, "T*, the student's time input (None: the teacher's last step).", parse=non_negative_int
+    )
+    teacher_steps: int | None = option(
+        None, "Steps of the teacher's DDIM sampler (None: all of them; 50 for latent SR).", parse=positive_int
+    )
+    noise_level: int = option(
+        20, "x4 upscaler teachers: the low-resolution image's noise level (class label).", parse=non_negative_int
+    )
 
 
 class TeacherEncoder:
@@ -110,8 +157,8 @@ class _Stop(Exception):
 
 
 def default_feature_modules(net: nn.Module) -> list[str]:
-    """Spec 4.3 generic: the last feature map of every resolution level and the mid block (diffusers UNets);
-    the hidden layers but the last of an MLP with `blocks` (the toy test bed)."""
+    """The default features D reads, for any teacher: the last feature map of every resolution level and the mid
+    block (diffusers UNets); the hidden layers but the last of an MLP with `blocks` (the toy test bed)."""
     if hasattr(net, "down_blocks") and hasattr(net, "mid_block"):
         levels = []
         for i, block in enumerate(net.down_blocks):  # attention blocks end a level with their attention's output
@@ -124,29 +171,26 @@ def default_feature_modules(net: nn.Module) -> list[str]:
     raise UserError("Name the teacher submodules the discriminator reads with --disc_feature_modules.")
 
 
-@torch.no_grad()
 class TADSR(Method):
     ema_models = ("generator",)
     exported_models = ("generator",)
-    no_lr_warmup = ("discriminator",)  # spec 5: D uses G's learning rate without the warm-up
+    no_lr_warmup = ("discriminator",)  # D uses G's learning rate without the warm-up, as TAD-SR does
 
     def __init__(
         self,
-        teacher: Denoiser,
+        context: TeacherContext,
         config: TADSRConfig,
-        sample_shape: tuple[int, ...],
-        export_info: dict | None = None,
         student_init: Denoiser | None = None,
         feature_teacher: Denoiser | None = None,
         preview: Batch | None = None,
-        decode=None,
     ):
         """`student_init` (default: the teacher) is what G copies; `feature_teacher` (default: the teacher) is the
         frozen network whose encoder D reads (the toy recipe: an analytic teacher, a fitted teacher-net for both).
-        `preview`: a fixed batch of HR images and their condition for the sample grids; `decode`: latents -> pixels
-        for those grids (latent teachers)."""
+        `preview`: a fixed batch of HR images and their condition for the sample grids (the context's `decode`
+        turns a latent teacher's latents into pixels for them)."""
         super().__init__()
-        self.decode = decode
+        teacher = context.denoiser
+        self.context, self.decode = context, context.decode
         for name, value, allowed in (
             ("score_loss", config.score_loss, SCORE_LOSSES),
             ("reg_target", config.reg_target, ("teacher", "gt")),
@@ -163,8 +207,8 @@ class TADSR(Method):
         if not (config.reg_weight or hsd_on or (config.gan and config.gan_weight)):
             raise UserError("Every generator loss is off (--reg_weight, --hsd_weight/--score_loss, --gan_weight).")
         T = teacher.schedule.num_timesteps
-        self.config, self.sample_shape = config, tuple(sample_shape)
-        self.export_info, self.preview = export_info or {}, preview
+        self.config, self.sample_shape = config, tuple(context.sample_shape)
+        self.preview = preview
         self.teacher = teacher.eval().requires_grad_(False)
         self.student_t = T - 1 if config.student_timestep is None else config.student_timestep
         self.teacher_timesteps = trailing_timesteps(T, config.teacher_steps or T)
@@ -173,11 +217,11 @@ class TADSR(Method):
         if not 0 <= self.student_t < T or not 1 <= len(self.teacher_timesteps) <= T:
             raise UserError(f"--student_timestep and --teacher_steps must lie within the teacher's {T} steps.")
         init = student_init if student_init is not None else teacher
-        self.generator = copy.deepcopy(init).train().requires_grad_(True)  # spec 2: an exact teacher copy
+        self.generator = copy.deepcopy(init).train().requires_grad_(True)  # an exact teacher copy
         self.needs_data = True
         self.updates = [Update("generator", "generator")]
         self.discriminator = None
-        if config.gan:  # spec 5: the D step, then the G step, every iteration
+        if config.gan:  # the D step, then the G step, every iteration (1:1, no TTUR)
             self.feature_teacher = (feature_teacher or teacher).eval().requires_grad_(False)
             names = (
                 config.disc_feature_modules.split(",")
@@ -224,7 +268,7 @@ class TADSR(Method):
 
     def optimizers(self):
         c = self.config
-        adamw = lambda m: torch.optim.AdamW(  # noqa: E731  spec 5: D uses G's learning rate, no warm-up of its own
+        adamw = lambda m: torch.optim.AdamW(  # noqa: E731  D uses G's learning rate, no warm-up of its own
             [p for p in m.parameters() if p.requires_grad],
             lr=c.learning_rate,
             betas=c.adam_betas,
@@ -246,7 +290,8 @@ class TADSR(Method):
         return torch.full((n,), int(t), dtype=torch.long, device=device)
 
     def start_state(self, u: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """x_T = (a_T + b_T) u + c_T eps (spec 3; 'x0 replaced by u'), or c_T eps with start = noise."""
+        """x_T = (a_T + b_T) u + c_T eps ('x0 replaced by u': ResShift's prior u + kappa sqrt(eta_T) eps), or c_T eps
+        with start = noise."""
         sched, t = self.teacher.schedule, self._index(self.teacher_timesteps[0], u.shape[0], u.device)
         if self.config.start == "lr":
             return sched.add_noise(u, eps, t, u)
@@ -257,7 +302,7 @@ class TADSR(Method):
         return ddim_from(self.teacher, x_T, cond, self.teacher_timesteps)
 
     def perturb(self, z: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        """a_t z + b_t u + c_t n (spec 3), with Gaussian n."""
+        """a_t z + b_t u + c_t n, with Gaussian n."""
         return self.teacher.schedule.add_noise(z, noise, t, u)
 
     def _draw(self, values: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -276,7 +321,7 @@ class TADSR(Method):
             with self.timer.phase("teacher"):
                 z_tch = self.teacher_sample(x_T, cond)
         state = {"z_s": z_s, "z_tch": z_tch, "z_gt": z_gt, "cond": cond}
-        if self.discriminator is not None:  # spec 4.3: one t_d and one Gaussian n per sample, shared by real and fake
+        if self.discriminator is not None:  # one t_d and one Gaussian n per sample, shared by real and fake
             t_d, noise = self._draw(self.disc_set, B, device), torch.randn_like(z_gt)
             with torch.no_grad():
                 state["real_features"] = self.encoder(self.perturb(z_gt, t_d, noise, u), t_d, cond)
@@ -304,17 +349,17 @@ class TADSR(Method):
         logs, loss = {}, torch.zeros((), device=z_s.device)
         if c.reg_weight:
             target = s["z_tch"] if c.reg_target == "teacher" else s["z_gt"]
-            loss_reg = (z_s.float() - target.float()).square().mean()  # spec 4.1
+            loss_reg = (z_s.float() - target.float()).square().mean()
             loss, logs["loss_reg"] = loss + c.reg_weight * loss_reg, loss_reg.detach()
         if c.score_loss != "none" and c.hsd_weight:
             g = self.score_gradient(z_s.detach(), s["z_tch"] if c.hsd_reference == "teacher" else s["z_gt"], s["cond"])
-            loss_hsd = score_distillation_loss(z_s, g)  # spec 4.2 step 5
+            loss_hsd = score_distillation_loss(z_s, g)
             loss, logs["loss_hsd"] = loss + c.hsd_weight * loss_hsd, loss_hsd.detach()
             logs["hsd_grad_abs"] = g.abs().mean()
         if self.discriminator is not None and c.gan_weight:
             disc = self.unwrap(self.prepared["discriminator"])
             flags = [(p, p.requires_grad) for p in disc.parameters()]
-            disc.requires_grad_(False)  # the gradient reaches G only (spec 5: D's grads are not touched)
+            disc.requires_grad_(False)  # the gradient reaches G only (D's grads are not touched)
             try:
                 loss_gan = hinge_generator_loss(disc(s["fake_features"], s["disc_time"]))
             finally:
@@ -325,7 +370,7 @@ class TADSR(Method):
 
     @torch.no_grad()
     def score_gradient(self, z_s: torch.Tensor, z_ref: torch.Tensor, cond: Cond) -> torch.Tensor:
-        """Spec 4.2 steps 1-4: HSD's g = eps_hat(x_s) - eps_hat(x_r) with one Gaussian n shared by x_s and x_r,
+        """HSD's g = eps_hat(x_s) - eps_hat(x_r) with one Gaussian n shared by x_s and x_r,
         or vanilla SDS's eps_hat(x_s) - n."""
         u, B = cond.u, z_s.shape[0]
         t = self._draw(self.hsd_set, B, z_s.device)
@@ -341,7 +386,7 @@ class TADSR(Method):
     # -- outputs -------------------------------------------------------------------------------
     @torch.no_grad()
     def sample(self, generator: Denoiser, cond: Cond, eps: torch.Tensor) -> torch.Tensor:
-        """One student step from the start state (spec 6)."""
+        """One student step from the start state."""
         x_T = self.start_state(cond.u, eps)
         return generator(x_T, self._index(self.student_t, eps.shape[0], eps.device), cond)
 
@@ -361,41 +406,45 @@ class TADSR(Method):
     def pipeline_config(self) -> dict:
         from ..export import sr_schedule_description
 
-        info = self.export_info
+        target = self.context.export
         return {
             "schedule": sr_schedule_description(self.teacher.schedule),
             "prediction_type": self.teacher.prediction_type,
             "mode": "one_step",
             "timestep": self.student_t,
             "start": self.config.start,
-            "upscale_factor": info.get("upscale_factor", 4),
-            "tile_size": info.get("resolution"),
+            "upscale_factor": (target.upscale_factor if target else None) or 4,
+            "tile_size": target.resolution if target else None,
         }
 
     def export(self, models, output_dir, extra_card):
-        from ..export import export_super_resolution
+        from ..export import Card, export_latent_super_resolution, export_super_resolution, hub_id, metrics_line
 
-        card = {
-            "title": "One-step super-resolution student (TAD-SR)",
+        c, target = self.config, self.context.export
+        rows = {
             "method": "TAD-SR (He et al. 2024, arXiv 2408.07476)",
-            "teacher": self.export_info.get("teacher", "?"),
-            "upscale factor": self.export_info.get("upscale_factor", 4),
+            "teacher": self.context.source,
+            "upscale factor": self.pipeline_config()["upscale_factor"],
             "student timestep": self.student_t,
-            "loss weights (reg / HSD / GAN)": f"{self.config.reg_weight} / {self.config.hsd_weight} / "
-            f"{self.config.gan_weight if self.config.gan else 'off'}",
+            "loss weights (reg / HSD / GAN)": f"{c.reg_weight} / {c.hsd_weight} / {c.gan_weight if c.gan else 'off'}",
             "training steps": extra_card.get("training_steps"),
             "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "metrics": metrics_line(extra_card.get("eval"), "onestep-eval sr"),
             "full configuration": "training_config.json in the training output folder (rerun with --config)",
         }
-        usage = "`pipe(image=low_res, generator=torch.Generator().manual_seed(0)).images`: one network evaluation."
-        if self.export_info.get("latent_sr"):  # diffusers' latent SR teachers (onestep/latent_sr.py)
-            from ..export import export_latent_super_resolution
-
-            usage = usage.replace("evaluation.", "evaluation and one decode.")
-            net = models["generator"].net
-            export_latent_super_resolution(net, output_dir, card, self.pipeline_config(), self.export_info, usage)
+        card = Card("One-step super-resolution student (TAD-SR)", rows, method="tad-sr", steps=1)
+        card.base_model = hub_id(self.context.source)
+        call = "`pipe(image=low_res, generator=torch.Generator().manual_seed(0)).images`: one network evaluation"
+        net = models["generator"].net
+        if target is not None and target.latent_sr:  # diffusers' latent SR teachers (onestep/latent_sr.py)
+            config = self.pipeline_config()
+            export_latent_super_resolution(net, output_dir, card, config, target, call + " and one decode.")
             return
-        export_super_resolution(models["generator"].net, output_dir, card, self.pipeline_config(), usage=usage)
+        export_super_resolution(net, output_dir, card, self.pipeline_config(), call + ".")
+
+    def product(self, folder: str) -> str:
+        files = "latent_super_resolution.py" if self.context.kind == "latent_sr" else "super_resolution.py"
+        return f"student pipeline  {folder} (model_index.json, unet/, {files}, README.md)"
 
     def usage(self, folder: str) -> str:
         return f"{super().usage(folder)}(image=low_res_pil).images"
@@ -406,18 +455,21 @@ class TADSR(Method):
 
 @dataclass
 class ResShiftTeacherConfig:
-    learning_rate: float = 2e-4
-    adam_weight_decay: float = 0.0
-    train_batch_size: int = 16
+    flag_group = "teacher network and schedule"
+
+    learning_rate: float = option(2e-4, "AdamW learning rate.", parse=non_negative_float, group=OPTIMISATION)
+    adam_weight_decay: float = option(0.0, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
+    train_batch_size: int = option(16, "HR crops per process per iteration.", parse=positive_int, group=OPTIMISATION)
     cond_dropout: float = 0.0  # (class-conditional teachers only; unused here)
-    num_timesteps: int = 15  # tadsr.md section 3: T = 15, kappa = 2, m = 0.04, e_end = 0.99, p = 0.3
-    kappa: float = 2.0
-    min_noise: float = 0.04
-    eta_end: float = 0.99
-    power: float = 0.3
-    scale_input: bool = False  # x_t / sqrt(kappa^2 eta + 1) (ResShift's latent input scaling)
-    block_out_channels: str = "32,64,128"
-    layers_per_block: int = 1
+    # The ResShift schedule of the bundled teacher: T = 15, kappa = 2, m = 0.04, e_end = 0.99, p = 0.3.
+    num_timesteps: int = option(15, "T, the schedule's steps.", parse=positive_int)
+    kappa: float = option(2.0, "kappa: the noise scale, c_t = kappa sqrt(eta_t).", parse=positive_float)
+    min_noise: float = option(0.04, "m of sqrt(eta_1) = min(m / kappa, m, sqrt(0.001)).", parse=positive_float)
+    eta_end: float = option(0.99, "sqrt(eta_T).", parse=positive_float)
+    power: float = option(0.3, "p, the schedule's shape.", parse=positive_float)
+    scale_input: bool = option(False, "Feed x_t / sqrt(kappa^2 eta_t + 1) (ResShift's latent input scaling).")
+    block_out_channels: str = option("32,64,128", "The UNet's channel widths, comma-separated.")
+    layers_per_block: int = option(1, "ResNet layers per UNet level.", parse=positive_int)
 
 
 class ResShiftTeacherTraining(DiffusionTraining):
@@ -425,10 +477,18 @@ class ResShiftTeacherTraining(DiffusionTraining):
     uniform t (ResShift's objective), exported as a teacher folder that is also a SuperResolutionPipeline."""
 
     def __init__(
-        self, denoiser: Denoiser, config: ResShiftTeacherConfig, sample_shape, export_info: dict, preview=None
+        self,
+        denoiser: Denoiser,
+        config: ResShiftTeacherConfig,
+        sample_shape,
+        upscale_factor: int,
+        resolution: int,
+        preview=None,
+        training_data: str | None = None,
     ):
         super().__init__(denoiser, config, sample_shape, scheduler_config={})
-        self.export_info, self.preview = export_info, preview
+        self.upscale_factor, self.resolution, self.preview = upscale_factor, resolution, preview
+        self.training_data = training_data  # recorded in the teacher folder's onestep.json
 
     @torch.no_grad()
     def sample_grid(self, models, num, seed, device):
@@ -443,29 +503,36 @@ class ResShiftTeacherTraining(DiffusionTraining):
         return torch.cat([u, ddim_from(den, x_T, cond, list(range(T - 1, -1, -1))), hr]).clamp(-1, 1)
 
     def export(self, models, output_dir, extra_card):
-        from ..export import export_super_resolution, sr_schedule_description
+        from ..export import Card, export_super_resolution, metrics_line, sr_schedule_description
 
-        c, info = self.config, self.export_info
+        c = self.config
         args = {k: getattr(c, k) for k in ("num_timesteps", "kappa", "min_noise", "eta_end", "power", "scale_input")}
         teacher_info = {
             "sr_schedule": {"kind": "resshift", "prediction_type": "sample", **args},
-            "upscale_factor": info["upscale_factor"],
+            "upscale_factor": self.upscale_factor,
+            "training_data": self.training_data,
         }
         pipeline = {
             "schedule": sr_schedule_description(models["model"].schedule),
             "prediction_type": "sample",
             "mode": "sampler",
             "start": "lr",
-            "upscale_factor": info["upscale_factor"],
-            "tile_size": info["resolution"],
+            "upscale_factor": self.upscale_factor,
+            "tile_size": self.resolution,
         }
-        card = {
-            "title": "ResShift-style super-resolution teacher (pixel space)",
+        rows = {
             "schedule": f"ResShift T={c.num_timesteps}, kappa={c.kappa}, p={c.power}",
             "training steps": extra_card.get("training_steps"),
             "weight EMA (exported)": extra_card.get("ema_decay") or "off",
+            "training data": self.training_data,
+            "metrics": metrics_line(extra_card.get("eval"), "onestep-eval sr"),
         }
-        usage = f"`pipe(image=low_res).images`: {c.num_timesteps} DDIM steps (num_inference_steps= fewer)."
-        export_super_resolution(
-            models["model"].net, output_dir, card, pipeline, teacher_info=teacher_info, usage=usage
-        )
+        card = Card("ResShift-style super-resolution teacher (pixel space)", rows, extra_tags=["teacher"])
+        call = f"`pipe(image=low_res).images`: {c.num_timesteps} DDIM steps (num_inference_steps= fewer)."
+        export_super_resolution(models["model"].net, output_dir, card, pipeline, call, teacher_info=teacher_info)
+
+    def product(self, folder: str) -> str:
+        return f"teacher  {folder} (unet/, onestep.json; also a SuperResolutionPipeline)"
+
+    def usage(self, folder: str) -> str:
+        return f"a teacher for train/tadsr.py --pretrained_model_name_or_path {folder}"

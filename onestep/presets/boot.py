@@ -1,6 +1,5 @@
-"""Named, typed BOOT recipes: the settings known from the paper (shared/methods/boot.md section 7) and the CPU
-default. The paper's grid, loss weights, learning rate, batch, iterations and CFG scale were not recovered: the
-published presets carry the spec's project defaults (N = 20, w_i = 1, lambda_BC = 1, B-paper, conversion at
+"""BOOT's recipes: the settings known from the paper (docs/methods/boot.md) and the CPU default. The paper's grid, loss weights, learning rate, batch, iterations and CFG scale were not recovered: the
+published presets carry the project's defaults (N = 20, w_i = 1, lambda_BC = 1, B-paper, conversion at
 T, Adam, clipping at 1.0, lr 1e-4 for pixel teachers and 1e-5 for SD-size UNets), each marked unverified.
 Batch sizes are per process.
 """
@@ -9,14 +8,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..config import EvalConfig, MemoryConfig, Preset, RunConfig, TeacherConfig
-from ..methods.boot import BOOTConfig
-from ..trainer import TrainerConfig
+from ..config import EvalConfig, MemoryConfig, Preset, RunConfig, TeacherConfig, TrainerConfig
+from ..methods.boot import BOOT, BOOTConfig
+from ..stages import Builder, MethodEntry, StageRun
 
 DEFAULT_PRESET = "digits-cpu"
 OUTPUT_DIR = "outputs/boot-digits"
 
-# The GPU runs: bf16 with fp32 master weights, clipping at 1.0 (spec 5), no EMA (spec 2), checkpoints every 1,000.
+# The GPU runs: bf16 with fp32 master weights, clipping at 1.0 (1/delta^2 weighs the early, badly fitted intervals
+# heavily), no EMA (BOOT has no EMA target network), checkpoints every 1,000.
 _GPU_TRAINER = TrainerConfig(
     output_dir=OUTPUT_DIR,
     max_train_steps=100_000,
@@ -53,7 +53,7 @@ _DIGITS = _preset(
         eval_steps=0,  # in-training FID reads the digits as its reference: off, so the run touches no data
     ),
     teacher="digits",
-    notes="Conversion at timestep 399 (spec option param_t): at 999 the eps->x0 conversion multiplies the "
+    notes="Conversion at timestep 399 (the --param_timestep option): at 999 the eps->x0 conversion multiplies the "
     "network's error by 1/alpha_999 = 14.6 (README). --eval_steps 250 turns in-training FID on (it reads the "
     "digits as the FID reference, nothing else).",
 )
@@ -76,7 +76,7 @@ _SD15 = _preset(
     BOOTConfig(learning_rate=1e-5, train_batch_size=8, grid_size=20, guidance_scale=7.5),
     _GPU_TRAINER,
     teacher="stable-diffusion-v1-5/stable-diffusion-v1-5",
-    notes="CFG = the teacher pipeline's default (spec 7). " + _UNVERIFIED,
+    notes="CFG = the teacher pipeline's default. " + _UNVERIFIED,
     memory=MemoryConfig(gradient_checkpointing=True),
 )
 
@@ -101,6 +101,22 @@ PRESETS: dict[str, Preset] = {
             "CFG = the SDXL pipeline's default. " + _UNVERIFIED,
         ),
         Preset(
+            "sd3",
+            "Stable Diffusion 3 medium (not in the paper: a project extension), prompts only, the flow ODE as the "
+            "trajectory, CFG 7 on the teacher.",
+            replace(_SD15.config, method=replace(_SD15.config.method, guidance_scale=7.0, train_batch_size=2),
+                    teacher=TeacherConfig(pretrained_model_name_or_path="stabilityai/stable-diffusion-3-medium-diffusers")),
+            "CFG = StableDiffusion3Pipeline's default; conversion at sigma 1 (x0 = noise - velocity). " + _UNVERIFIED,
+        ),
+        Preset(
+            "flux",
+            "FLUX.1-dev (not in the paper: a project extension), prompts only, the flow ODE as the trajectory, "
+            "guidance input 3.5 (Flux has no unconditional input, so no teacher CFG).",
+            replace(_SD15.config, method=replace(_SD15.config.method, guidance_scale=1.0, train_batch_size=1),
+                    teacher=TeacherConfig(pretrained_model_name_or_path="black-forest-labs/FLUX.1-dev")),
+            "Guidance input = FluxPipeline's default (--guidance_embedding); conversion at sigma 1. " + _UNVERIFIED,
+        ),
+        Preset(
             "sd15-lora",
             "Stable Diffusion 1.5 with LoRA on the student (rank 64), lr 1e-4.",
             replace(_SD15.config, method=replace(_SD15.config.method, learning_rate=1e-4),
@@ -109,3 +125,28 @@ PRESETS: dict[str, Preset] = {
         ),
     ]
 }  # fmt: skip
+
+
+def _distill(run: StageRun):
+    setup = run.prepare(needs_real_data=False)
+    return BOOT(setup.context, run.config.method, max_train_steps=run.config.trainer.max_train_steps), setup
+
+
+ENTRY = MethodEntry(
+    name="BOOT",
+    key="boot",
+    config_class=BOOTConfig,
+    presets=PRESETS,
+    default_preset=DEFAULT_PRESET,
+    builders={"distill": Builder(_distill)},
+    kinds=("pixel", "text", "sd3", "flux"),
+    description="""BOOT distillation (Gu et al. 2023): a one-step student from a diffusers teacher, without any data.
+
+With no arguments it distils the bundled digits teacher on the CPU, reading no
+digits at all:
+
+    accelerate launch train/boot.py
+
+Options follow the diffusers training examples; every option left out comes from --preset (listed at the end)
+or from --config, a training_config.json an earlier run wrote. Documentation: docs/methods/boot.md.""",
+)

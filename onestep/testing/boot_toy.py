@@ -1,6 +1,6 @@
-"""BOOT on the Gaussian-mixture test bed (shared/methods/boot.md section 9): the analytic teacher on any
-schedule, the reference trajectories (the y-recursion of spec 3.2 and an x-space DDIM loop, both float64), the
-student MLP, and training through the real Trainer with a data source that refuses to be read."""
+"""BOOT on the Gaussian-mixture test bed (docs/methods/boot.md): the analytic teacher on any schedule, the reference
+trajectories (the signal recursion y_s = y_t + delta (f - y_t) and an x-space DDIM loop, both float64), the student
+MLP, and training through the real Trainer with a data source that refuses to be read."""
 
 from __future__ import annotations
 
@@ -10,16 +10,25 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..context import TeacherContext
 from ..denoiser import Denoiser
 from ..generator import CLEAN
 from ..losses import signal_step
 from ..methods.boot import BOOT, BOOTConfig, time_grid
-from ..schedules import NoiseSchedule, RectifiedFlowSchedule
+from ..schedules import DiscreteVPSchedule, NoiseSchedule, RectifiedFlowSchedule
 from ..trainer import Trainer, TrainerConfig
 from .gmm import GaussianMixture, MLPDenoiserNet, energy_distance, mode_stats
 from .toy import sd_schedule
 
-SCHEDULES = {"sd15": sd_schedule, "flow": lambda: RectifiedFlowSchedule(1000)}
+
+def sd15_first_500() -> DiscreteVPSchedule:
+    """SD1.5's first 500 steps: the noise end has alpha = 0.53, so the two boundary conventions start from clearly
+    different x_T (their reference samples differ by 6% of the data variance, against 0.1% on the full schedule)."""
+    return DiscreteVPSchedule(sd_schedule().alphas_cumprod[:500])
+
+
+SCHEDULES = {"sd15": sd_schedule, "flow": lambda: RectifiedFlowSchedule(1000), "sd15-500": sd15_first_500}
+OTHER_BOUNDARY = {"paper": "exact", "exact": "paper"}
 
 
 def exact_x0(gmm: GaussianMixture, schedule: NoiseSchedule, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -62,7 +71,7 @@ def _start(gmm, schedule, eps, top: int, boundary: str) -> torch.Tensor:
 
 
 def reference_trajectory(gmm, schedule, eps: torch.Tensor, grid_size: int, boundary: str = "paper") -> torch.Tensor:
-    """y_ref(tau_i; eps) for i = 0..N (index 0: the clean end), float64, by the y-recursion of spec 3.2."""
+    """y_ref(tau_i; eps) for i = 0..N (index 0: the clean end), float64, by the signal recursion of BOOT."""
     grid = [CLEAN, *time_grid(schedule.num_timesteps, grid_size)]
     ys = [None] * len(grid)
     ys[-1] = y = _start(gmm, schedule, eps, grid[-1], boundary)
@@ -93,7 +102,8 @@ def ddim_trajectory(gmm, schedule, eps: torch.Tensor, grid_size: int, boundary: 
 
 
 class ReferenceStudent(nn.Module):
-    """The reference trajectory in the student's place, g(eps, t) = y_ref(t; eps) (spec 9.2: the loss self-test).
+    """The reference trajectory in the student's place, g(eps, t) = y_ref(t; eps) (the loss self-test: both losses
+    must vanish).
     `shift` moves every lookup one grid level up, an off-by-one the self-test must catch."""
 
     def __init__(self, gmm, schedule, grid_size: int, boundary: str = "paper", shift: int = 0):
@@ -159,6 +169,7 @@ class Evaluation:
     eps: torch.Tensor
     y_ref: torch.Tensor  # (N+1, n, d): index 0 is the clean end
     variance: float
+    y_other_clean: torch.Tensor  # the other boundary convention's reference sample from the same noise
     history: list = field(default_factory=list)
 
 
@@ -177,7 +188,8 @@ def make_evaluation(gmm, schedule, grid_size: int, boundary: str, n: int = 2000,
     eps = torch.randn(n, gmm.dim, generator=torch.Generator().manual_seed(seed))
     x = gmm.sample(100_000, torch.Generator().manual_seed(seed + 1))
     variance = float((x - x.mean(0)).square().sum(1).mean())
-    return Evaluation(eps, reference_trajectory(gmm, schedule, eps, grid_size, boundary), variance)
+    other = reference_trajectory(gmm, schedule, eps, grid_size, OTHER_BOUNDARY[boundary])[0]
+    return Evaluation(eps, reference_trajectory(gmm, schedule, eps, grid_size, boundary), variance, other)
 
 
 def propagation(history: list[list[float]], every: int) -> dict:
@@ -197,6 +209,22 @@ def propagation(history: list[list[float]], every: int) -> dict:
     }
 
 
+CLEAN_END, TOP = slice(0, 3), slice(-5, None)  # the clean end and the two levels above it; the five noisiest
+
+
+def ordering(history: list[list[float]], every: int) -> dict:
+    """The two readings of "the error falls first at high t", each as (clean end, top) means over its levels:
+    how far each level's error has fallen by a fifth of training (relative to its own start), and the iteration
+    at which each level first comes within 10x of its own final error."""
+    p = propagation(history, every)
+    fell, settled = p["relative_error_at_one_fifth"], p["iteration_within_10x_of_final"]
+
+    def ends(values):
+        return {"clean_end": sum(values[CLEAN_END]) / 3, "top": sum(values[TOP]) / 5}
+
+    return {"relative_error_at_one_fifth": ends(fell), "iteration_within_10x_of_final": ends(settled)}
+
+
 class ToyBOOT(BOOT):
     """BOOT whose 'validation grid' records the coupling error per grid level (metrics over training)."""
 
@@ -211,6 +239,7 @@ class ToyBOOT(BOOT):
 @dataclass
 class BootToyResult:
     coupling: list[float]  # per grid level, index 0 = clean
+    coupling_other_boundary: float  # the clean end against the other boundary convention's reference
     energy_distance: float  # g(eps, clean) vs the true mixture
     reference_energy_distance: float  # the N-step reference sampler (y_ref at the clean end) vs the mixture
     modes: dict
@@ -233,19 +262,20 @@ def run_boot_gmm(
     checkpointing_steps: int | None = None,
 ) -> tuple[BootToyResult, ToyBOOT]:
     """Train BOOT on the mixture with the analytic teacher through the real Trainer, handing it a data source
-    that raises if read. `student_init`: a Denoiser, "teacher-net" (fitted), or "random"."""
+    that raises if read. `student_init`: a Denoiser, "teacher-net" (fitted), or "random" (drawn from `seed`, which
+    also seeds the training draws)."""
     import time
 
     gmm = gmm or GaussianMixture.circle()
     schedule = SCHEDULES[schedule_name]()
     kind = "flow" if schedule.kind == "flow" else "epsilon"
     if isinstance(student_init, str):
-        fit = {"teacher-net": fit_teacher_net, "random": lambda g, s, k: random_student(g.dim, s, k)}[student_init]
+        fit = {"teacher-net": fit_teacher_net, "random": lambda g, s, k: random_student(g.dim, s, k, seed=seed)}
+        fit = fit[student_init]
         student_init = fit(gmm, schedule, kind)
     method = ToyBOOT(
-        analytic_teacher(gmm, schedule),
+        TeacherContext(analytic_teacher(gmm, schedule), (gmm.dim,)),
         config,
-        sample_shape=(gmm.dim,),
         student_init=student_init,
         max_train_steps=steps,
     )
@@ -275,6 +305,7 @@ def run_boot_gmm(
     true = gmm.sample(ev.eps.shape[0], torch.Generator().manual_seed(7))
     result = BootToyResult(
         coupling=coupling_errors(method, ev),
+        coupling_other_boundary=float((x - ev.y_other_clean).square().sum(1).mean() / ev.variance),
         energy_distance=energy_distance(x, true),
         reference_energy_distance=energy_distance(ev.y_ref[0], true),
         modes=mode_stats(gmm, x),

@@ -1,8 +1,8 @@
-"""DisBack on the Gaussian-mixture test bed (shared/methods/disback.md section 9), through the real Trainer.
+"""DisBack on the Gaussian-mixture test bed (docs/methods/disback.md), through the real Trainer.
 
 The teacher is a network here (S' is a fine-tuned copy of it): the MLP teacher-net fitted to the analytic
 denoiser. G0 is the teacher-net at the conditioning timestep (the DMD2 toy's untrained generator) or, the
-harder case, a copy regressed onto one off-centre blob. Arms (spec 9): A plain DMD2 (F = teacher copy,
+harder case, a copy regressed onto one off-centre blob. Arms: A plain DMD2 (F = teacher copy,
 target = teacher), B DMD2 with F = S'_N, C DisBack (F = S'_N, targets S'_{N-1} .. S'_1, then the teacher).
 """
 
@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import torch
 
+from ..context import TeacherContext
 from ..denoiser import Denoiser
 from ..methods.disback import DegradationPath, DisBack, DisBackConfig, load_snapshot
 from .gmm import GaussianMixture
@@ -26,7 +27,14 @@ class ToyDisBack(DisBack):
 
     gmm: GaussianMixture
     history: list
+    dm_grads: list  # mean|x0_fake - x0_target| of every generator update, whatever the switch rule
     sample_grid = ToyDMD2.sample_grid
+
+    def loss(self, name, s):
+        loss, logs = super().loss(name, s)
+        if "dm_grad_abs" in logs:
+            self.dm_grads.append(float(logs["dm_grad_abs"]))
+        return loss, logs
 
 
 def blob_generator(
@@ -55,7 +63,7 @@ def record_path(
     seed: int = 0,
 ) -> DegradationPath:
     """Stage 1 on the mixture: S'_1..S'_N of the teacher-net fine-tuned on G0's samples, into path_dir."""
-    method = DegradationPath(net, config, (gmm.dim,), path_dir, generator_init=g0)
+    method = DegradationPath(TeacherContext(net, (gmm.dim,)), config, path_dir, generator_init=g0)
     fit_on_gmm(method, gmm, config.path_steps, config.train_batch_size, seed, export=True)
     return method
 
@@ -73,18 +81,18 @@ def run_arm(
 ):
     """One stage-2 arm for `steps` iterations (same seed, batches and R in every arm); returns (result, method)."""
     method = build_arm(arm, net, config, gmm, path_dir, g0)
-    method.gmm, method.history = gmm, []
+    method.gmm, method.history, method.dm_grads = gmm, [], []
     fit_on_gmm(method, gmm, steps, config.train_batch_size, seed, eval_every=eval_every)
     gen = method.generator
     return evaluate_generator(lambda z: gen.sample(z), gmm), method
 
 
 def build_arm(arm: str, net: Denoiser, config: DisBackConfig, gmm: GaussianMixture, path_dir: str, g0=None):
-    """Arm A, B or C before training (spec 9)."""
+    """Arm A, B or C before training."""
     if arm == "C":
-        method = ToyDisBack(net, config, (gmm.dim,), path_dir, generator_init=g0)
+        method = ToyDisBack(TeacherContext(net, (gmm.dim,)), config, path_dir, generator_init=g0)
     else:
-        method = ToyDMD2(net, dmd2_config_of(config), sample_shape=(gmm.dim,))
+        method = ToyDMD2(TeacherContext(net, (gmm.dim,)), dmd2_config_of(config))
         if g0 is not None:
             method.generator.denoiser.load_state_dict(g0.state_dict())
         if arm == "B":  # only the critic's warm start from the path
@@ -103,7 +111,7 @@ def dmd2_config_of(config: DisBackConfig):
 
 @torch.no_grad()
 def initial_dm_gradient(method, n: int = 4096, seed: int = 0) -> float:
-    """mean|x0_fake - x0_target| on G0's samples before any update (spec 9's unit check)."""
+    """mean|x0_fake - x0_target| on G0's samples before any update (the unit check)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(n, *method.sample_shape, generator=g)
     x = method.generator.sample(z)
@@ -114,7 +122,5 @@ def initial_dm_gradient(method, n: int = 4096, seed: int = 0) -> float:
 
 def base_config(**overrides) -> DisBackConfig:
     """The toy's settings: DMD2's GMM recipe (batch 512, Adam lr 1e-4, R = 5, no GAN, t_c = 399)."""
-    c = DisBackConfig(
-        learning_rate=1e-4, train_batch_size=512, ttur_ratio=5, gan=False, conditioning_timesteps=[399], stage="both"
-    )
+    c = DisBackConfig(learning_rate=1e-4, train_batch_size=512, ttur_ratio=5, gan=False, conditioning_timesteps=[399])
     return replace(c, **overrides)

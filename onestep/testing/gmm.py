@@ -1,4 +1,4 @@
-"""The shared small-scale test bed (shared/methods/README.md): Gaussian mixtures with an exact denoiser.
+"""The shared small-scale test bed (docs/verification.md): Gaussian mixtures with an exact denoiser.
 
 For x_t = a x0 + c eps with x0 ~ sum_k pi_k N(mu_k, S_k), the posterior mean is exact:
     S'_k = a^2 S_k + c^2 I,  w_k ∝ pi_k N(x_t; a mu_k, S'_k),
@@ -36,7 +36,7 @@ class GaussianMixture:
         weights: torch.Tensor | None = None,
         shift: float = 0.0,
     ) -> GaussianMixture:
-        """DMD2 spec 9: k isotropic components on a circle, weights ∝ k+1 unless given."""
+        """DMD2's test bed: k isotropic components on a circle, weights ∝ k+1 unless given."""
         angles = 2 * math.pi * torch.arange(k, dtype=torch.float64) / k
         means = radius * torch.stack([angles.cos(), angles.sin()], 1) + shift
         covs = (std**2) * torch.eye(2, dtype=torch.float64).expand(k, 2, 2).clone()

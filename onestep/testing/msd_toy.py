@@ -1,4 +1,4 @@
-"""MSD's small-scale test bed (shared/methods/msd.md section 9): a class-conditional Gaussian mixture with an exact
+"""MSD's small-scale test bed (docs/methods/msd.md): a class-conditional Gaussian mixture with an exact
 per-class denoiser, a small teacher-net, and students trained on contiguous class ranges through the real Trainer.
 
 Class c of C has 4 isotropic components (std 0.02) at polar coordinates (r, 2 pi c / C + d), r in {0.6, 1.0},
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..context import TeacherContext
 from ..data import Batch
 from ..denoiser import Cond, Denoiser
 from ..generator import OneStepGenerator
@@ -141,9 +142,11 @@ def histogram_l1(x: torch.Tensor, y: torch.Tensor, bins: int = 64, extent: float
 
 
 def class_metrics(sample, mixture: ClassMixture, n: int = 2000, seed: int = 123) -> dict:
-    """Per-class energy distance, modes covered (of 4: >= 0.2 n pi_k samples nearest that mode, within 3 std) and
-    histogram L1, averaged over the classes. `sample(z, labels)` gives the generator's samples."""
-    eds, modes, l1s = [], [], []
+    """Per-class metrics averaged over the classes; `sample(z, labels)` gives the generator's samples. As on the
+    unconditional test bed (docs/verification.md), each sample goes to its class's nearest component and a component
+    is covered when it holds at least 0.2 n pi_k samples; precision is the share within 3 std of that component;
+    "components held precisely" counts only those samples; plus energy distance and histogram L1 to true samples."""
+    eds, modes, precise, precision, l1s = [], [], [], [], []
     for c in range(mixture.num_classes):
         g = torch.Generator().manual_seed(seed_for(seed, "class-metrics", c))
         labels = torch.full((n,), c, dtype=torch.long)
@@ -152,12 +155,20 @@ def class_metrics(sample, mixture: ClassMixture, n: int = 2000, seed: int = 123)
         ref = mixture.sample(labels, g)
         eds.append(energy_distance(x, ref))
         l1s.append(histogram_l1(x, ref))
-        dist = torch.cdist(x, mixture.means[c])
-        near, comp = dist.min(dim=1)
-        counts = torch.bincount(comp[near < 3 * STD], minlength=4).double()
-        modes.append(int((counts >= 0.2 * n * mixture.weights).sum()))
+        near, comp = torch.cdist(x, mixture.means[c]).min(dim=1)
+        enough = 0.2 * n * mixture.weights
+        modes.append(int((torch.bincount(comp, minlength=4).double() >= enough).sum()))
+        within = near < 3 * STD
+        precise.append(int((torch.bincount(comp[within], minlength=4).double() >= enough).sum()))
+        precision.append(float(within.double().mean()))
     k = mixture.num_classes
-    return {"energy_distance": sum(eds) / k, "modes_covered": sum(modes) / k, "histogram_l1": sum(l1s) / k}
+    return {
+        "energy_distance": sum(eds) / k,
+        "modes_covered": sum(modes) / k,
+        "modes_held_precisely": sum(precise) / k,
+        "precision": sum(precision) / k,
+        "histogram_l1": sum(l1s) / k,
+    }
 
 
 def reference_metrics(mixture: ClassMixture, n: int = 2000) -> dict:
@@ -195,9 +206,10 @@ def train_student(
     steps: int,
     seed: int = 0,
     generator_net: nn.Module | None = None,
+    critic_net: nn.Module | None = None,
 ) -> OneStepGenerator:
     """One MSD student: DMD2 with conditions drawn from `classes`, the exact real score, G and F from the
-    teacher-net (G from `generator_net` instead when given: a smaller student)."""
+    teacher-net (G from `generator_net`, F from `critic_net` instead when given: a smaller student)."""
     schedule = teacher_net.schedule
     real = Denoiser(ClassAnalyticDenoiser(mixture, schedule), schedule, "sample")
     allowed = torch.tensor(classes)
@@ -214,27 +226,35 @@ def train_student(
                 num_validation_images=0,
             )
         )
+        generator = Denoiser(generator_net, schedule, "epsilon") if generator_net is not None else teacher_net
+        critic = Denoiser(critic_net, schedule, "epsilon") if critic_net is not None else teacher_net
         method = StudentDMD2(
-            real,
+            TeacherContext(real, (2,), cond_sampler=sampler),
             config.dmd2(),
-            sample_shape=(2,),
-            cond_sampler=sampler,
-            student_init=teacher_net,
+            student_init=generator,
+            critic_init=critic,
             grid_classes=classes,
         )
-        if generator_net is not None:
-            den = Denoiser(generator_net, schedule, "epsilon").train().requires_grad_(True)
-            method.generator = OneStepGenerator(den, config.conditioning_timesteps)
         trainer.fit(method, None)
     return method.generator.eval()
 
 
-def train_students(mixture, teacher_net, num_students: int, config: MSDConfig, steps: int, seed: int = 0, nets=None):
-    """K students on contiguous class ranges (the router MSD's pipeline uses), one after another."""
+def train_students(
+    mixture, teacher_net, num_students: int, config: MSDConfig, steps: int, seed: int = 0, nets=None, critic_nets=None
+):
+    """K students on contiguous class ranges (the router MSD's pipeline uses), one after another; `nets` and
+    `critic_nets` (one per student) replace the teacher-net as G's and F's start."""
     router = fit_class_range(num_students, mixture.num_classes)
     gens = [
         train_student(
-            mixture, teacher_net, part, config, steps, seed_for(seed, "student", k), nets[k] if nets else None
+            mixture,
+            teacher_net,
+            part,
+            config,
+            steps,
+            seed_for(seed, "student", k),
+            nets[k] if nets else None,
+            critic_nets[k] if critic_nets else None,
         )
         for k, part in enumerate(class_parts(router))
     ]
@@ -247,7 +267,7 @@ def tsm_network(
     """Stage 0: a width-`width` MLP regressing the teacher-net's eps on noised mixture samples of all classes."""
     torch.manual_seed(seed)
     student = Denoiser(mlp(mixture, width), teacher_net.schedule, "epsilon")
-    method = TeacherScoreMatching(teacher_net, student, config, (2,), cond_sampler=None, uncond=None)
+    method = TeacherScoreMatching(TeacherContext(teacher_net, (2,)), student, config)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(
             TrainerConfig(

@@ -1,4 +1,4 @@
-"""The conditional (super-resolution) Gaussian-mixture test bed of shared/methods/README.md, with the exact
+"""The conditional (super-resolution) Gaussian-mixture test bed of docs/verification.md, with the exact
 posterior, for the TAD-SR and OFTSR recipes and tests.
 
 x ~ sum_k pi_k N(mu_k, S_k) in R^8 ("HR pixels"), y = A x + sigma_y n with A the 2-tap average pooling (4 x 8),
@@ -242,6 +242,35 @@ def psnr(estimate: torch.Tensor, target: torch.Tensor) -> float:
 def posterior_distance(samples: torch.Tensor, exact: torch.Tensor) -> float:
     """Mean over the B measurements of ED^2 between S samples (B, S, 8) and S exact posterior samples."""
     return sum(energy_distance(samples[i], exact[i]) for i in range(samples.shape[0])) / samples.shape[0]
+
+
+def posterior_spread(cgmm: ConditionalGMM, u: torch.Tensor, samples: torch.Tensor, min_weight: float = 0.1) -> dict:
+    """How much of each exact posterior p(x | y) the samples (B, S, 8) spread over, per test input:
+    `spread`: the samples' total variance as a share of the exact posterior's (mean over y; a mode-seeking
+    sampler is below 1); `modes_covered`: over the inputs whose posterior has at least two modes of weight
+    >= min_weight, the share of those modes that hold at least a fifth of their expected samples (each sample goes
+    to its most probable posterior component); `multimodal_inputs`: how many inputs that is."""
+    w, m = cgmm.posterior(u)  # (B, K), (B, K, 8)
+    C = cgmm.post_covs
+    mean = (w.unsqueeze(-1) * m).sum(1, keepdim=True)
+    exact_var = (w * (torch.diagonal(C, dim1=-2, dim2=-1).sum(-1) + (m - mean).square().sum(-1))).sum(1)
+    x, S = samples.double(), samples.shape[1]
+    sample_var = (x - x.mean(1, keepdim=True)).square().sum((1, 2)) / (S - 1)
+    L = torch.linalg.cholesky(C)  # (K, 8, 8)
+    diff = (x.unsqueeze(2) - m.unsqueeze(1)).unsqueeze(-1)  # (B, S, K, 8, 1)
+    z = torch.linalg.solve_triangular(L.expand(*diff.shape[:3], DIM, DIM), diff, upper=False).squeeze(-1)
+    logdet = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+    component = (torch.log(w).unsqueeze(1) - 0.5 * z.square().sum(-1) - logdet).argmax(-1)  # (B, S)
+    counts = torch.nn.functional.one_hot(component, w.shape[1]).sum(1).double()
+    significant = w >= min_weight
+    covered = (counts >= 0.2 * S * w) & significant
+    multimodal = significant.sum(1) >= 2
+    share = covered.sum(1).double() / significant.sum(1).clamp(min=1)
+    return {
+        "spread": float((sample_var / exact_var).mean()),
+        "modes_covered": float(share[multimodal].mean()) if multimodal.any() else float("nan"),
+        "multimodal_inputs": int(multimodal.sum()),
+    }
 
 
 class SRGMMBatches:

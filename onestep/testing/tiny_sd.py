@@ -30,14 +30,14 @@ def clip_tokenizer_files(folder: str) -> str:
     return folder
 
 
-def _tokenizer(folder: str):
+def clip_tokenizer(folder: str):
     from transformers import CLIPTokenizer
 
     clip_tokenizer_files(folder)
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77)
 
 
-def _text_encoder(hidden: int, projection: bool = False):
+def tiny_text_encoder(hidden: int, projection: bool = False):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     cfg = CLIPTextConfig(
@@ -118,8 +118,8 @@ def save_tiny_sd15(path: str, seed: int = 0) -> str:
     unet = tiny_cond_unet(cross_attention_dim=12)
     pipe = StableDiffusionPipeline(
         vae=_vae(),
-        text_encoder=_text_encoder(12),
-        tokenizer=_tokenizer(os.path.join(path, ".tok")),
+        text_encoder=tiny_text_encoder(12),
+        tokenizer=clip_tokenizer(os.path.join(path, ".tok")),
         unet=unet,
         scheduler=_scheduler(),
         safety_checker=None,
@@ -136,11 +136,11 @@ def save_tiny_sdxl(path: str, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     unet = tiny_cond_unet(cross_attention_dim=20, pooled_dim=12)
-    tok = _tokenizer(os.path.join(path, ".tok"))
+    tok = clip_tokenizer(os.path.join(path, ".tok"))
     pipe = StableDiffusionXLPipeline(
         vae=_vae(),
-        text_encoder=_text_encoder(8),
-        text_encoder_2=_text_encoder(12, projection=True),
+        text_encoder=tiny_text_encoder(8),
+        text_encoder_2=tiny_text_encoder(12, projection=True),
         tokenizer=tok,
         tokenizer_2=tok,
         unet=unet,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..context import TeacherContext
 from ..data import Batch
 from ..denoiser import Denoiser
 from ..methods.dmd2 import DMD2, DMD2Config
@@ -118,7 +119,8 @@ def run_dmd2_gmm(
     )
     if config.gan and config.gan_feature_module is None:
         config.gan_feature_module = "blocks.1"
-    method = ToyDMD2(teacher, config, sample_shape=(gmm.dim,), student_init=net)
+    torch.manual_seed(seed)  # a new GAN head starts from the seed, whatever ran before
+    method = ToyDMD2(TeacherContext(teacher, (gmm.dim,)), config, student_init=net)
     method.gmm, method.history = gmm, []
     fit_on_gmm(method, gmm, steps, config.train_batch_size, seed, ema_decay, output_dir, eval_every, mixed_precision)
     gen = method.generator
