@@ -20,6 +20,7 @@ import sys
 import torch
 
 from onestep.cli import run_main
+from onestep.context import TeacherContext
 
 
 def _student_images(folder: str, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ def main(argv=None):
             f"{args.student} was trained with teacher guidance {config.guidance_scale}; this recipe compares with the "
             "unguided teacher's DDIM, so it takes unguided students only."
         )
-    method = BOOT(teacher.denoiser, config, shape)  # only for its reference trajectory (no training)
+    method = BOOT(TeacherContext(teacher.denoiser, shape), config)  # only for its reference trajectory (no training)
     refs = {}
     with torch.no_grad():
         for n in (1, 20, 50):

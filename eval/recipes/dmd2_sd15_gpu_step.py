@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from onestep.context import TeacherContext
+
 SD15_UNET = dict(
     sample_size=64,
     in_channels=4,
@@ -61,7 +63,7 @@ def one_run(steps: int, batch: int, gradient_checkpointing: bool, xformers: bool
         conditioning_timesteps=[999],
         gan=False,
     )
-    method = DMD2(teacher, config, sample_shape=(4, 64, 64), cond_sampler=cond_sampler, uncond=uncond)
+    method = DMD2(TeacherContext(teacher, (4, 64, 64), cond_sampler=cond_sampler, uncond=uncond), config)
     nets = [method.generator.denoiser.net, method.critic.denoiser.net, teacher.net]
     if gradient_checkpointing:
         for net in nets[:2]:

@@ -1,7 +1,14 @@
 """The SR table and figure on the held-out photographs (onestep/sr_data.py EVAL_IMAGES): `onestep-eval sr`
-(PSNR / SSIM on Y, border = the scale cut) for bicubic, each teacher at its full steps and at one step, and each
-one-step student (OFTSR at t = 0, 0.5, 1), with images per second; and one side-by-side PNG (a row per image:
-LR nearest-upsampled, bicubic, the teachers at full steps, the students, HR; centre crops).
+(PSNR / SSIM on Y and RGB, border = the scale cut, sharpness, and the distance to a teacher's samples) for bicubic,
+each teacher at its full steps and at one step, and each one-step student (OFTSR at t = 0, 0.5, 1), with images per
+second; and one side-by-side PNG (a row per image: LR nearest-upsampled, bicubic, the teachers at full steps, the
+students, HR; centre crops).
+
+Every figure is measured over --seeds (default 0, 1, 2: the pipelines' noise and the crops) on --crops-per-image
+random --crop-size crops of each image (0: whole images), and reported as the mean over seeds with its standard
+deviation (columns *_std). The teacher distance of a row is to the full-step teacher of its family: the ResShift
+teacher for the ResShift rows and TAD-SR, the flow teacher for the flow rows and OFTSR, and for bicubic the first
+teacher given (column `teacher`); a pipeline call shared by several rows runs once.
 
     python -m onestep.eval.recipes.sr_natural --resshift onestep/assets/sr-resshift-teacher --tadsr outputs/tadsr \
         --flow onestep/assets/sr-flow-teacher --oftsr outputs/oftsr --output eval/figures/sr
@@ -16,29 +23,93 @@ import os
 import numpy as np
 from PIL import Image
 
+from onestep.cli import int_list, non_negative_int, positive_int
 from onestep.eval.commands import super_resolution
+from onestep.eval.record import json_safe
 from onestep.sr_data import write_eval_set
 
 SCALE = 4
+# The table's figures (record keys); each also gets a *_std column (standard deviation over seeds).
+FIGURES = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "sharpness", "teacher_psnr_y", "teacher_mad", "lpips")
+
+
+def teachers(args) -> dict[str, dict]:
+    """The full-step teacher of each family given: what the rows of that family are measured against."""
+    out = {}
+    if args.resshift:
+        out["resshift"] = {"row": "ResShift teacher, 15 steps", "pipeline": args.resshift, "steps": None}
+    if args.flow:
+        row = f"flow teacher, {args.flow_steps} Euler steps"
+        out["flow"] = {"row": row, "pipeline": args.flow, "steps": args.flow_steps}
+    return out
 
 
 def rows_to_run(args) -> list[tuple[str, dict]]:
-    out = [("bicubic", {"sr": os.path.join(args.data, "bicubic")})]
+    """(row name, how it is made): sr (a folder) or pipeline [steps, t], and its teacher family (None: none)."""
+    first = next(iter(teachers(args)), None)
+    out = [("bicubic", {"sr": os.path.join(args.data, "bicubic"), "family": first})]
     if args.resshift:
         out += [
-            ("ResShift teacher, 15 steps", {"pipeline": args.resshift}),
-            ("ResShift teacher, 1 step", {"pipeline": args.resshift, "steps": 1}),
+            ("ResShift teacher, 15 steps", {"pipeline": args.resshift, "family": "resshift"}),
+            ("ResShift teacher, 1 step", {"pipeline": args.resshift, "steps": 1, "family": "resshift"}),
         ]
     if args.tadsr:
-        out.append(("TAD-SR student, 1 step", {"pipeline": args.tadsr}))
+        out.append(
+            ("TAD-SR student, 1 step", {"pipeline": args.tadsr, "family": "resshift" if args.resshift else None})
+        )
     if args.flow:
         out += [
-            (f"flow teacher, {args.flow_steps} Euler steps", {"pipeline": args.flow, "steps": args.flow_steps}),
-            ("flow teacher, 1 step", {"pipeline": args.flow, "steps": 1}),
+            (
+                f"flow teacher, {args.flow_steps} Euler steps",
+                {"pipeline": args.flow, "steps": args.flow_steps, "family": "flow"},
+            ),
+            ("flow teacher, 1 step", {"pipeline": args.flow, "steps": 1, "family": "flow"}),
         ]
     if args.oftsr:
-        out += [(f"OFTSR student, t = {t}", {"pipeline": args.oftsr, "t": t}) for t in (0.0, 0.5, 1.0)]
+        family = "flow" if args.flow else None
+        out += [
+            (f"OFTSR student, t = {t}", {"pipeline": args.oftsr, "t": t, "family": family}) for t in (0.0, 0.5, 1.0)
+        ]
     return out
+
+
+def measure_row(name: str, kw: dict, args, record_path: str, cache: dict) -> dict:
+    """One row of the table: `onestep-eval sr` on the held-out set, its record written to record_path."""
+    source = {"sr": kw["sr"]} if "sr" in kw else {"pipeline": kw["pipeline"]}
+    teacher = teachers(args).get(kw.get("family"))
+    record = super_resolution(
+        os.path.join(args.data, "hr"),
+        record_path,
+        lr=os.path.join(args.data, "lr"),
+        crop_border=SCALE,
+        steps=kw.get("steps"),
+        t=kw.get("t"),
+        seeds=args.seeds,
+        crops_per_image=args.crops_per_image,
+        crop_size=args.crop_size if args.crops_per_image else None,
+        teacher=teacher["pipeline"] if teacher else None,
+        teacher_steps=teacher["steps"] if teacher else None,
+        lpips_weights=args.lpips_weights,
+        lpips_backbone=args.lpips_backbone,
+        output_cache=cache,
+        **source,
+    )
+    row = {"row": name}
+    for key in FIGURES:
+        if key in record["over_seeds"]:
+            row[key] = record["over_seeds"][key]["mean"]
+            row[f"{key}_std"] = record["over_seeds"][key]["std"]
+    row.update(
+        {
+            "teacher": teacher["row"] if teacher else None,
+            "images_per_second": record.get("images_per_second"),
+            "seeds": record["seeds"],
+            "crops_per_image": args.crops_per_image,
+            "crop_size": args.crop_size if args.crops_per_image else None,
+            "record": record_path,
+        }
+    )
+    return row
 
 
 def main(argv=None):
@@ -50,40 +121,28 @@ def main(argv=None):
     p.add_argument("--flow", help="The flow teacher folder.")
     p.add_argument("--flow_steps", type=int, default=20)
     p.add_argument("--oftsr", help="The OFTSR student folder.")
+    p.add_argument("--seeds", type=int_list, default=[0, 1, 2], help="Noise and crop seeds (mean and std over them).")
+    p.add_argument(
+        "--crops_per_image", type=non_negative_int, default=4, help="Random crops per image and seed (0: whole)."
+    )
+    p.add_argument("--crop_size", type=positive_int, default=128, help="Side of each crop in HR pixels.")
+    p.add_argument("--lpips_weights", help="Also LPIPS, offline: the lpips package's linear layers (.pth).")
+    p.add_argument("--lpips_backbone", help="With --lpips_weights: torchvision's AlexNet or VGG16 weights (.pth).")
     p.add_argument("--output", default="eval/figures/sr")
     args = p.parse_args(argv)
     if not os.path.isdir(os.path.join(args.data, "hr")):
         write_eval_set(args.data, SCALE, args.crop or None)
     os.makedirs(args.output, exist_ok=True)
-    table, images = [], {}
+    table, images, cache = [], {}, {}
     for i, (name, kw) in enumerate(rows_to_run(args)):
-        record_path = os.path.join(args.output, f"row{i}.json")
-        source = {"sr": kw["sr"]} if "sr" in kw else {"pipeline": kw["pipeline"], "lr": os.path.join(args.data, "lr")}
-        record = super_resolution(
-            os.path.join(args.data, "hr"),
-            record_path,
-            crop_border=SCALE,
-            steps=kw.get("steps"),
-            t=kw.get("t"),
-            **source,
-        )
-        table.append(
-            {
-                "row": name,
-                "psnr_y": record["psnr_y"],
-                "ssim_y": record["ssim_y"],
-                "psnr_rgb": record["psnr_rgb"],  # OFTSR's papers report RGB (oftsr.md section 8)
-                "ssim_rgb": record["ssim_rgb"],
-                "images_per_second": record.get("images_per_second"),
-                "record": record_path,
-            }
-        )
-        print(json.dumps(table[-1]), flush=True)
+        table.append(measure_row(name, kw, args, os.path.join(args.output, f"row{i}.json"), cache))
+        print(json.dumps(json_safe(table[-1])), flush=True)
         images[name] = _outputs(kw, args.data)
     with open(os.path.join(args.output, "table.json"), "w") as f:
-        json.dump(table, f, indent=2)
+        json.dump(json_safe(table), f, indent=2)  # PSNR of a teacher against itself is inf: "inf" in JSON
     _figures(images, args.data, args.output)
     print(f"Wrote {args.output}/table.json and {args.output}/side_by_side.png")
+    return table
 
 
 def _outputs(kw: dict, data: str) -> dict[str, np.ndarray]:
@@ -124,6 +183,7 @@ def _figures(images: dict[str, dict[str, np.ndarray]], data: str, folder: str, c
         hr = np.asarray(Image.open(os.path.join(data, "hr", f"{n}.png")).convert("RGB"))
         lr = Image.open(os.path.join(data, "lr", f"{n}.png")).convert("RGB")
         panels = [np.asarray(lr.resize(hr.shape[1::-1], Image.NEAREST)), *[images[c][n] for c in columns], hr]
+        crop = min(crop, *hr.shape[:2])
         top, left = (hr.shape[0] - crop) // 2, (hr.shape[1] - crop) // 2
         rows.append(np.concatenate([p[top : top + crop, left : left + crop] for p in panels], axis=1))
     grid = np.concatenate(rows, axis=0)
