@@ -294,6 +294,13 @@ def _has_component(path: str, name: str, revision: str | None) -> bool:
     return (index.get(name) or [None])[0] is not None
 
 
+def _last(entry) -> str | None:
+    """A class name from a config entry: the name itself, or the last item of a [library, class] pair."""
+    if isinstance(entry, (list, tuple)):
+        entry = entry[-1] if entry else None
+    return entry if isinstance(entry, str) else None
+
+
 def flow_teacher_kind(path: str, revision: str | None = None) -> str | None:
     """The kind of a Stable Diffusion 3 ("sd3") or Flux ("flux") pipeline folder or hub id, read from its
     transformer/config.json or model_index.json; None for anything else or what cannot be read."""
@@ -302,9 +309,8 @@ def flow_teacher_kind(path: str, revision: str | None = None) -> str | None:
             config = config_json(path, filename, revision)
         except UserError:
             continue
-        name = config.get("_class_name")
-        transformer = config.get("transformer") or [None, None]
-        kind = FLOW_TRANSFORMERS.get(name) or FLOW_TRANSFORMERS.get(transformer[-1])
+        name = _last(config.get("_class_name"))  # a remote-code pipeline names itself [module, class]
+        kind = FLOW_TRANSFORMERS.get(name) or FLOW_TRANSFORMERS.get(_last(config.get("transformer")))
         kind = kind or {v: k for k, v in FLOW_PIPELINES.items()}.get(name)
         if kind:
             return kind

@@ -252,6 +252,9 @@ def run(
     run_dir = config.trainer.output_dir
     several = len(stages) > 1
     resume = config.trainer.resume_from_checkpoint
+    from .run_setup import check_output_is_not_an_input
+
+    check_output_is_not_an_input(config)  # first: "inside the teacher's folder" says more than "not empty"
     if several:
         _check_run_folder(entry, config, stages, chosen, run_dir, resume)
     else:  # before the teacher is loaded

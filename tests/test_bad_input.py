@@ -98,14 +98,16 @@ def test_invalid_flag_value_is_rejected_by_the_parser(tmp_path, existing_run):
     assert digest(existing_run) == before
 
 
-def test_unknown_model_type_is_rejected(tmp_path, existing_run):
+def test_unknown_model_type_is_rejected(tmp_path):
     teacher = tmp_path / "weird"
     (teacher / "unet").mkdir(parents=True)
     (teacher / "scheduler").mkdir()
     (teacher / "unet" / "config.json").write_text('{"_class_name": "UNet3DConditionModel"}')
     (teacher / "scheduler" / "scheduler_config.json").write_text('{"_class_name": "DDPMScheduler"}')
-    r = dmd2("--pretrained_model_name_or_path", str(teacher), out=existing_run)
+    out = tmp_path / "run"  # a new folder: a folder holding checkpoints is refused before the teacher is read
+    r = dmd2("--pretrained_model_name_or_path", str(teacher), out=str(out))
     assert r.returncode == 2 and "UNet3DConditionModel" in one_sentence(r.stderr)
+    assert not out.exists()  # nothing left behind
 
 
 def test_a_run_never_writes_into_a_teacher_or_an_earlier_export(tmp_path):

@@ -158,25 +158,30 @@ def test_derived_defaults_and_n_taken_from_the_path(toy):
     with pytest.raises(UserError, match="must be a multiple of --num_snapshots"):
         base_config(num_snapshots=4, path_steps=6).resolved(100)
     # Stage 2 from a 3-snapshot path with --num_snapshots 10 (the preset's): N = 3, so M = 120 / 12.
-    run = resolve_for_run(replace(base_config(), stage="distill", path_dir=path_dir, num_snapshots=10), 120, "x")
+    run = resolve_for_run(replace(base_config(), num_snapshots=10), 120, path_dir, reads_path=True)
     assert (run.num_snapshots, run.switch_every, run.switch_min_steps, run.switch_max_steps) == (N, 10, 5, 20)
-    assert resolve_for_run(replace(base_config(), stage="path"), 120, "out/run").path_dir == "out/run-path"
+    assert run.path_dir == path_dir
+    # A path stage that has not run yet: N stays the flag's.
+    assert resolve_for_run(replace(base_config(), num_snapshots=10), 120, "out/run/path", False).num_snapshots == 10
     with pytest.raises(UserError, match=f"has {N} snapshots, not --num_snapshots 10"):
         DisBack(TeacherContext(net, (2,)), replace(config, num_snapshots=10), path_dir)
 
 
-def test_converged_rule_records_the_mean_over_processes_and_skips_non_finite_values(toy, monkeypatch):
+def test_converged_rule_records_the_mean_over_processes_and_skips_non_finite_values(toy):
     """Every rank (and rank 0's checkpoint) holds the same phase history: mean|x0_fake - x0_target| is
-    all-reduced before it is kept (here a second rank is simulated); a NaN or inf is left out."""
+    averaged over the processes through the trainer's collective before it is kept (here a second rank is
+    simulated); a NaN or inf is left out."""
     gmm, net, config, path_dir, _ = toy
-    import torch.distributed as dist
+    from onestep.methods.base import Collective
+
+    other_rank = [3.0]
+
+    class TwoRanks(Collective):
+        def mean(self, values):
+            return [(v + other_rank[0]) / 2 for v in values]
 
     method = DisBack(TeacherContext(net, (2,)), replace(config, switch_rule="converged"), path_dir)
-    other_rank = [3.0]
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
-    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
-    monkeypatch.setattr(dist, "all_reduce", lambda t: t.add_(other_rank[0]))
+    method.collective = TwoRanks()
     method._record_dm_grad(1.0)
     other_rank[0] = float("nan")
     method._record_dm_grad(1.0)

@@ -570,9 +570,12 @@ def test_paired_low_resolution_images_reach_the_teacher_as_given(runs, tmp_path)
     from onestep.stages import parse
 
     (tmp_path / "hr").mkdir(), (tmp_path / "lr").mkdir()
-    hr = np.random.RandomState(5).randint(0, 256, (32, 40, 3), dtype=np.uint8)
+    # Constant 4x4 blocks, so that the given LR (one pixel per block) stays the HR crop's [::4, ::4] under every
+    # flip and rotation the augmentation draws; the bicubic degradation would blend neighbouring blocks.
+    blocks = np.random.RandomState(5).randint(0, 256, (8, 10, 3), dtype=np.uint8)
+    hr = np.kron(blocks, np.ones((4, 4, 1), dtype=np.uint8))
     Image.fromarray(hr).save(tmp_path / "hr" / "x.png")
-    Image.fromarray(hr[::4, ::4]).save(tmp_path / "lr" / "x.png")  # not what the bicubic degradation gives
+    Image.fromarray(blocks).save(tmp_path / "lr" / "x.png")  # not what the bicubic degradation gives
     argv = ["--pretrained_model_name_or_path", runs["ldm_teacher"], "--output_dir", str(tmp_path / "out")]
     argv += ["--hr_dir", str(tmp_path / "hr"), "--lr_dir", str(tmp_path / "lr")]
     config, preset, _, _ = parse(ENTRY, argv + TINY + LOOP)

@@ -239,7 +239,12 @@ def test_a_smaller_student_starts_from_teacher_score_matching(tmp_path):
     extra += ["--stabiliser", "regression", "--regression_pairs", "8", "--regression_teacher_steps", "2"]
     extra += ["--regression_loss", "mse", "--ttur_ratio", "1"]
     # Learning rate 0 after TSM and no EMA: the exported students are exactly the TSM networks.
-    train(out, *extra, "--learning_rate", "0", "--ema_decay", "0", "--max_train_steps", "1", "--no-gan")
+    # No GAN stage, so none of SMALL's second-stage flags (which are refused without it).
+    no_gan = ["--train_batch_size", "4", "--checkpointing_steps", "1", "--validation_steps", "1000", "--no-gan"]
+    MSD.main(
+        ["--output_dir", str(out), *no_gan, *extra, "--learning_rate", "0", "--ema_decay", "0"]
+        + ["--max_train_steps", "1"]
+    )
     for k in range(2):
         tsm = load_file(out / f"student-{k}" / "tsm" / "unet" / "diffusion_pytorch_model.safetensors")
         assert same(tsm, students(out)[k])

@@ -103,7 +103,9 @@ def test_seed_reproduces_and_t_changes_the_output(runs):
 
 def test_tiles_of_an_image_two_and_a_half_times_the_training_size_blend_seamlessly(runs):
     """A 40x40 output from 16x16 tiles (overlap 2): against the whole image in one UNet call, with the same noise,
-    the tiled result differs little, and no more across the tile seams than elsewhere. A pointwise network
+    the tiled result is closer than another noise draw's whole image (a tiny network's receptive field spans most
+    of a 16-pixel tile, so that is the scale to judge it by), and it jumps no more across the tile seams than
+    elsewhere. A pointwise network
     (no receptive field) must give the whole-image result exactly: that checks the blending weights and offsets."""
     from onestep.pipelines import SuperResolutionPipeline
 
@@ -114,8 +116,8 @@ def test_tiles_of_an_image_two_and_a_half_times_the_training_size_blend_seamless
     pipe.register_to_config(tile_size=64)
     whole = pipe(image=lr, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert tiled.shape == whole.shape == (1, 3, 40, 40)
-    diff = (tiled - whole).abs()
-    assert float(diff.mean()) < 0.05
+    other = pipe(image=lr, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert float((tiled - whole).abs().mean()) < float((other - whole).abs().mean())
     seams = [13, 14, 15, 16, 23, 24, 29, 30]  # tiles [0, 16), [14, 30), [24, 40): the blends' edges
     jump = (tiled[..., 1:] - tiled[..., :-1]).abs().mean((0, 1, 2))
     assert float(jump[seams].max()) < 2 * float(jump.mean()) + 0.02

@@ -2,7 +2,7 @@
 several seeds, beside the teacher's own DDIM sampler; quality at 2,000 samples, training wall time, speed, and
 in-training FID against training seconds.
 
-    python -m onestep.eval.recipes.leaderboard                       # about 1.5 hours on a 2-core CPU, alone
+    python -m onestep.eval.recipes.leaderboard                       # 83 minutes on a 2-core CPU, alone
     python -m onestep.eval.recipes.leaderboard --seeds 0 --methods dmd2,boot
 
 Rows: DMD2, DisBack, BOOT and MSD at their defaults, the regression warm start alone (--preset digits-regression)
@@ -246,17 +246,21 @@ def plot(curves: dict, rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    colours = {}
+    colours, labelled = {}, set()
     for run, points in sorted(curves.items()):
         name = run.rsplit("-seed", 1)[0]
         colour = colours.setdefault(name, f"C{len(colours)}")
         if points:
             xs, ys = zip(*points)
-            ax.plot(xs, ys, "-o", color=colour, alpha=0.6, markersize=3, label=name if run.endswith("seed0") else None)
+            label = name if name not in labelled else None
+            labelled.add(name)
+            ax.plot(xs, ys, "-o", color=colour, alpha=0.6, markersize=3, label=label)
     for r in rows:  # the final FID of each run at its training time
         if "train_seconds" in r:
             colour = colours.setdefault(r["row"], f"C{len(colours)}")
-            ax.scatter(r["train_seconds"]["values"], r["fid"]["values"], color=colour, marker="x")
+            # a method without in-training evaluation (MSD) is only its final crosses: name it there
+            label = None if r["row"] in labelled else f"{r['row']} (final FID only)"
+            ax.scatter(r["train_seconds"]["values"], r["fid"]["values"], color=colour, marker="x", label=label)
     teacher = next((r for r in rows if r["row"] == "teacher50"), None)
     if teacher:
         ax.axhline(teacher["fid"]["mean"], color="k", linestyle="--", linewidth=1, label="teacher, DDIM 50 steps")

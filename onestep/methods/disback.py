@@ -448,7 +448,12 @@ class DegradationPath(DMD2):
             **self.card_info,
             "next": "the distillation stage reads this folder (--path_dir)",
         }
-        card = Card("DisBack degradation path (stage 1)", rows, method="disback")
+        loading = (
+            "## Loading\n\nEach `snapshot-NNN/unet` is a diffusers model folder of the teacher's network class, e.g. "
+            '`UNet2DModel.from_pretrained("<folder>/snapshot-001/unet")` (`UNet2DConditionModel` for a '
+            f"conditional teacher). The distillation stage reads the whole folder: `{self.usage('<folder>')}`.\n"
+        )
+        card = Card("DisBack degradation path (stage 1)", rows, method="disback", loading=loading)
         with open(os.path.join(self.path_dir, "README.md"), "w") as f:
             f.write(card.text())
 
