@@ -305,7 +305,7 @@ class FromStage:
 @dataclass(frozen=True)
 class Stage:
     """One named stage of a run (a published recipe is a list of them): which of the method's builders makes its
-    method, the settings it changes (method, trainer and teacher fields; a flag given on the command line still
+    method, the settings it changes (method, trainer, teacher and data fields; a flag given on the command line still
     wins over a preset's stage table), and what it takes from the stages before it.
 
     With several stages, each trains in <output_dir>/<name>/ and the last one exports into <output_dir>; a run of
@@ -316,6 +316,7 @@ class Stage:
     method: dict = field(default_factory=dict)
     trainer: dict = field(default_factory=dict)
     teacher: dict = field(default_factory=dict)  # values may be FromStage(...): that stage's folder
+    data: dict = field(default_factory=dict)
     init_from: str | None = None  # start from this earlier stage's final weights (its last checkpoint)
     seed: int | None = None  # None: the run's --seed
     keeps_product: bool = False  # an intermediate stage whose export (a teacher, a path, a student) later stages read

@@ -94,7 +94,13 @@ def default_stages(config: RunConfig, preset: Preset) -> tuple[Stage, ...]:
 
 def without_explicit(stage: Stage, explicit: frozenset) -> Stage:
     keep = lambda d: {k: v for k, v in d.items() if k not in explicit}  # noqa: E731
-    return replace(stage, method=keep(stage.method), trainer=keep(stage.trainer), teacher=keep(stage.teacher))
+    return replace(
+        stage,
+        method=keep(stage.method),
+        trainer=keep(stage.trainer),
+        teacher=keep(stage.teacher),
+        data=keep(stage.data),
+    )
 
 
 @dataclass(frozen=True)
@@ -372,6 +378,7 @@ def _stage_config(
         method=replace(config.method, **stage.method),
         trainer=replace(config.trainer, **trainer),
         teacher=replace(config.teacher, **teacher),
+        data=replace(config.data, **stage.data),
     )
 
 

@@ -90,6 +90,19 @@ def test_teacher_folders_load_as_teachers(runs):
     assert flow.schedule.kind == "conditional_flow" and flow.prediction_type == "flow"
 
 
+def test_a_stage_sets_its_own_augmentation(runs):
+    """full-cpu's teacher stage trains with flips (rotations and rescaling made worse teachers), its student stage
+    with the student preset's full augmentation."""
+
+    def augmentation(folder):
+        with open(os.path.join(folder, "training_config.json")) as f:
+            return json.load(f)["data"]["augmentation"]
+
+    assert augmentation(runs["flow"]) == "flips"
+    assert augmentation(os.path.join(runs["oftsr"], "distill")) == "full"
+    assert augmentation(runs["resshift"]) == "flips"
+
+
 def test_seed_reproduces_and_t_changes_the_output(runs):
     from onestep.pipelines import SuperResolutionPipeline
 
