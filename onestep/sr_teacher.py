@@ -48,13 +48,12 @@ def prepare_sr_teacher(run, make_schedule, prediction_type: str):
     """A teacher stage's setup: (context around the fresh network, data, trainer, preview batch). The network
     and its schedule (`make_schedule()`), the crops (the bundled photographs unless a data flag is given), then
     the trainer (which seeds the run)."""
-    from .run_setup import Setup, check_output_is_not_an_input, sr_training_data
+    from .run_setup import Setup, sr_training_data
     from .trainer import Trainer
 
     config: RunConfig = run.config
     resolution, scale, channels = config.teacher.resolution or 64, config.teacher.upscale_factor or 4, 3
     mc = config.method
-    check_output_is_not_an_input(config)
     unet = sr_unet(channels, resolution, mc.block_out_channels, mc.layers_per_block)
     data = sr_training_data(config, resolution, channels, scale, bundled_images=True)
     dc = config.data

@@ -373,6 +373,12 @@ def _stage_config(
             trainer["init_from_checkpoint"] = _final_checkpoint(stage_folder(run_dir, stages, stage.init_from), stage)
     if stage.seed is not None:
         trainer["seed"] = stage.seed
+    return _with_stage_values(config, stage, teacher, trainer)
+
+
+def _with_stage_values(config: RunConfig, stage: Stage, teacher: dict, trainer: dict) -> RunConfig:
+    """The run's configuration with the stage's method and data values, and the given teacher and trainer
+    values (its own, resolved: a FromStage teacher becomes a folder, the trainer gains the stage's folder)."""
     return replace(
         config,
         method=replace(config.method, **stage.method),
@@ -490,16 +496,9 @@ def _check_requirements(entry: MethodEntry, config: RunConfig, preset: str, chos
 
     for stage in chosen:
         builder = entry.builders[stage.build]
-        teacher_from_stage = any(isinstance(v, FromStage) for v in stage.teacher.values())
-        stage_config = replace(
-            config,
-            method=replace(config.method, **stage.method),
-            teacher=replace(
-                config.teacher, **{k: v for k, v in stage.teacher.items() if not isinstance(v, FromStage)}
-            ),
-        )
-        if not builder.loads_teacher or teacher_from_stage:
+        if not builder.loads_teacher or any(isinstance(v, FromStage) for v in stage.teacher.values()):
             continue  # its teacher is made by the run (checked when that stage has run)
+        stage_config = _with_stage_values(config, stage, teacher=stage.teacher, trainer={})
         check_inputs(stage_config, preset)
         needs = builder.needs_real_data(stage_config)
         check_teacher_and_data(stage_config, entry.name, needs, entry.kinds, entry.refusals)

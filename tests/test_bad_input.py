@@ -135,6 +135,22 @@ def test_a_run_never_writes_into_a_teacher_or_an_earlier_export(tmp_path):
         assert {p: digest(p) for p in before} == before
 
 
+@pytest.mark.parametrize("script", ["train/teacher.py", "train/sr_teacher.py"])
+def test_teacher_scripts_never_write_into_their_training_data(tmp_path, script):
+    """Scripts that train a teacher from scratch load none, so the one input to protect is the data folder; the
+    stage runner refuses before the network or the data is built."""
+    import importlib
+
+    from onestep.errors import UserError
+
+    data = _images(tmp_path / "data" / "a").parent
+    before = digest(str(data))
+    module = importlib.import_module(script.replace("/", ".").removesuffix(".py"))
+    with pytest.raises(UserError, match="inside the training data's"):
+        module.main(["--train_data_dir", str(data), "--output_dir", str(data / "a" / "run")])
+    assert digest(str(data)) == before and not (data / "a" / "run").exists()
+
+
 def test_an_output_dir_that_cannot_be_written_is_refused_in_one_sentence(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

@@ -122,8 +122,9 @@ PRESETS: dict[str, Preset] = {
                 data=replace(_CPU.config.data, **_TEACHER_CPU["data"]),
             ),
             "The recipe for onestep/assets/sr-flow-teacher (copy the output folder there; the shipped weights were "
-            "trained on seven photographs, before motorcycle_right was added: docs/bundled-teachers.md). lr 2e-4 with cosine "
-            "decay and EMA 0.999 (with warm-up) instead of the published 1e-4 and 0.9999: a 2,000-iteration run.",
+            "trained on seven photographs, before motorcycle_right was added: docs/bundled-teachers.md). lr 2e-4 "
+            "with cosine decay and EMA 0.999 (with warm-up) instead of the published 1e-4 and 0.9999: a "
+            "2,000-iteration run.",
             stages=(Stage("teacher", build="teacher"),),
         ),
         Preset(

@@ -42,13 +42,12 @@ def _teacher(run: StageRun):
     from ..data import ImageFolder
     from ..denoiser import Denoiser
     from ..errors import UserError
-    from ..run_setup import Setup, check_output_is_not_an_input, real_pixel_data
+    from ..run_setup import Setup, real_pixel_data
     from ..schedules import schedule_from_scheduler_config
     from ..trainer import Trainer
 
     config = run.config
     mc, data_dir, resolution = config.method, config.data.train_data_dir, config.teacher.resolution
-    check_output_is_not_an_input(config)
     record = resolved_record(config, run.preset, run.entry.name, run.entry.key)
     trainer = Trainer(replace(config.trainer, run_config={"script": "train/teacher.py"}, resolved_config=record))
     channels = mc.channels or (3 if data_dir else 1)
