@@ -214,6 +214,7 @@ def register_claims(name: str, record: str) -> None:
 
 for _method in ("dmd2", "disback", "boot", "msd", "tadsr", "oftsr"):
     register_claims(f"{_method}-gmm", f"eval/figures/claims/{_method}-gmm.json")
+register_claims("tadsr-gan-ablation", "eval/figures/claims/tadsr-gan-ablation.json")
 
 
 def render(name: str, root: str = ROOT) -> str:

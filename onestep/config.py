@@ -188,7 +188,7 @@ class TrainerConfig:
         parse=non_negative_int,
         group=EVALUATION,
     )
-    log_every: int = 10  # iterations between tracker/CSV log rows
+    log_every: int = option(10, "Iterations between rows of logs/losses.csv and the tracker.", parse=positive_int)
     seed: int = option(0, "Every random draw of the run follows from it (exact resume).")
     nan_patience: int = 20  # consecutive non-finite losses before the run stops
     export: bool = True

@@ -31,7 +31,6 @@ def test_every_flag_is_a_config_field_and_every_field_a_flag():
         "fake_score_fp32",
         "tracker_project_name",
         "num_validation_images",
-        "log_every",
         "nan_patience",
         "export",
         "distributed_timeout_s",

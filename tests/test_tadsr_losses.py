@@ -151,3 +151,12 @@ def test_heads_on_one_token_features_normalise_enough_numbers_per_group():
 
     vector, grid = TimeAwareHead((128,), embed_dim=16), TimeAwareHead((64, 4, 4), embed_dim=16)
     assert 128 // vector.norm.num_groups >= MIN_PER_GROUP and grid.norm.num_groups == 32
+
+
+@pytest.mark.parametrize("disc_lr, expected", [(None, 2e-5), (1e-3, 1e-3)])
+def test_the_discriminator_learns_at_the_generators_rate_unless_told_otherwise(disc_lr, expected):
+    rates = {
+        name: opt.param_groups[0]["lr"]
+        for name, opt in _method(gan=True, learning_rate=2e-5, disc_learning_rate=disc_lr).optimizers().items()
+    }
+    assert rates == {"generator": 2e-5, "discriminator": expected}

@@ -46,6 +46,7 @@ class TADSRConfig:
     flag_requires = {
         "gan_weight": _GAN,
         "disc_timesteps": _GAN,
+        "disc_learning_rate": _GAN,
         "time_aware": _GAN,
         "disc_embed_dim": _GAN,
         "disc_logit_channels": _GAN,
@@ -59,9 +60,12 @@ class TADSRConfig:
 
     learning_rate: float = option(
         5e-5,
-        "AdamW learning rate of the generator and the discriminator.",
+        "AdamW learning rate of the generator (and of the discriminator unless --disc_learning_rate).",
         parse=non_negative_float,
         group=OPTIMISATION,
+    )
+    disc_learning_rate: float | None = option(
+        None, "The discriminator's AdamW learning rate (None: --learning_rate).", parse=non_negative_float
     )
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_weight_decay: float = option(0.0, "AdamW weight decay.", parse=non_negative_float, group=OPTIMISATION)
@@ -174,7 +178,7 @@ def default_feature_modules(net: nn.Module) -> list[str]:
 class TADSR(Method):
     ema_models = ("generator",)
     exported_models = ("generator",)
-    no_lr_warmup = ("discriminator",)  # D uses G's learning rate without the warm-up, as TAD-SR does
+    no_lr_warmup = ("discriminator",)  # D skips the warm-up, as TAD-SR's does (its rate: G's unless told otherwise)
 
     def __init__(
         self,
@@ -221,7 +225,7 @@ class TADSR(Method):
         self.needs_data = True
         self.updates = [Update("generator", "generator")]
         self.discriminator = None
-        if config.gan:  # the D step, then the G step, every iteration (1:1, no TTUR)
+        if config.gan:  # the D step, then the G step, every iteration (1:1)
             self.feature_teacher = (feature_teacher or teacher).eval().requires_grad_(False)
             names = (
                 config.disc_feature_modules.split(",")
@@ -268,13 +272,12 @@ class TADSR(Method):
 
     def optimizers(self):
         c = self.config
-        adamw = lambda m: torch.optim.AdamW(  # noqa: E731  D uses G's learning rate, no warm-up of its own
-            [p for p in m.parameters() if p.requires_grad],
-            lr=c.learning_rate,
-            betas=c.adam_betas,
-            weight_decay=c.adam_weight_decay,
+        adamw = lambda m, lr: torch.optim.AdamW(  # noqa: E731  D has no warm-up of its own
+            [p for p in m.parameters() if p.requires_grad], lr=lr, betas=c.adam_betas, weight_decay=c.adam_weight_decay
         )
-        return {name: adamw(m) for name, m in self.models().items()}
+        disc_lr = c.learning_rate if c.disc_learning_rate is None else c.disc_learning_rate
+        rates = {"generator": c.learning_rate, "discriminator": disc_lr}
+        return {name: adamw(m, rates[name]) for name, m in self.models().items()}
 
     def memory_networks(self):
         return [self.generator.net]
