@@ -15,7 +15,7 @@ STEPS = 80
 CHANCE = 2.0
 # Measured in this run: the default 0.037, 0.019, 0.025 below chance with --seed 0, 1, 2 (standard errors 0.003 to
 # 0.006); with the published settings (--disc_learning_rate 1e-4, t_d in 0..13) 0.002 (0.0004), which the margin,
-# not the standard error, rules out. About 40 s on 2 cores.
+# not the standard error, rules out. About 41 s on 2 cores.
 MARGIN = 0.008
 
 
