@@ -11,8 +11,8 @@ def flat(d: dict) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in d.items()}
 
 
-def read_history(path: str, upto: int) -> list[dict]:
-    """Rows of an earlier (resumed) run up to step `upto`: a resumed run continues the same file."""
+def read_history(path: str, upto: int | None = None) -> list[dict]:
+    """Rows of a run's log up to step `upto` (None: all of them); a resumed run continues the same file."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
@@ -20,7 +20,7 @@ def read_history(path: str, upto: int) -> list[dict]:
             {k: (int(float(v)) if k == "step" else float(v)) for k, v in r.items() if v != ""}
             for r in csv.DictReader(f)
         ]
-    return [r for r in rows if r["step"] <= upto]
+    return [r for r in rows if upto is None or r["step"] <= upto]
 
 
 def write_history(path: str, history: list[dict]) -> None:

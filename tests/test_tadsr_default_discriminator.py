@@ -5,10 +5,10 @@ the logits stay inside [-1, 1] it is exactly 2 - (mean D(real) - mean D(fake)). 
 step as G moves, so the test averages D's loss over the second half of the run and asks it to sit below 2 by more
 than a fixed margin and by more than three standard errors of that mean."""
 
-import csv
 import math
 import statistics
 
+from onestep.run_logs import read_history
 from train import tadsr
 
 STEPS = 80
@@ -25,8 +25,7 @@ def test_the_default_discriminator_leaves_chance_in_a_short_run(tmp_path):
     args = ["--resolution", "32", "--teacher_steps", "5", "--max_train_steps", str(STEPS), "--log_every", "1"]
     args += ["--output_dir", str(out)]
     assert not tadsr.main(args + loop)["interrupted"]
-    with open(out / "logs" / "losses.csv") as f:
-        loss_d = [float(row["loss_d"]) for row in csv.DictReader(f)]
+    loss_d = [row["loss_d"] for row in read_history(str(out / "logs" / "losses.csv"))]
     assert len(loss_d) == STEPS
     assert statistics.fmean(loss_d[:10]) > CHANCE - MARGIN / 2  # it starts at chance: the heads' last conv is zero
     second_half = loss_d[STEPS // 2 :]

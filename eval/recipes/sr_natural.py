@@ -33,6 +33,12 @@ SCALE = 4
 FIGURES = ("psnr_y", "ssim_y", "psnr_rgb", "ssim_rgb", "sharpness", "teacher_psnr_y", "teacher_mad", "lpips")
 
 
+def ensure_held_out_set(data: str, crop: int | None = 256) -> None:
+    """The held-out LR/HR/bicubic folders under `data`, written (centre crops of `crop` px) if missing."""
+    if not os.path.isdir(os.path.join(data, "hr")):
+        write_eval_set(data, SCALE, crop)
+
+
 def teachers(args) -> dict[str, dict]:
     """The full-step teacher of each family given: what the rows of that family are measured against."""
     out = {}
@@ -130,8 +136,7 @@ def main(argv=None):
     p.add_argument("--lpips_backbone", help="With --lpips_weights: torchvision's AlexNet or VGG16 weights (.pth).")
     p.add_argument("--output", default="eval/figures/sr")
     args = p.parse_args(argv)
-    if not os.path.isdir(os.path.join(args.data, "hr")):
-        write_eval_set(args.data, SCALE, args.crop or None)
+    ensure_held_out_set(args.data, args.crop or None)
     os.makedirs(args.output, exist_ok=True)
     table, images, cache = [], {}, {}
     for i, (name, kw) in enumerate(rows_to_run(args)):

@@ -15,17 +15,16 @@ eval/figures/claims/tadsr-gan-ablation.json and are rendered into docs/methods/t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
 
 from onestep.cli import int_list, positive_int
 from onestep.eval.commands import super_resolution
+from onestep.eval.recipes.sr_natural import SCALE, ensure_held_out_set
 from onestep.eval.record import json_safe
-from onestep.sr_data import write_eval_set
+from onestep.run_logs import read_history
 
-SCALE = 4
 LAST_ROWS = 10  # D's loss at the end of a run: the mean of the last this many rows of logs/losses.csv
 
 
@@ -33,11 +32,10 @@ def final_discriminator_loss(run: str) -> float:
     path = os.path.join(run, "logs", "losses.csv")
     if not os.path.isfile(path):
         raise SystemExit(f"{path} is missing: the ablation reads D's loss from each run's logs.")
-    with open(path) as f:
-        rows = [r for r in csv.DictReader(f) if r.get("loss_d")]
+    rows = [r for r in read_history(path) if "loss_d" in r]
     if not rows:
         raise SystemExit(f"{run}/logs/losses.csv has no loss_d: was it trained with the discriminator?")
-    return statistics.fmean(float(r["loss_d"]) for r in rows[-LAST_ROWS:])
+    return statistics.fmean(r["loss_d"] for r in rows[-LAST_ROWS:])
 
 
 def measure(run: str, record_path: str, args, cache: dict) -> dict:
@@ -112,8 +110,7 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(run, "model_index.json")):
             raise SystemExit(f"{run} is not an exported TAD-SR student (no model_index.json).")
     final_loss = {run: final_discriminator_loss(run) for run in args.with_gan}  # before the slow part
-    if not os.path.isdir(os.path.join(args.data, "hr")):
-        write_eval_set(args.data, SCALE, 256)
+    ensure_held_out_set(args.data)
     os.makedirs(args.output, exist_ok=True)
     cache, arms = {}, {"with_gan": [], "without_gan": []}
     for name in arms:
